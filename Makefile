@@ -1,0 +1,58 @@
+# mercli — `make test` and `make run` set up everything they need on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := dcmtk libdcmtk-dev orthanc g++ pkg-config
+CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
+CSRC := $(wildcard csrc/*.cpp)
+BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
+# Debian's DCMTK leaves Nagle on unless told otherwise; every DCMTK process we start inherits this.
+export TCP_NODELAY := 1
+
+.PHONY: all setup system-packages build lint test bench clean
+
+all: build
+
+setup: system-packages $(VENV)/.installed
+
+# Installs the Debian packages that are missing, when we are root; otherwise says what is missing.
+system-packages:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "missing Debian packages:$$missing (run 'sudo make setup' or install them)" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+build: $(BINARIES)
+
+build/%: csrc/%.cpp
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS) -o $@ $< $$(pkg-config --cflags --libs dcmtk)
+
+lint: setup
+	$(VENV)/bin/ruff check mercli tests benchmarks
+	$(VENV)/bin/ruff format --check mercli tests benchmarks
+	$(VENV)/bin/mypy mercli
+
+test: setup build lint
+	$(VENV)/bin/pytest -q
+
+bench: setup build
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,46 @@
+"""Options every command shares: --spool, -v/--verbose, -q/--quiet, and logging setup."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("mercli")
+    root.setLevel(level)
+    if not any(getattr(h, "_mercli", False) for h in root.handlers):
+        handler = logging.StreamHandler()  # stderr: stdout is for results
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler._mercli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def common_options(func: F) -> F:
+    """Adds --spool, -v and -q; the wrapped command receives `spool: Path`."""
+
+    @click.option(
+        "--spool",
+        type=click.Path(path_type=Path),
+        envvar="MERCLI_SPOOL",
+        default=Path("spool"),
+        show_default="$MERCLI_SPOOL, else ./spool",
+        help="Spool directory; created with its layout if missing.",
+    )
+    @click.option("-v", "--verbose", count=True, help="More log detail (tracebacks included).")
+    @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+        _setup_logging(verbose, quiet)
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

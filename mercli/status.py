@@ -1,0 +1,132 @@
+"""What is in the spool right now: counts per state, ages, per-target backlog, recent errors.
+
+Read-only: it looks at leases without recovering them, so `mercli status` is safe to run
+anywhere, any time, as often as a monitoring system likes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mercli.spool import (
+    ERROR_FILE,
+    INSTANCE_SUFFIX,
+    JOB_FILE,
+    OUTGOING,
+    STATES,
+    Item,
+    Spool,
+    lease_is_held,
+)
+
+RECENT_ERRORS = 5
+
+
+@dataclass
+class StateCounts:
+    """Totals for one state folder (claimed items included: they are in flight)."""
+
+    items: int = 0
+    instances: int = 0
+    bytes: int = 0
+    claimed: int = 0
+    oldest: float | None = None  # epoch seconds when the oldest item entered the state
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        age = None if self.oldest is None else round(max(0.0, now - self.oldest), 3)
+        return {
+            "items": self.items,
+            "instances": self.instances,
+            "bytes": self.bytes,
+            "claimed": self.claimed,
+            "oldest_age_s": age,
+        }
+
+
+def collect_status(spool: Spool) -> dict[str, Any]:
+    """The `mercli status --json` document (SPEC §2; extra keys allowed)."""
+    now = time.time()
+    states: dict[str, StateCounts] = {}
+    targets: Counter[str] = Counter()
+    for state in STATES:
+        counts = states[state] = StateCounts()
+        for item in spool.items(state) + spool.claimed(state):
+            _add_item(counts, item)
+            if state == OUTGOING:
+                targets[_job_target(item.path)] += 1
+    return {
+        "spool": str(spool.root),
+        "states": {state: counts.as_json(now) for state, counts in states.items()},
+        "targets": {name: {"jobs": jobs} for name, jobs in sorted(targets.items())},
+        "recent_errors": _recent_errors(spool),
+        "workers": _workers(spool),
+    }
+
+
+def _add_item(counts: StateCounts, item: Item) -> None:
+    counts.items += 1
+    counts.claimed += item.claimed_by is not None
+    try:
+        entered = item.path.stat().st_ctime
+    except FileNotFoundError:
+        return  # moved on while we looked
+    counts.oldest = entered if counts.oldest is None else min(counts.oldest, entered)
+    instances, size = _measure(item.path)
+    counts.instances += instances
+    counts.bytes += size
+
+
+def _measure(path: Path) -> tuple[int, int]:
+    """DICOM files and bytes under an item (hard links to shared pixel data count each time)."""
+    instances = size = 0
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    sub_instances, sub_size = _measure(Path(entry.path))
+                    instances += sub_instances
+                    size += sub_size
+                elif entry.is_file(follow_symlinks=False):
+                    instances += entry.name.endswith(INSTANCE_SUFFIX)
+                    size += entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        pass
+    return instances, size
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            value = json.load(fh)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _job_target(job: Path) -> str:
+    target = _read_json(job / JOB_FILE).get("target", {})
+    name = target.get("name") if isinstance(target, dict) else target
+    return str(name) if name else "?"
+
+
+def _recent_errors(spool: Spool) -> list[dict[str, Any]]:
+    recent = []
+    for item in sorted(spool.items("error"), key=lambda i: i.name, reverse=True)[:RECENT_ERRORS]:
+        record = _read_json(item.path / ERROR_FILE)
+        recent.append(
+            {"id": item.name, "reason": record.get("reason", "?"), "at": record.get("at")}
+        )
+    return recent
+
+
+def _workers(spool: Spool) -> dict[str, int]:
+    """Live and dead (not yet recovered) workers, by trying each lease's lock."""
+    live = sum(1 for lease in spool.leases.glob("*") if lease_is_held(lease))
+    total = sum(1 for _ in spool.leases.glob("*"))
+    return {"live": live, "dead": max(0, total - live)}
