@@ -144,9 +144,9 @@ class Spool:
         """Create every folder, then prove the spool writable and on one filesystem."""
         folders = [self.tmp, *(self.root / s for s in STATES), self.leases, self.claims]
         folders.append(self.events.directory)
-        if self.root.exists() and not self.root.is_dir():
-            raise SpoolError(f"spool path is not a directory ({self.root})")
         try:
+            if self.root.exists() and not self.root.is_dir():
+                raise SpoolError(f"spool path is not a directory ({self.root})")
             for folder in folders:
                 if not folder.is_dir():
                     folder.mkdir(parents=True, exist_ok=True)

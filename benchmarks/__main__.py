@@ -1,0 +1,29 @@
+"""Runs every benchmark and prints one table; results also saved under benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks import bench_spool
+from benchmarks.report import Row, print_table
+
+SUITES = [bench_spool]
+
+
+def main() -> int:
+    rows: list[Row] = []
+    for suite in SUITES:
+        rows += suite.run()
+    print_table(rows)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"bench-{stamp}.json").write_text(json.dumps([r.as_json() for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
