@@ -21,6 +21,8 @@ Layout::
         item                       the claimed item, renamed here from <state>/<name>
         out.tmp/<state>/<name>     a transaction being prepared
         out/<state>/<name>         a committed transaction being applied
+      hints/<series>             "the association that sent this series has ended" (receive
+                                   writes, route reads: advisory, replaced whole, aged out)
       events/YYYY-MM-DD.ndjson   audit trail (mercli.events)
 
 Protocol:
@@ -89,7 +91,7 @@ log = logging.getLogger(__name__)
 INCOMING, OUTGOING, SUCCESS, DISCARD, ERROR = "incoming", "outgoing", "success", "discard", "error"
 STATES: tuple[str, ...] = (INCOMING, OUTGOING, SUCCESS, DISCARD, ERROR)
 GROUP_STATES = frozenset({INCOMING})  # states whose items keep growing after publish
-TMP, LEASES, CLAIMS = "tmp", "leases", "claims"
+TMP, LEASES, CLAIMS, HINTS = "tmp", "leases", "claims", "hints"
 JOB_FILE = "job.json"
 ERROR_FILE = "error.json"
 INSTANCE_SUFFIX, SIDECAR_SUFFIX = ".dcm", ".tags"
@@ -131,6 +133,7 @@ class Spool:
         self.tmp = self.root / TMP
         self.leases = self.root / LEASES
         self.claims = self.root / CLAIMS
+        self.hints = self.root / HINTS
         self.events = EventLog(self.root / EVENTS_DIR)
 
     @classmethod
@@ -142,7 +145,7 @@ class Spool:
 
     def ensure_layout(self) -> None:
         """Create every folder, then prove the spool writable and on one filesystem."""
-        folders = [self.tmp, *(self.root / s for s in STATES), self.leases, self.claims]
+        folders = [self.tmp, *(self.root / s for s in STATES), self.leases, self.claims, self.hints]
         folders.append(self.events.directory)
         try:
             if self.root.exists() and not self.root.is_dir():
@@ -223,6 +226,30 @@ class Spool:
                     os.rename(source, name, dst_dir_fd=fd)
                 os.fsync(fd)
                 return replaced
+
+    def publish_item(self, prepared: Path, state: str, name: str) -> Item:
+        """Publish a folder built in tmp/ as the new item `<state>/<name>` (never clobbers)."""
+        _fsync_tree(prepared)
+        target = self.state_dir(state) / name
+        rename_noreplace(prepared, target)
+        fsync_dir(target.parent)
+        return Item(state, name, target)
+
+    def write_hint(self, worker: Worker, series: str, record: dict[str, Any]) -> None:
+        """Say that an association carrying `series` has ended (advisory; see `hints/`)."""
+        record = {"at": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
+        try:
+            replace_file(worker, self.hints / series, _json_bytes(record))
+        except OSError as exc:  # a lost hint only delays routing until the series timeout
+            log.warning("cannot write completion hint for series %s: %s", series, exc)
+
+    def read_hint(self, series: str) -> dict[str, Any] | None:
+        """The last hint written for a series, or None."""
+        try:
+            value = json.loads((self.hints / series).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
 
 
 # -- workers, claims, transactions ---------------------------------------------------------------

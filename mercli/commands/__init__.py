@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from mercli.commands.cmd_receive import receive
 from mercli.commands.cmd_status import status
+from mercli.commands.cmd_tags import tags
 
-COMMANDS: list[click.Command] = [status]
+COMMANDS: list[click.Command] = [receive, status, tags]

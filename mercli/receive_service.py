@@ -1,0 +1,128 @@
+"""Running receivers: one listener per process, SIGINT/SIGTERM handling, clean shutdown.
+
+pynetdicom serves each association in a thread, so one process is bound to one core by the
+GIL. With `processes > 1` a supervisor forks that many listener processes, all bound to the
+same port with SO_REUSEPORT (the kernel spreads connections over them) and each with its own
+Worker, so their scratch files and leases never mix. A listener that dies is restarted; one
+that cannot even start (port in use) stops the whole receiver with its error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from mercli.errors import ExitCode, MercliError
+from mercli.receiver import InstanceStore, ReceiveConfig, build_ae, start_listener
+from mercli.spool import Spool, Worker, recover
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0  # seconds between restarts of a crashed listener
+EARLY_EXIT = 3.0  # a listener that exits within this many seconds of starting failed to start
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: finishing open associations", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def serve(spool_root: Path, config: ReceiveConfig) -> None:
+    """Receive until SIGINT/SIGTERM, then finish open associations and return."""
+    Spool.open(spool_root)  # an unusable spool is reported before anything listens
+    if config.processes <= 1:
+        serve_one(spool_root, config)
+    else:
+        _supervise(spool_root, config)
+
+
+def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | None = None) -> None:
+    """One listening process (threads per association) until `stop` or a signal."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        _stop_on_signals(stop)
+    spool = Spool.open(spool_root)
+    recover(spool)  # reap scratch of receivers that died before us
+    with Worker(spool, "receive") as worker:
+        store = InstanceStore(spool, worker, config)
+        ae = build_ae(config)
+        server = start_listener(ae, config, store)
+        host, port = server.server_address[:2]
+        log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
+        stop.wait()
+        server.shutdown()  # no new associations; open ones go on
+        _finish_associations(server.active_associations)
+    log.info("receiver stopped")
+
+
+def _finish_associations(associations: list[Any]) -> None:
+    """Let established associations finish; drop connections that never asked for one.
+
+    A bare TCP connection (a port probe, a health check) has no association to finish; its
+    (daemon) thread would wait out the ACSE timeout, so it is not waited for. Nothing was
+    acknowledged on it, so nothing can be lost.
+    """
+    established = [a for a in associations if a.is_established]
+    if established:
+        log.info("waiting for %d open association(s) to finish", len(established))
+    for association in established:
+        association.join()
+
+
+def _child_main(spool_root: Path, config: ReceiveConfig) -> None:
+    try:
+        serve_one(spool_root, config)
+    except MercliError as exc:
+        log.error("%s", exc)
+        os._exit(int(exc.exit_code))
+    os._exit(0)
+
+
+class _ListenerFailed(MercliError):
+    exit_code = ExitCode.CONFIG
+
+
+def _supervise(spool_root: Path, config: ReceiveConfig) -> None:
+    per_process = replace(
+        config, max_associations=math.ceil(config.max_associations / config.processes)
+    )
+    context = multiprocessing.get_context("fork")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+
+    def start() -> tuple[multiprocessing.process.BaseProcess, float]:
+        process = context.Process(target=_child_main, args=(spool_root, per_process))
+        process.start()
+        return process, time.monotonic()
+
+    children = [start() for _ in range(config.processes)]
+    try:
+        while not stop.wait(0.2):
+            for index, (process, started) in enumerate(children):
+                if process.is_alive():
+                    continue
+                code = process.exitcode
+                if code and time.monotonic() - started < EARLY_EXIT:
+                    raise _ListenerFailed(f"a receiving process failed to start (exit {code})")
+                log.error("receiving process %d exited (%s); restarting it", process.pid, code)
+                stop.wait(RESTART_DELAY)
+                children[index] = start()
+    finally:
+        for process, _ in children:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process, _ in children:
+            process.join()

@@ -1,0 +1,429 @@
+"""`mercli receive` against real senders on loopback: DCMTK and pynetdicom."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+
+from mercli.names import safe_name
+from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
+from tests.netkit import Receiver, dcmtk, free_port, port_open, receiver, storescu, wait_until
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """pynetdicom sends the file's encoded dataset as it is, not re-encoded."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = False
+
+
+def stored(spool: Path) -> dict[str, Path]:
+    """SOP Instance UID (raw, from the sidecar) -> stored .dcm, for everything in incoming/."""
+    found = {}
+    for tags in (spool / "incoming").glob("*/*.tags"):
+        sidecar = json.loads(tags.read_text())
+        found[sidecar["SOPInstanceUID"]] = tags.with_suffix(".dcm")
+    return found
+
+
+def associate(
+    port: int, contexts: list[tuple[str, str]], calling: str = "PYSCU", called: str = "MERCLI"
+) -> object:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def test_echo(tmp_path: Path) -> None:
+    with receiver(tmp_path / "spool", "--processes", "1") as running:
+        result = dcmtk(["echoscu", "-aec", "MERCLI", "127.0.0.1", str(running.port)])
+        assert result.returncode == 0, result.stderr
+
+
+def test_storescu_series_land_grouped_with_sidecars(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    study = "1.2.826.0.1.3680043.2.1"
+    series = ["1.2.826.0.1.3680043.2.1.1", "1.2.826.0.1.3680043.2.1.2"]
+    files = [
+        make_instance(source, series=series[n % 2], study=study, number=n, StudyDescription="Chest")
+        for n in range(10)
+    ]
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        result = storescu(running.port, files)
+        assert result.returncode == 0, result.stderr
+        hints = spool / "hints"
+        wait_until(lambda: sorted(p.name for p in hints.iterdir()) == sorted(series), what="hints")
+    for uid in series:
+        group = spool / "incoming" / uid
+        assert len(list(group.glob("*.dcm"))) == 5 and len(list(group.glob("*.tags"))) == 5
+        assert json.loads((spool / "hints" / uid).read_text())["ended"] == "released"
+    for path in files:
+        source_ds = dcmread(path)
+        target = (
+            spool / "incoming" / source_ds.SeriesInstanceUID / f"{source_ds.SOPInstanceUID}.dcm"
+        )
+        assert dataset_bytes(target) == dataset_bytes(path)
+        sidecar = json.loads(target.with_suffix(".tags").read_text())
+        assert sidecar["SenderAET"] == "STORESCU" and sidecar["ReceiverAET"] == "MERCLI"
+        assert sidecar["SenderAddress"] == "127.0.0.1"
+        assert datetime.fromisoformat(sidecar["ReceivedAt"]).tzinfo is not None
+        assert sidecar["StudyDescription"] == "Chest"
+        assert sidecar["InstanceNumber"] == source_ds.InstanceNumber
+        meta = dcmread(target).file_meta
+        assert meta.MediaStorageSOPInstanceUID == source_ds.SOPInstanceUID
+    events = [
+        json.loads(line)
+        for f in (spool / "events").glob("*.ndjson")
+        for line in f.read_text().splitlines()
+    ]
+    assert sum(e["event"] == "received" for e in events) == 10
+    assert not any("Test^Patient" in json.dumps(e) or "P001" in json.dumps(e) for e in events)
+    assert "Test^Patient" not in running.output() and "P001" not in running.output()
+
+
+def _readable_corpus() -> list[Path]:
+    usable = []
+    for path in CORPUS:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, Exception):
+            continue
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta or "SOPInstanceUID" not in ds:
+            continue
+        if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+            continue
+        usable.append(path)
+    return usable
+
+
+def test_pydicom_corpus_is_stored_byte_for_byte(tmp_path: Path, chunked_send: None) -> None:
+    """Every corpus file, in its own transfer syntax, sent raw by pynetdicom: identical bytes."""
+    files = _readable_corpus()
+    assert len(files) > 50
+    spool = tmp_path / "spool"
+    compared = 0
+    with receiver(spool, "--processes", "1") as running:
+        for path in files:
+            ds = dcmread(path, stop_before_pixels=True)
+            assoc = associate(running.port, [(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)])
+            assert assoc.is_established, path  # type: ignore[attr-defined]
+            status = assoc.send_c_store(path)  # type: ignore[attr-defined]
+            assoc.release()  # type: ignore[attr-defined]
+            assert status.Status == 0x0000, (path.name, hex(status.Status))
+            target = stored(spool)[ds.SOPInstanceUID]
+            assert dataset_bytes(target) == dataset_bytes(path), path.name
+            assert (
+                dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                == ds.file_meta.TransferSyntaxUID
+            )
+            compared += 1
+    assert compared == len(files)
+
+
+def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path) -> None:
+    """What DCMTK sends of each corpus file, mercli stores exactly as DCMTK's own storescp +B.
+
+    DCMTK re-encodes a file when it sends it (and refuses some), so the oracle is DCMTK's
+    storescp in bit-preserving mode receiving the very same transmission.
+    """
+    spool = tmp_path / "spool"
+    oracle_dir = tmp_path / "oracle"
+    oracle_dir.mkdir()
+    oracle_port = free_port()
+    oracle = subprocess.Popen(
+        ["storescp", "+B", "-od", str(oracle_dir), "-uf", "+xa", str(oracle_port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    compared = 0
+    try:
+        wait_until(lambda: port_open(oracle_port), what="storescp")
+        with receiver(spool, "--processes", "1") as running:
+            for path in CORPUS:
+                sent = dcmtk(
+                    ["dcmsend", "-aec", "MERCLI", "-dn", "127.0.0.1", str(running.port), str(path)]
+                )
+                if sent.returncode != 0:
+                    continue  # DCMTK cannot send this file at all
+                for old in oracle_dir.iterdir():
+                    old.unlink()
+                reference = dcmtk(
+                    ["dcmsend", "-aec", "ANY", "-dn", "127.0.0.1", str(oracle_port), str(path)]
+                )
+                assert reference.returncode == 0, reference.stderr
+                (oracle_file,) = oracle_dir.iterdir()
+                uid = dcmread(oracle_file, stop_before_pixels=True).SOPInstanceUID
+                ours = stored(spool).get(str(uid))
+                if ours is None:
+                    assert list((spool / "error").iterdir()), (
+                        f"{path.name} neither stored nor quarantined"
+                    )
+                    continue
+                assert dataset_bytes(ours) == dataset_bytes(oracle_file), path.name
+                compared += 1
+    finally:
+        oracle.terminate()
+        oracle.wait(timeout=30)
+    assert compared > 50
+
+
+def test_concurrent_associations(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    batches = [
+        [make_instance(source, series=f"1.2.3.{s}", number=n) for n in range(20)] for s in range(4)
+    ]
+    spool = tmp_path / "spool"
+    statuses: list[int] = []
+    with receiver(spool, "--processes", "1") as running:
+
+        def send(files: list[Path]) -> None:
+            assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+            for path in files:
+                statuses.append(assoc.send_c_store(dcmread(path)).Status)  # type: ignore[attr-defined]
+            assoc.release()  # type: ignore[attr-defined]
+
+        senders = [threading.Thread(target=send, args=(files,)) for files in batches]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    assert statuses == [0] * 80
+    for s in range(4):
+        assert len(list((spool / "incoming" / f"1.2.3.{s}").glob("*.dcm"))) == 20
+
+
+def test_several_processes_share_the_port(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    files = [make_instance(source, series=f"1.2.4.{n % 4}", number=n) for n in range(40)]
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "2") as running:
+        wait_until(lambda: len(list((spool / "leases").iterdir())) == 2, what="two listeners")
+        senders = [
+            subprocess.Popen(
+                [
+                    "storescu",
+                    "-aec",
+                    "MERCLI",
+                    "127.0.0.1",
+                    str(running.port),
+                    *map(str, files[n::4]),
+                ],
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+            for n in range(4)
+        ]
+        assert [sender.wait(timeout=120) for sender in senders] == [0, 0, 0, 0]
+    assert len(stored(spool)) == 40
+    assert list((spool / "leases").iterdir()) == []  # clean shutdown of both listeners
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source)
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1", "--allow-aet", "CT1", "--allow-aet", "MR2") as running:
+        rejected = storescu(running.port, [path], "-aet", "INTRUDER")
+        assert rejected.returncode != 0
+        assert "Association Rejected" in rejected.stderr
+        assert "Calling AE Title Not Recognized" in rejected.stderr
+        accepted = storescu(running.port, [path], "-aet", "CT1")
+        assert accepted.returncode == 0, accepted.stderr
+    assert len(stored(spool)) == 1
+
+
+def test_called_ae_must_match_unless_any_is_allowed(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source)
+    with receiver(tmp_path / "strict", "--processes", "1") as running:
+        wrong = storescu(running.port, [path], aec="SOMEONE_ELSE")
+        assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stderr
+    with receiver(tmp_path / "lenient", "--processes", "1", "--any-called-aet") as running:
+        assert storescu(running.port, [path], aec="AI_ROUTE").returncode == 0
+    (target,) = stored(tmp_path / "lenient").values()
+    assert json.loads(target.with_suffix(".tags").read_text())["ReceiverAET"] == "AI_ROUTE"
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["../../../../tmp/escape", "1.2/../../3", "1.2.3\x00../x", "9" * 200, "..", "/etc/passwd"],
+)
+def test_hostile_uids_never_escape_the_spool(
+    tmp_path: Path, hostile: str, chunked_send: None
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    sop = hostile + ".1" if len(hostile) < 60 else "1.2.3.4"  # SCUs refuse long command UIDs
+    path = make_instance(source, series=hostile, sop=sop, study=hostile, filename="h.dcm")
+    spool = tmp_path / "spool"
+    before = set(tmp_path.parent.rglob("*escape*"))
+    with receiver(spool, "--processes", "1") as running:
+        assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+        assert assoc.send_c_store(path).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    (target,) = stored(spool).values()
+    assert target.parent == spool / "incoming" / safe_name(hostile.rstrip("\x00"))
+    assert target.parent.name.startswith("x") and target.parent.parent == spool / "incoming"
+    sidecar = json.loads(target.with_suffix(".tags").read_text())
+    assert sidecar["SeriesInstanceUID"] == dcmread(path).SeriesInstanceUID  # the raw value
+    assert set(tmp_path.parent.rglob("*escape*")) == before
+    assert not Path("/tmp/escape").exists()
+
+
+def test_instance_without_uids_is_quarantined(tmp_path: Path, chunked_send: None) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source)
+    ds = dcmread(path)
+    del ds.SeriesInstanceUID
+    ds.save_as(path)
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+        assert assoc.send_c_store(path).Status == 0xC212  # type: ignore[attr-defined]
+        good = make_instance(source)
+        assert assoc.send_c_store(good).Status == 0x0000  # the association goes on  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    (item,) = (spool / "error").iterdir()
+    record = json.loads((item / "error.json").read_text())
+    assert record["reason"] == "missing SeriesInstanceUID" and record["status"] == "0xC212"
+    assert dataset_bytes(item / "instance.dcm") == dataset_bytes(path)
+    assert len(stored(spool)) == 1
+
+
+def test_garbage_dataset_is_quarantined(tmp_path: Path, chunked_send: None) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source)
+    data = path.read_bytes()
+    header = len(data) - len(dataset_bytes(path))
+    (source / "garbage.dcm").write_bytes(data[:header] + b"\xff\xfe\x00\x01" * 3000)
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+        status = assoc.send_c_store(source / "garbage.dcm")  # type: ignore[attr-defined]
+        assert status.Status in (0xC210, 0xC212)
+        assert assoc.send_c_store(path).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    (item,) = (spool / "error").iterdir()
+    assert (item / "instance.dcm").read_bytes().endswith(b"\xff\xfe\x00\x01" * 3000)
+
+
+def test_full_disk_answers_a700_and_keeps_serving(tmp_path: Path) -> None:
+    """A real full filesystem: the spool on a 3 MB tmpfs in a private mount namespace."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    source = tmp_path / "source"
+    source.mkdir()
+    files = [
+        make_instance(source, series="1.2.5", number=n, rows=256, columns=256) for n in range(40)
+    ]
+    port = free_port()
+    script = (
+        f"mount -t tmpfs -o size=3m tmpfs {mount} && "
+        f"exec {sys.executable} -m mercli receive --processes 1 --host 127.0.0.1 "
+        f"--port {port} --spool {mount}/spool"
+    )
+    process = subprocess.Popen(
+        ["unshare", "-rm", "sh", "-c", script], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: port_open(port), what="receiver in namespace")
+        spool = Path(f"/proc/{process.pid}/root") / str(mount).lstrip("/") / "spool"
+        assoc = associate(port, [(CT, "1.2.840.10008.1.2.1"), (Verification, "1.2.840.10008.1.2")])
+        statuses = [assoc.send_c_store(dcmread(path)).Status for path in files]  # type: ignore[attr-defined]
+        assert 0xA700 in statuses, [hex(s) for s in statuses]
+        assert assoc.send_c_echo().Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        acknowledged = [path for path, status in zip(files, statuses, strict=True) if status == 0]
+        group = spool / "incoming" / "1.2.5"
+        assert sorted(p.name for p in group.glob("*.dcm")) == sorted(p.name for p in acknowledged)
+        for path in acknowledged:
+            assert dataset_bytes(group / path.name) == dataset_bytes(path)
+            assert (group / path.name).with_suffix(".tags").stat().st_size > 0
+        assert [p for p in (spool / "tmp").rglob("*") if p.is_file()] == []  # nothing half-written
+        # Space comes back: the same listener stores again.
+        for path in acknowledged[:3]:
+            (group / path.name).unlink()
+        assoc = associate(port, [(CT, "1.2.840.10008.1.2.1")])
+        assert assoc.send_c_store(dcmread(files[-1])).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0, process.stderr.read() if process.stderr else ""
+
+
+def test_sigterm_finishes_the_open_association(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    files = [make_instance(source, series="1.2.6", number=n) for n in range(6)]
+    spool = tmp_path / "spool"
+    running = Receiver(spool, "--processes", "1").start()
+    assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+    for path in files[:3]:
+        assert assoc.send_c_store(dcmread(path)).Status == 0  # type: ignore[attr-defined]
+    assert running.process is not None
+    running.process.terminate()
+    wait_until(lambda: not port_open(running.port), what="listener to stop accepting")
+    for path in files[3:]:
+        assert assoc.send_c_store(dcmread(path)).Status == 0  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+    assert running.stop() == 0
+    assert len(stored(spool)) == 6
+
+
+def test_port_in_use_exits_3(tmp_path: Path) -> None:
+    with receiver(tmp_path / "a", "--processes", "1") as running:
+        import socket
+
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mercli",
+                "receive",
+                "--processes",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--spool",
+                str(tmp_path / "b"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        blocker.close()
+        assert result.returncode == 3, result.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+        assert running.process is not None and running.process.poll() is None
