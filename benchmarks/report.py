@@ -17,6 +17,7 @@ class Row:
     baseline: str | None = None
     ratio: float | None = None  # rate / baseline rate
     target: str | None = None  # e.g. ">= 2.0x"
+    note: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +42,6 @@ def print_table(rows: list[Row]) -> None:
         ratio = f"{r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
         print(
             f"{r.suite:<10} {r.case:<22} {r.subject:<34} {r.rate:>8.0f} {r.unit:<5}"
-            f" {ratio:>16}  {r.target or ''}"
+            f" {ratio:>16}  {r.target or ''}  {r.note}"
         )
     sys.stdout.flush()

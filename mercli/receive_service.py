@@ -19,10 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from mercli.errors import ExitCode, MercliError
-from mercli.receiver import InstanceStore, ReceiveConfig, build_ae, start_listener
+from mercli.receiver import InstanceStore, ReceiveConfig, start_listener
 from mercli.spool import Spool, Worker, recover
 
 log = logging.getLogger(__name__)
@@ -58,28 +57,16 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
     recover(spool)  # reap scratch of receivers that died before us
     with Worker(spool, "receive") as worker:
         store = InstanceStore(spool, worker, config)
-        ae = build_ae(config)
-        server = start_listener(ae, config, store)
-        host, port = server.server_address[:2]
+        listener = start_listener(config, store)
+        host, port = listener.address
         log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
         stop.wait()
-        server.shutdown()  # no new associations; open ones go on
-        _finish_associations(server.active_associations)
+        listener.close()  # no new associations; open ones go on
+        if listener.open_associations():
+            log.info("waiting for %d open association(s) to finish", listener.open_associations())
+        listener.wait_idle(threading.Event().wait)
+        store.close()
     log.info("receiver stopped")
-
-
-def _finish_associations(associations: list[Any]) -> None:
-    """Let established associations finish; drop connections that never asked for one.
-
-    A bare TCP connection (a port probe, a health check) has no association to finish; its
-    (daemon) thread would wait out the ACSE timeout, so it is not waited for. Nothing was
-    acknowledged on it, so nothing can be lost.
-    """
-    established = [a for a in associations if a.is_established]
-    if established:
-        log.info("waiting for %d open association(s) to finish", len(established))
-    for association in established:
-        association.join()
 
 
 def _child_main(spool_root: Path, config: ReceiveConfig) -> None:

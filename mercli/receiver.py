@@ -2,9 +2,9 @@
 
 What we acknowledge we must never lose, so the order is fixed:
 
-1. pynetdicom streams the dataset, exactly as sent, into a file in this worker's scratch folder
-   (`STORE_RECV_CHUNKED_DATASET`: memory stays flat whatever the size, and the bytes are
-   never decoded and re-encoded). The file meta header names the negotiated transfer syntax.
+1. The upper layer (`mercli.upperlayer`) streams the dataset, exactly as sent, into a file in
+   this worker's scratch folder behind a Part 10 header naming the negotiated transfer syntax:
+   memory stays flat whatever the size, and the bytes are never decoded and re-encoded.
 2. The sidecar is extracted from that file (`mercli.tags.read_tags`, header only).
 3. Both are fsync'ed and published into `incoming/<series>/` (`Spool.publish_to_group`).
 4. Only then is success (0x0000) answered. Any write error answers 0xA700 (out of resources)
@@ -20,25 +20,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
-
-from pynetdicom import AE, _config, evt
-from pynetdicom import dimse_messages as _dimse_messages
-from pynetdicom.events import EventHandlerType
-from pynetdicom.presentation import VerificationPresentationContexts
-from pynetdicom.transport import ThreadedAssociationServer
+from typing import Any, BinaryIO
 
 from mercli.errors import ExitCode, MercliError
 from mercli.fsutil import remove_tree, unlink_quietly, write_new
 from mercli.names import new_id, safe_name
+from mercli.part10 import file_meta
 from mercli.spool import ERROR, ERROR_FILE, INCOMING, SIDECAR_SUFFIX, Spool, Worker
 from mercli.tags import UnreadableDicom, read_tags
+from mercli.upperlayer import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    AssociationInfo,
+    Listener,
+    StoreRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,66 +66,69 @@ class ReceiveConfig:
     network_timeout: float = 60.0
 
 
-# -- streaming datasets into the spool -----------------------------------------------------------
-
-_scratch_dir: Path | None = None  # this process's Worker scratch, set by InstanceStore
+# -- one instance on its way to the spool --------------------------------------------------------
 
 
-class _SpoolTempFile:
-    """Where pynetdicom streams one C-STORE dataset: a file in our scratch folder.
+class _InstanceSink:
+    """Streams one C-STORE dataset behind a Part 10 header into this worker's scratch folder.
 
-    Stands in for the NamedTemporaryFile pynetdicom would create in /tmp, so that the finished
-    file can be renamed into the spool (same filesystem) instead of copied, and so that a write
-    error (full disk) is remembered and answered with 0xA700 instead of killing the association.
-    pynetdicom flushes after every PDU; we flush once, in finish(), before anyone reads it.
+    A write error (full disk) is remembered, the rest of the dataset is read and dropped, and
+    finish() answers 0xA700: the association goes on.
     """
 
-    def __init__(self, *_args: Any, suffix: str = ".dcm", **_kwargs: Any) -> None:
-        directory = _scratch_dir or Path("/tmp")
-        self.name = str(directory / f"{new_id()}{suffix}")
+    def __init__(self, store: InstanceStore, info: AssociationInfo, request: StoreRequest) -> None:
+        self.store = store
+        self.info = info
+        self.request = request
+        self.path = store.worker.tmp_path(".dcm")
         self.error: OSError | None = None
-        self._file: BinaryIO | None = None
+        self.size = 0
+        self.file: BinaryIO | None = None
         try:
-            fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self.file = os.fdopen(fd, "wb", buffering=256 * 1024)
+            self.file.write(
+                file_meta(
+                    request.sop_class,
+                    request.sop_instance,
+                    request.transfer_syntax,
+                    info.calling_aet,
+                )
+            )
         except OSError as exc:
             self.error = exc
 
-    @property
-    def file(self) -> _SpoolTempFile:
-        return self  # pynetdicom calls `.file.flush()`
-
-    def write(self, data: bytes) -> int:
-        if self.error is None and self._file is not None:
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.error is None and self.file is not None:
             try:
-                return self._file.write(data)
+                self.file.write(data)
             except OSError as exc:
                 self.error = exc
-        return len(data)
 
-    def flush(self) -> None:
-        pass  # see finish()
+    def finish(self) -> int:
+        try:
+            return self.store.complete(self)
+        finally:
+            self.discard()
 
-    def finish(self) -> None:
-        """Flush and fsync; raises the first write error, if any."""
-        if self.error is not None:
-            raise self.error
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
+    def discard(self) -> None:
+        """Close and remove the scratch file (gone already if it was published)."""
+        if self.file is not None:
             try:
-                self._file.close()
+                self.file.close()
             except OSError as exc:
                 self.error = self.error or exc
+            self.file = None
+        unlink_quietly(self.path)
 
-
-def _configure_pynetdicom() -> None:
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.UNRESTRICTED_STORAGE_SERVICE = True
-    setattr(_dimse_messages, "NamedTemporaryFile", _SpoolTempFile)  # noqa: B010
+    def flush(self) -> int:
+        """Flush buffered data; returns the descriptor. Raises the first write error."""
+        if self.error is not None:
+            raise self.error
+        assert self.file is not None
+        self.file.flush()
+        return self.file.fileno()
 
 
 # -- the store handler ---------------------------------------------------------------------------
@@ -141,53 +146,63 @@ class _AssociationLog:
 
 
 class InstanceStore:
-    """Handles C-STORE and association events for one receiving process."""
+    """The upper layer's StoreHandler: admission, durable instances, hints and logs."""
 
     def __init__(self, spool: Spool, worker: Worker, config: ReceiveConfig) -> None:
-        global _scratch_dir
         self.spool = spool
         self.worker = worker
         self.config = config
         self._associations: dict[int, _AssociationLog] = {}
         self._lock = threading.Lock()
-        _scratch_dir = worker.scratch
-        _configure_pynetdicom()
+        # fsyncs of an instance and its sidecar overlap; one journal commit can serve both
+        self._sync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
-    def handlers(self) -> list[EventHandlerType]:
-        return [
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_ACCEPTED, self._association_started),
-            (evt.EVT_RELEASED, lambda event: self._association_ended(event, "released")),
-            (evt.EVT_ABORTED, lambda event: self._association_ended(event, "aborted")),
-            (evt.EVT_CONN_CLOSE, lambda event: self._association_ended(event, "closed")),
-        ]
+    def accept(self, info: AssociationInfo) -> tuple[int, int, int] | None:
+        """Association-time checks: the calling and the called AE title."""
+        if self.config.allow_aets and info.calling_aet not in self.config.allow_aets:
+            log.warning(
+                "association from unknown AE %r (%s) rejected", info.calling_aet, info.address
+            )
+            return REJECT_CALLING_AE
+        if not self.config.any_called_aet and info.called_aet != self.config.aet:
+            log.warning(
+                "association calling us %r, not %r, rejected", info.called_aet, self.config.aet
+            )
+            return REJECT_CALLED_AE
+        with self._lock:
+            self._associations[id(info)] = _AssociationLog(
+                info.calling_aet, f"{info.address}:{info.port}"
+            )
+        return None
 
-    def handle_store(self, event: Any) -> int:
+    def begin_store(self, info: AssociationInfo, request: StoreRequest) -> _InstanceSink:
+        return _InstanceSink(self, info, request)
+
+    def complete(self, sink: _InstanceSink) -> int:
         """Make one instance durable in incoming/, then (and only then) answer success."""
-        request = event.request
-        dataset_file: _SpoolTempFile = request._dataset_file
-        association = self._association(event.assoc)
-        path = Path(dataset_file.name)
+        association = self._association(sink.info)
         try:
-            dataset_file.finish()
-            size = path.stat().st_size
-            tags = read_tags(path, extra=self.config.extra_tags)
+            fd = sink.flush()
+            synced = self._sync_pool.submit(os.fsync, fd)
+            try:
+                tags = read_tags(sink.path, extra=self.config.extra_tags)
+            finally:
+                synced.result()
             missing = [uid for uid in REQUIRED_UIDS if not tags.get(uid)]
             if missing:
-                return self._quarantine(path, f"missing {', '.join(missing)}", association, event)
-            sidecar = {**tags, **self._receive_metadata(event)}
-            series = self._publish(path, sidecar)
+                return self._quarantine(sink, f"missing {', '.join(missing)}", association)
+            sidecar = {**tags, **self._receive_metadata(sink.info)}
+            series = self._publish(sink.path, sidecar)
         except UnreadableDicom as exc:
-            return self._quarantine(path, str(exc), association, event)
+            return self._quarantine(sink, str(exc), association)
         except OSError as exc:
             association.failures += 1
-            log.error("cannot store instance from %s: %s", association.sender, exc)
+            log.error("cannot store instance from %s: %s", association.sender, exc.strerror or exc)
             return STATUS_OUT_OF_RESOURCES
         with self._lock:
             association.series.add(series)
             association.instances += 1
-            association.bytes += size
+            association.bytes += sink.size
         return STATUS_SUCCESS
 
     def _publish(self, path: Path, sidecar: dict[str, Any]) -> str:
@@ -213,16 +228,15 @@ class InstanceStore:
             log.info("instance %s received again: the newer copy replaced the older", instance)
         return series
 
-    def _receive_metadata(self, event: Any) -> dict[str, str]:
-        requestor = event.assoc.requestor
+    def _receive_metadata(self, info: AssociationInfo) -> dict[str, str]:
         return {
-            "SenderAET": requestor.ae_title,
-            "SenderAddress": requestor.address,
-            "ReceiverAET": requestor.primitive.called_ae_title or event.assoc.acceptor.ae_title,
+            "SenderAET": info.calling_aet,
+            "SenderAddress": info.address,
+            "ReceiverAET": info.called_aet,
             "ReceivedAt": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
 
-    def _quarantine(self, path: Path, reason: str, association: _AssociationLog, event: Any) -> int:
+    def _quarantine(self, sink: _InstanceSink, reason: str, association: _AssociationLog) -> int:
         """Keep an instance we cannot file under a series in error/, with the reason."""
         association.failures += 1
         status = STATUS_NO_UIDS if reason.startswith("missing") else STATUS_UNREADABLE
@@ -230,13 +244,13 @@ class InstanceStore:
         folder = self.worker.tmp_path()
         try:
             folder.mkdir()
-            os.rename(path, folder / "instance.dcm")
+            os.rename(sink.path, folder / "instance.dcm")
             record = {
                 "reason": reason,
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "from": "receive",
                 "status": f"0x{status:04X}",
-                **self._receive_metadata(event),
+                **self._receive_metadata(sink.info),
             }
             write_new(folder / ERROR_FILE, json.dumps(record, indent=1).encode())
             self.spool.publish_item(folder, ERROR, item_id)
@@ -250,26 +264,18 @@ class InstanceStore:
         )
         return status
 
-    # -- association bookkeeping: logs and completion hints --------------------------------------
-
-    def _association(self, assoc: Any) -> _AssociationLog:
+    def _association(self, info: AssociationInfo) -> _AssociationLog:
         with self._lock:
-            found = self._associations.get(id(assoc))
-            if found is None:
-                requestor = assoc.requestor
-                found = _AssociationLog(requestor.ae_title, f"{requestor.address}:{requestor.port}")
-                self._associations[id(assoc)] = found
-            return found
+            return self._associations.setdefault(
+                id(info), _AssociationLog(info.calling_aet, f"{info.address}:{info.port}")
+            )
 
-    def _association_started(self, event: Any) -> None:
-        association = self._association(event.assoc)
-        log.debug("association from %s (%s) accepted", association.sender, association.address)
-
-    def _association_ended(self, event: Any, how: str) -> None:
+    def association_ended(self, info: AssociationInfo, how: str) -> None:
+        """Write a completion hint per series the association carried, and log a summary."""
         with self._lock:
-            association = self._associations.pop(id(event.assoc), None)
+            association = self._associations.pop(id(info), None)
         if association is None:
-            return  # already reported (released, then closed)
+            return
         for series in sorted(association.series):
             self.spool.write_hint(
                 self.worker,
@@ -289,25 +295,8 @@ class InstanceStore:
                 f", {association.failures} failed" if association.failures else "",
             )
 
-
-# -- the listener --------------------------------------------------------------------------------
-
-
-class _Listener(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY on every connection and SO_REUSEPORT on the port.
-
-    Without TCP_NODELAY every small C-STORE response waits for Nagle's algorithm (tens of ms
-    on loopback); SO_REUSEPORT lets several receiving processes share one port.
-    """
-
-    def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = super().get_request()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
+    def close(self) -> None:
+        self._sync_pool.shutdown(wait=True)
 
 
 class ListenError(MercliError):
@@ -316,33 +305,18 @@ class ListenError(MercliError):
     exit_code = ExitCode.CONFIG
 
 
-def build_ae(config: ReceiveConfig) -> AE:
-    """An AE that accepts C-ECHO and C-STORE of any storage SOP class in any transfer syntax."""
-    ae = AE(ae_title=config.aet)
-    ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs
-    ae.maximum_associations = config.max_associations
-    ae.network_timeout = config.network_timeout
-    ae.require_called_aet = not config.any_called_aet
-    if config.allow_aets:
-        ae.require_calling_aet = list(config.allow_aets)
-    # Storage contexts need no listing: with UNRESTRICTED_STORAGE_SERVICE every storage-like
-    # SOP class (private and unknown ones too) is accepted in the first transfer syntax the
-    # sender proposes, so nothing is ever transcoded.
-    ae.supported_contexts = VerificationPresentationContexts
-    return ae
-
-
-def start_listener(ae: AE, config: ReceiveConfig, store: InstanceStore) -> _Listener:
-    """Bind and start serving in background threads; ListenError if the port is unusable."""
+def start_listener(config: ReceiveConfig, store: InstanceStore) -> Listener:
+    """Bind and start accepting in background threads; ListenError if the port is unusable."""
     try:
-        server = ae.make_server(
-            (config.host, config.port), evt_handlers=store.handlers(), server_class=_Listener
+        listener = Listener(
+            config.host,
+            config.port,
+            store,
+            max_associations=config.max_associations,
+            network_timeout=config.network_timeout,
         )
     except OSError as exc:
         raise ListenError(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from exc
-    thread = threading.Thread(target=server.serve_forever, name="listener", daemon=True)
-    thread.start()
-    ae._servers.append(server)
-    return cast(_Listener, server)
+    return listener.start()
