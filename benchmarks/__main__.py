@@ -14,9 +14,11 @@ SUITES = [bench_spool, bench_receive]
 
 
 def main() -> int:
+    wanted = set(sys.argv[1:])  # e.g. `python -m benchmarks receive`; default: all
     rows: list[Row] = []
     for suite in SUITES:
-        rows += suite.run()
+        if not wanted or suite.__name__.removeprefix("benchmarks.bench_") in wanted:
+            rows += suite.run()
     print_table(rows)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -34,3 +34,22 @@ def small_series(scratch: Path, count: int) -> DataSet:
 def ct_series(scratch: Path, count: int) -> DataSet:
     """`count` CT slices of 512 x 512 pixels, 16 bit (512 KB each)."""
     return DataSet(f"{count} x 512x512 CT", _series(scratch, "ct", count, 512, 512))
+
+
+def huge_instance(scratch: Path, size: int) -> DataSet:
+    """One multi-frame instance with `size` bytes of pixel data, streamed to disk."""
+    path = scratch / "huge.dcm"
+    frames = max(1, size // (1024 * 1024 * 2))
+    header = make_instance(
+        scratch, rows=1024, columns=1024, filename="huge-header.dcm", NumberOfFrames=frames
+    )
+    data = header.read_bytes()
+    cut = data.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010): replace the one-frame Pixel Data
+    with path.open("wb") as out:
+        out.write(data[:cut])
+        out.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (frames * 1024 * 1024 * 2).to_bytes(4, "little"))
+        block = bytes(range(256)) * 8192
+        for _ in range(frames):
+            out.write(block)
+    header.unlink()
+    return DataSet(f"1 x {frames * 2} MB multi-frame", [path])

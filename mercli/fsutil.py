@@ -75,16 +75,21 @@ def write_new(path: Path, data: bytes) -> None:
     """Create `path` exclusively, write and fsync it. Unlinks it again if anything fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_fd(fd, data)
     except BaseException:
         unlink_quietly(path)
         raise
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    """Write all of `data` to a fresh descriptor, fsync it and close it (closed on error too)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def unlink_quietly(path: str | os.PathLike[str]) -> None:

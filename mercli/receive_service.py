@@ -57,15 +57,17 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
     recover(spool)  # reap scratch of receivers that died before us
     with Worker(spool, "receive") as worker:
         store = InstanceStore(spool, worker, config)
-        listener = start_listener(config, store)
-        host, port = listener.address
-        log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
-        stop.wait()
-        listener.close()  # no new associations; open ones go on
-        if listener.open_associations():
-            log.info("waiting for %d open association(s) to finish", listener.open_associations())
-        listener.wait_idle(threading.Event().wait)
-        store.close()
+        try:
+            listener = start_listener(config, store)
+            host, port = listener.address
+            log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
+            stop.wait()
+            listener.close()  # no new associations; open ones go on
+            if listener.open_associations():
+                log.info("waiting for %d open association(s)", listener.open_associations())
+            listener.wait_idle(threading.Event().wait)
+        finally:
+            store.close()
     log.info("receiver stopped")
 
 

@@ -16,6 +16,7 @@ is streamed PDV by PDV in bounded chunks, so a 1 GB instance never sits in memor
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import struct
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, Protocol, cast
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -84,7 +85,8 @@ class StoreRequest:
 class DatasetSink(Protocol):
     """Receives one C-STORE dataset in pieces; finish() returns the DIMSE status."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None:
+        """Must not keep `data`: its buffer is reused for the next piece."""
 
     def finish(self) -> int: ...
 
@@ -132,8 +134,9 @@ class Connection:
         self.handler = handler
         self.acse_timeout = acse_timeout
         self.network_timeout = network_timeout
-        self.reader = cast(BinaryIO, sock.makefile("rb", buffering=256 * 1024))
+        self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=256 * 1024))
         self.info: AssociationInfo | None = None
+        self._buffer = bytearray(CHUNK)
 
     # -- socket helpers -------------------------------------------------------------------------
 
@@ -296,10 +299,14 @@ class Connection:
             remaining -= item_length + 4
 
     def _stream(self, count: int, sink: DatasetSink) -> None:
+        """Copy `count` bytes of dataset to the sink through one reused buffer (no big copies)."""
+        buffer = memoryview(self._buffer)
         while count > 0:
-            piece = self._read(min(count, CHUNK))
-            sink.write(piece)
-            count -= len(piece)
+            got = self.reader.readinto(buffer[: min(count, CHUNK)])
+            if not got:
+                raise ConnectionError("peer closed the connection")
+            sink.write(buffer[:got])
+            count -= got
 
     def _command(self, context_id: int, state: _DimseState) -> None:
         assert self.info is not None
