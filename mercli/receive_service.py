@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -53,6 +54,8 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
+    if not log.isEnabledFor(logging.DEBUG):
+        warnings.simplefilter("ignore")  # pydicom warns about every odd value a modality sends
     spool = Spool.open(spool_root)
     recover(spool)  # reap scratch of receivers that died before us
     with Worker(spool, "receive") as worker:

@@ -428,3 +428,51 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         assert result.returncode == 3, result.stderr
         assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
         assert running.process is not None and running.process.poll() is None
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_huge_instance_streams_with_flat_memory(tmp_path: Path) -> None:
+    """A 512 MB multi-frame instance: stored whole, while the receiver's memory stays flat."""
+    from benchmarks.datasets import huge_instance
+
+    huge = huge_instance(tmp_path, 512 << 20).files[0]
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        assert running.process is not None
+        baseline = _peak_rss_mb(running.process.pid)
+        result = storescu(running.port, [huge])
+        assert result.returncode == 0, result.stderr
+        peak = _peak_rss_mb(running.process.pid)
+    (target,) = stored(spool).values()
+    assert target.stat().st_size > 512 << 20
+    assert dataset_bytes(target) == dataset_bytes(huge)
+    assert peak - baseline < 64, f"receiving 512 MB grew the receiver by {peak - baseline:.0f} MB"
+
+
+def test_duplicate_instance_replaces_the_earlier_copy(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    first = make_instance(source, series="1.2.7", sop="1.2.7.1", StudyDescription="first")
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        assert storescu(running.port, [first]).returncode == 0
+        second = make_instance(
+            source, series="1.2.7", sop="1.2.7.1", filename="again.dcm", StudyDescription="second"
+        )
+        assert storescu(running.port, [second]).returncode == 0
+    group = spool / "incoming" / "1.2.7"
+    assert sorted(p.name for p in group.iterdir()) == ["1.2.7.1.dcm", "1.2.7.1.tags"]
+    assert json.loads((group / "1.2.7.1.tags").read_text())["StudyDescription"] == "second"
+    assert dataset_bytes(group / "1.2.7.1.dcm") == dataset_bytes(second)
+    events = [
+        json.loads(line)
+        for f in (spool / "events").glob("*.ndjson")
+        for line in f.read_text().splitlines()
+    ]
+    assert [e["replaced"] for e in events if e["event"] == "received"] == [False, True]

@@ -31,6 +31,7 @@ def _check_extra(
     "files", metavar="FILE...", nargs=-1, required=True, type=click.Path(path_type=Path)
 )
 @click.option(
+    "--extra-tag",
     "--extra",
     "extra",
     metavar="TAG",
