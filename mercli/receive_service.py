@@ -71,7 +71,15 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
             listener.wait_idle(threading.Event().wait)
         finally:
             store.close()
+    _ignore_late_signals()
     log.info("receiver stopped")
+
+
+def _ignore_late_signals() -> None:
+    """The work is done: a second SIGTERM or Ctrl-C while Python exits must not kill us."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _child_main(spool_root: Path, config: ReceiveConfig) -> None:
@@ -118,3 +126,4 @@ def _supervise(spool_root: Path, config: ReceiveConfig) -> None:
                 os.kill(process.pid, signal.SIGTERM)
         for process, _ in children:
             process.join()
+        _ignore_late_signals()
