@@ -140,12 +140,15 @@ def test_pydicom_corpus_is_stored_byte_for_byte(tmp_path: Path, chunked_send: No
     assert compared == len(files)
 
 
-def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tool", ["storescu", "dcmsend"])
+def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path, tool: str) -> None:
     """What DCMTK sends of each corpus file, mercli stores exactly as DCMTK's own storescp +B.
 
-    DCMTK re-encodes a file when it sends it (and refuses some), so the oracle is DCMTK's
-    storescp in bit-preserving mode receiving the very same transmission.
+    DCMTK re-encodes a file when it sends it (storescu may also convert it to a transfer
+    syntax it proposes; both refuse some files), so the oracle is DCMTK's storescp in
+    bit-preserving mode receiving the very same transmission.
     """
+    send = ["storescu"] if tool == "storescu" else ["dcmsend", "-dn"]
     spool = tmp_path / "spool"
     oracle_dir = tmp_path / "oracle"
     oracle_dir.mkdir()
@@ -161,16 +164,12 @@ def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path) -> 
         wait_until(lambda: port_open(oracle_port), what="storescp")
         with receiver(spool, "--processes", "1") as running:
             for path in CORPUS:
-                sent = dcmtk(
-                    ["dcmsend", "-aec", "MERCLI", "-dn", "127.0.0.1", str(running.port), str(path)]
-                )
+                sent = dcmtk([*send, "-aec", "MERCLI", "127.0.0.1", str(running.port), str(path)])
                 if sent.returncode != 0:
                     continue  # DCMTK cannot send this file at all
                 for old in oracle_dir.iterdir():
                     old.unlink()
-                reference = dcmtk(
-                    ["dcmsend", "-aec", "ANY", "-dn", "127.0.0.1", str(oracle_port), str(path)]
-                )
+                reference = dcmtk([*send, "-aec", "ANY", "127.0.0.1", str(oracle_port), str(path)])
                 assert reference.returncode == 0, reference.stderr
                 (oracle_file,) = oracle_dir.iterdir()
                 uid = dcmread(oracle_file, stop_before_pixels=True).SOPInstanceUID
@@ -185,7 +184,7 @@ def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path) -> 
     finally:
         oracle.terminate()
         oracle.wait(timeout=30)
-    assert compared > 50
+    assert compared > (50 if tool == "dcmsend" else 30)
 
 
 def test_concurrent_associations(tmp_path: Path) -> None:
@@ -476,3 +475,55 @@ def test_duplicate_instance_replaces_the_earlier_copy(tmp_path: Path) -> None:
         for line in f.read_text().splitlines()
     ]
     assert [e["replaced"] for e in events if e["event"] == "received"] == [False, True]
+
+
+def test_private_sop_class_is_accepted(tmp_path: Path, chunked_send: None) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    private = "1.3.6.1.4.1.99999.1.1"  # no standard knows it
+    path = make_instance(source, series="1.2.8", SOPClassUID=private)
+    ds = dcmread(path)
+    ds.file_meta.MediaStorageSOPClassUID = private
+    ds.save_as(path)
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        assoc = associate(running.port, [(private, "1.2.840.10008.1.2.1")])
+        assert assoc.is_established  # type: ignore[attr-defined]
+        assert assoc.send_c_store(path).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    (target,) = stored(spool).values()
+    assert json.loads(target.with_suffix(".tags").read_text())["SOPClassUID"] == private
+    assert dataset_bytes(target) == dataset_bytes(path)
+
+
+def test_a_broken_peer_does_not_disturb_others(tmp_path: Path) -> None:
+    """Garbage, a truncated PDU and an abrupt close, while storescu sends a series."""
+    import socket
+
+    source = tmp_path / "source"
+    source.mkdir()
+    files = [make_instance(source, series="1.2.9", number=n) for n in range(30)]
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1") as running:
+        sender = subprocess.Popen(
+            ["storescu", "-aec", "MERCLI", "127.0.0.1", str(running.port), *map(str, files)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for junk in (
+            b"\x00" * 64,
+            b"\x01\x00\xff\xff\xff\xff",
+            b"\x04\x00\x00\x00\x00\x10abc",
+            b"GET / HTTP/1.0\r\n\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", running.port)) as bad:
+                bad.sendall(junk)
+                bad.shutdown(socket.SHUT_WR)
+                bad.settimeout(10)
+                while bad.recv(4096):
+                    pass  # the receiver answers (A-ABORT) or closes; it never hangs
+        _, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err
+        assert dcmtk(["echoscu", "-aec", "MERCLI", "127.0.0.1", str(running.port)]).returncode == 0
+    assert len(stored(spool)) == 30
