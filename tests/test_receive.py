@@ -527,3 +527,16 @@ def test_a_broken_peer_does_not_disturb_others(tmp_path: Path) -> None:
         assert sender.returncode == 0, err
         assert dcmtk(["echoscu", "-aec", "MERCLI", "127.0.0.1", str(running.port)]).returncode == 0
     assert len(stored(spool)) == 30
+
+
+def test_max_associations_rejects_transiently(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source)
+    with receiver(tmp_path / "spool", "--processes", "1", "--max-associations", "1") as running:
+        holder = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+        assert holder.is_established  # type: ignore[attr-defined]
+        busy = storescu(running.port, [path])
+        assert busy.returncode != 0 and "Local Limit Exceeded" in busy.stderr
+        holder.release()  # type: ignore[attr-defined]
+        wait_until(lambda: storescu(running.port, [path]).returncode == 0, what="a free slot")
