@@ -231,10 +231,6 @@ class InstanceStore:
                 "association calling us %r, not %r, rejected", info.called_aet, self.config.aet
             )
             return REJECT_CALLED_AE
-        with self._lock:
-            self._associations[id(info)] = _AssociationLog(
-                info.calling_aet, f"{info.address}:{info.port}"
-            )
         return None
 
     def begin_store(self, info: AssociationInfo, request: StoreRequest) -> _InstanceSink:

@@ -174,6 +174,10 @@ class Connection:
             how = "aborted"
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.debug("connection ended: %s", exc)
+        except Exception:  # a bug must end this association only, loudly, never the listener
+            log.exception("internal error; aborting the association")
+            self._abort()
+            how = "aborted"
         finally:
             if self.info is not None:
                 self.handler.association_ended(self.info, how)
@@ -191,8 +195,12 @@ class Connection:
         if pdu_type != A_ASSOCIATE_RQ_TYPE or length > 1 << 20:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         request = A_ASSOCIATE_RQ()
-        request.decode(bytes([pdu_type, 0]) + struct.pack(">I", length) + self._read(length))
-        primitive = request.to_primitive()
+        encoded = bytes([pdu_type, 0]) + struct.pack(">I", length) + self._read(length)
+        try:
+            request.decode(encoded)
+            primitive = request.to_primitive()
+        except Exception as exc:  # pynetdicom's decoder raises many kinds on garbage
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {exc}") from exc
         peer = self.sock.getpeername()
         info = AssociationInfo(
             calling_aet=str(primitive.calling_ae_title).strip(),
@@ -206,6 +214,7 @@ class Connection:
         if rejection is not None:
             self._reject(primitive, rejection)
             return False
+        self.info = info  # the slot is ours: from here on, association_ended() will be called
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role) for item in _role_items(primitive)
         }
@@ -219,7 +228,6 @@ class Connection:
                     str(context.transfer_syntax[0]),
                 )
         self._accept(primitive, results, reply_roles)
-        self.info = info
         log.debug("association from %s (%s) accepted", info.calling_aet, info.address)
         return True
 
@@ -462,6 +470,7 @@ class Listener:
         self.sock.listen(64)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
         self._connections: dict[threading.Thread, Connection] = {}
+        self._admitted = 0  # association slots taken (connections whose info is set)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
@@ -492,9 +501,12 @@ class Listener:
             thread.start()
 
     def _admit(self) -> bool:
+        """Take one of the association slots, atomically; False when all are taken."""
         with self._lock:
-            established = sum(1 for c in self._connections.values() if c.info is not None)
-            return established < self.max_associations
+            if self._admitted >= self.max_associations:
+                return False
+            self._admitted += 1
+            return True
 
     def _serve(self, connection: Connection) -> None:
         try:
@@ -502,6 +514,7 @@ class Listener:
         finally:
             with self._lock:
                 del self._connections[threading.current_thread()]
+                self._admitted -= connection.info is not None
 
     def open_associations(self) -> int:
         with self._lock:
