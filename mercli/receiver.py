@@ -62,7 +62,7 @@ class ReceiveConfig:
     allow_aets: tuple[str, ...] = ()  # calling AE titles accepted; empty = any
     any_called_aet: bool = False  # accept whatever AE title the sender calls us by
     max_associations: int = 32
-    processes: int = 1
+    processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     extra_tags: tuple[str, ...] = ()
     network_timeout: float = 60.0
 

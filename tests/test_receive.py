@@ -540,3 +540,31 @@ def test_max_associations_rejects_transiently(tmp_path: Path) -> None:
         assert busy.returncode != 0 and "Local Limit Exceeded" in busy.stderr
         holder.release()  # type: ignore[attr-defined]
         wait_until(lambda: storescu(running.port, [path]).returncode == 0, what="a free slot")
+
+
+def test_extra_tags_reach_the_sidecar_and_bad_ones_exit_2(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source, PatientWeight="72.5", ProtocolName="Thorax")
+    spool = tmp_path / "spool"
+    with receiver(spool, "--processes", "1", "--extra-tag", "PatientWeight") as running:
+        assert storescu(running.port, [path]).returncode == 0
+    (target,) = stored(spool).values()
+    sidecar = json.loads(target.with_suffix(".tags").read_text())
+    assert sidecar["PatientWeight"] == 72.5 and sidecar["ProtocolName"] == "Thorax"
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mercli",
+            "receive",
+            "--extra-tag",
+            "NoSuchTag",
+            "--spool",
+            str(spool),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown tag 'NoSuchTag'" in bad.stderr

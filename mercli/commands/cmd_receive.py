@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from mercli.commands.options import common_options
+from mercli.commands.options import check_extra_tags, common_options
 from mercli.receive_service import serve
 from mercli.receiver import ReceiveConfig
 
@@ -41,7 +40,7 @@ _DEFAULTS = ReceiveConfig()
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),
-    default=min(os.cpu_count() or 1, 8),
+    default=_DEFAULTS.processes,
     show_default="number of CPUs, at most 8",
     help="Listening processes sharing the port (SO_REUSEPORT); 1 = a single process.",
 )
@@ -50,6 +49,7 @@ _DEFAULTS = ReceiveConfig()
     "extra_tags",
     multiple=True,
     metavar="TAG",
+    callback=check_extra_tags,
     help="Also write this tag into sidecars: a keyword or (gggg,eeee) (repeatable).",
 )
 def receive(

@@ -5,25 +5,14 @@ from __future__ import annotations
 import json
 import traceback
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from mercli.commands.options import check_extra_tags
 from mercli.errors import ExitCode
-from mercli.tags import InvalidTag, UnreadableDicom, parse_tag, read_tags
-
-
-def _check_extra(
-    ctx: click.Context, param: click.Parameter, value: Sequence[str]
-) -> tuple[str, ...]:
-    for spec in value:
-        try:
-            parse_tag(spec)
-        except InvalidTag as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-    return tuple(value)
+from mercli.tags import UnreadableDicom, read_tags
 
 
 @click.command("tags", context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +25,7 @@ def _check_extra(
     "extra",
     metavar="TAG",
     multiple=True,
-    callback=_check_extra,
+    callback=check_extra_tags,
     help="Also print this attribute: a keyword (PatientWeight) or a tag ((0019,100A), "
     "0019100A). Repeatable. Tags without a keyword are keyed GGGG,EEEE.",
 )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
+from mercli.tags import InvalidTag, parse_tag
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,3 +46,15 @@ def common_options(func: F) -> F:
         return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_extra_tags(
+    ctx: click.Context, param: click.Parameter, value: Sequence[str]
+) -> tuple[str, ...]:
+    """Click callback: every --extra-tag must name a tag (keyword, (gggg,eeee) or gggggeeee)."""
+    for spec in value:
+        try:
+            parse_tag(spec)
+        except InvalidTag as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+    return tuple(value)
