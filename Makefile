@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := dcmtk libdcmtk-dev orthanc g++ pkg-config
+# libsndfile1-dev: Debian's dcmtk.pc requires sndfile, so pkg-config fails without it.
+DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc g++ pkg-config
 CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
 CSRC := $(wildcard csrc/*.cpp)
 BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
@@ -40,6 +41,7 @@ build: $(BINARIES)
 
 build/%: csrc/%.cpp
 	@mkdir -p build
+	@pkg-config --exists dcmtk || { pkg-config --print-errors dcmtk; echo "run 'make setup' (as root) first" >&2; exit 1; }
 	$(CXX) $(CXXFLAGS) -o $@ $< $$(pkg-config --cflags --libs dcmtk)
 
 lint: setup
