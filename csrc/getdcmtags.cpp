@@ -28,7 +28,14 @@
 #include "dcmtk/ofstd/ofchrenc.h"
 #include "dcmtk/oflog/oflog.h"
 
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -38,7 +45,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -745,8 +754,11 @@ std::string elementJson(DcmElement &element, TextDecoder &text) {
     return pack(binaryValues(vr, bytes));
 }
 
-// The sidecar line of one file; throws Unreadable.
-std::string sidecar(const char *path) {
+// (keyword, serialized JSON value) of one file, in sidecar order.
+using Fields = std::vector<std::pair<std::string, std::string>>;
+
+// The sidecar fields of one file; throws Unreadable.
+Fields sidecarFields(const char *path) {
     struct stat info;
     if (stat(path, &info) != 0) throw Unreadable(std::strerror(errno));
     if (S_ISDIR(info.st_mode)) throw Unreadable(std::strerror(EISDIR));
@@ -770,7 +782,7 @@ std::string sidecar(const char *path) {
         }
     }
     TextDecoder text(hasCharset ? &charset : nullptr);
-    std::string out;
+    Fields out;
     for (const Field &field : kSidecar) {
         DcmTagKey key(field.group, field.element);
         element = nullptr;
@@ -781,17 +793,736 @@ std::string sidecar(const char *path) {
         if (element == nullptr) continue;
         std::string value = elementJson(*element, text);
         if (value.empty()) continue;
-        out += (out.empty() ? "{" : ",") + jsonString(field.keyword) + ":" + value;
+        out.emplace_back(field.keyword, value);
     }
     if (out.empty()) throw Unreadable("no DICOM attributes found");
-    return out + "}";
+    return out;
+}
+
+std::string toJson(const Fields &fields) {
+    std::string out;
+    for (const auto &field : fields)
+        out += (out.empty() ? "{" : ",") + jsonString(field.first) + ":" + field.second;
+    return out.empty() ? "{}" : out + "}";
+}
+
+// The sidecar line of one file; throws Unreadable.
+std::string sidecar(const char *path) { return toJson(sidecarFields(path)); }
+
+// --- publish mode: the spool protocol of mercli/spool.py, as mercli/receiver.py follows it ----
+
+// Crash points for tests (--inject-error N): the process _exit(70)s there, as if killed.
+int gInject = 0;
+
+void crashPoint(int n) {
+    if (gInject == n) _exit(70);
+}
+
+// SHA-256 (FIPS 180-4), for safe names.
+std::string sha256Hex(const std::string &message) {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2};
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    std::string data = message;
+    uint64_t bits = static_cast<uint64_t>(message.size()) * 8;
+    data += static_cast<char>(0x80);
+    while (data.size() % 64 != 56) data += '\0';
+    for (int i = 7; i >= 0; --i) data += static_cast<char>((bits >> (8 * i)) & 0xff);
+    auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+    for (size_t chunk = 0; chunk < data.size(); chunk += 64) {
+        uint32_t w[64];
+        for (int i = 0; i < 16; ++i) {
+            const unsigned char *p =
+                reinterpret_cast<const unsigned char *>(data.data() + chunk + 4 * i);
+            w[i] = (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | p[3];
+        }
+        for (int i = 16; i < 64; ++i) {
+            uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+            uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+        }
+        uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+        for (int i = 0; i < 64; ++i) {
+            uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) +
+                          k[i] + w[i];
+            uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+            hh = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
+        }
+        h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += hh;
+    }
+    char out[65];
+    for (int i = 0; i < 8; ++i) std::snprintf(out + 8 * i, 9, "%08x", h[i]);
+    return std::string(out, 64);
+}
+
+// mercli.names.safe_name: a UID (digits and dots, <= 64 chars) as is, else x + hash.
+std::string safeName(const std::string &value) {
+    bool ok = !value.empty() && value.size() <= 64;
+    bool digitBefore = false;
+    for (char c : value) {
+        if (!ok) break;
+        if (c >= '0' && c <= '9') {
+            digitBefore = true;
+        } else if (c == '.' && digitBefore) {
+            digitBefore = false;
+        } else {
+            ok = false;
+        }
+    }
+    if (ok && digitBefore) return value;
+    return "x" + sha256Hex(value).substr(0, 40);
+}
+
+// Reads the JSON string starting at s[i] (a '"'); the decoded UTF-8 text.
+std::string readJsonString(const std::string &s, size_t &i) {
+    std::string out;
+    ++i;
+    while (i < s.size() && s[i] != '"') {
+        if (s[i] != '\\') {
+            out += s[i++];
+            continue;
+        }
+        char c = s[++i];
+        ++i;
+        switch (c) {
+            case 'b': out += '\b'; break;
+            case 'f': out += '\f'; break;
+            case 'n': out += '\n'; break;
+            case 'r': out += '\r'; break;
+            case 't': out += '\t'; break;
+            case 'u': {
+                unsigned cp = std::stoul(s.substr(i, 4), nullptr, 16);
+                i += 4;
+                if (cp < 0x80) {
+                    out += static_cast<char>(cp);
+                } else if (cp < 0x800) {
+                    out += static_cast<char>(0xC0 | (cp >> 6));
+                    out += static_cast<char>(0x80 | (cp & 0x3F));
+                } else {
+                    out += static_cast<char>(0xE0 | (cp >> 12));
+                    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+                    out += static_cast<char>(0x80 | (cp & 0x3F));
+                }
+                break;
+            }
+            default: out += c;
+        }
+    }
+    ++i;  // closing quote
+    return out;
+}
+
+// Python's repr() of a str (printable text assumed beyond ASCII control characters).
+std::string pyRepr(const std::string &s) {
+    char quote = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"'
+                                                                                        : '\'';
+    std::string out(1, quote);
+    for (unsigned char c : s) {
+        if (c == '\\' || c == static_cast<unsigned char>(quote)) {
+            out += '\\';
+            out += static_cast<char>(c);
+        } else if (c == '\n') {
+            out += "\\n";
+        } else if (c == '\r') {
+            out += "\\r";
+        } else if (c == '\t') {
+            out += "\\t";
+        } else if (c < 0x20 || c == 0x7f) {
+            char buf[8];
+            std::snprintf(buf, sizeof buf, "\\x%02x", c);
+            out += buf;
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    return out + quote;
+}
+
+// Python's str() of a sidecar value given as JSON: a string, a number, or a list of them.
+std::string pyStr(const std::string &json) {
+    size_t i = 0;
+    if (json.empty()) return json;
+    if (json[0] == '"') return readJsonString(json, i);
+    if (json[0] != '[') return json;  // numbers: jsonFloat writes repr()
+    std::string out = "[";
+    i = 1;
+    while (i < json.size() && json[i] != ']') {
+        if (out.size() > 1) out += ", ";
+        if (json[i] == '"') {
+            out += pyRepr(readJsonString(json, i));
+        } else {
+            size_t end = json.find_first_of(",]", i);
+            out += json.substr(i, end - i);
+            i = end;
+        }
+        if (i < json.size() && json[i] == ',') ++i;
+    }
+    return out + "]";
+}
+
+// JSON as Python's json.dumps(ensure_ascii=True) writes a str (bad UTF-8 as surrogateescape).
+std::string jsonAscii(const std::string &s) {
+    std::string out = "\"";
+    auto u = [&out](unsigned cp) {
+        char buf[16];
+        std::snprintf(buf, sizeof buf, "\\u%04x", cp);
+        out += buf;
+    };
+    for (size_t i = 0; i < s.size();) {
+        unsigned char c = static_cast<unsigned char>(s[i]);
+        if (c == 0x7f) {
+            u(c);
+            ++i;
+            continue;
+        }
+        if (c < 0x80) {
+            std::string one = jsonString(std::string(1, static_cast<char>(c)));
+            out += one.substr(1, one.size() - 2);
+            ++i;
+            continue;
+        }
+        int n = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+        unsigned cp = n == 4 ? c & 0x07 : n == 3 ? c & 0x0F : c & 0x1F;
+        bool ok = n > 0 && i + n <= s.size();
+        for (int k = 1; ok && k < n; ++k) {
+            unsigned char cc = static_cast<unsigned char>(s[i + k]);
+            ok = (cc & 0xC0) == 0x80;
+            cp = (cp << 6) | (cc & 0x3F);
+        }
+        ok = ok && !(n == 3 && (cp < 0x800 || (cp >= 0xD800 && cp < 0xE000))) &&
+             !(n == 4 && (cp < 0x10000 || cp > 0x10FFFF));
+        if (!ok) {
+            u(0xDC00 | c);
+            ++i;
+            continue;
+        }
+        if (cp >= 0x10000) {
+            cp -= 0x10000;
+            u(0xD800 | (cp >> 10));
+            u(0xDC00 | (cp & 0x3FF));
+        } else {
+            u(cp);
+        }
+        i += n;
+    }
+    return out + "\"";
+}
+
+// --- time and ids --------------------------------------------------------------------------------
+
+struct Clock {
+    struct tm utc;
+    long micros;
+};
+
+Clock now() {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    Clock clock;
+    gmtime_r(&ts.tv_sec, &clock.utc);
+    clock.micros = ts.tv_nsec / 1000;
+    return clock;
+}
+
+// datetime.isoformat(timespec=...) of an aware UTC time: digits 0, 3 or 6.
+std::string isoformat(const Clock &clock, int digits) {
+    char buf[64];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &clock.utc);
+    std::string out = buf;
+    if (digits == 3) {
+        std::snprintf(buf, sizeof buf, ".%03ld", clock.micros / 1000);
+        out += buf;
+    } else if (digits == 6) {
+        std::snprintf(buf, sizeof buf, ".%06ld", clock.micros);
+        out += buf;
+    }
+    return out + "+00:00";
+}
+
+std::string randomHex(size_t bytes) {
+    std::vector<unsigned char> raw(bytes);
+    size_t got = 0;
+    while (got < bytes) {
+        ssize_t n = getrandom(raw.data() + got, bytes - got, 0);
+        if (n < 0 && errno != EINTR) throw std::runtime_error("getrandom failed");
+        if (n > 0) got += static_cast<size_t>(n);
+    }
+    std::string out;
+    char buf[3];
+    for (unsigned char c : raw) {
+        std::snprintf(buf, sizeof buf, "%02x", c);
+        out += buf;
+    }
+    return out;
+}
+
+// mercli.names.new_id: 20261128T002729.123456-3f9a1c2b7d4e
+std::string newId() {
+    Clock clock = now();
+    char buf[64];
+    std::strftime(buf, sizeof buf, "%Y%m%dT%H%M%S", &clock.utc);
+    char micros[16];
+    std::snprintf(micros, sizeof micros, ".%06ld-", clock.micros);
+    return buf + std::string(micros) + randomHex(6);
+}
+
+std::string nodename() {
+    struct utsname name;
+    if (uname(&name) != 0) return "";
+    return name.nodename;
+}
+
+// mercli.names.owner_id("getdcmtags")
+std::string ownerId() {
+    std::string host = nodename();
+    for (char &c : host)
+        if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-') c = '-';
+    host = host.substr(0, 40);
+    if (host.empty()) host = "host";
+    return "getdcmtags." + host + "." + std::to_string(getpid()) + "." + randomHex(4);
+}
+
+// --- filesystem ----------------------------------------------------------------------------------
+
+class SysError : public std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void fail(const std::string &path) {
+    throw SysError(std::string(std::strerror(errno)) + " (" + path + ")");
+}
+
+void fsyncPath(const std::string &path, bool directory) {
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | (directory ? O_DIRECTORY : 0));
+    if (fd < 0) fail(path);
+    if (fsync(fd) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        fail(path);
+    }
+    close(fd);
+}
+
+void writeAll(int fd, const std::string &data, const std::string &path) {
+    size_t done = 0;
+    while (done < data.size()) {
+        ssize_t n = write(fd, data.data() + done, data.size() - done);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail(path);
+        }
+        done += static_cast<size_t>(n);
+    }
+}
+
+// mercli.fsutil.write_new: create exclusively, write, fsync; unlinked again on failure.
+void writeNew(const std::string &path, const std::string &data) {
+    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) fail(path);
+    try {
+        writeAll(fd, data, path);
+        if (fsync(fd) != 0) fail(path);
+    } catch (...) {
+        close(fd);
+        unlink(path.c_str());
+        throw;
+    }
+    if (close(fd) != 0) {
+        unlink(path.c_str());
+        fail(path);
+    }
+}
+
+void renameNoReplace(const std::string &from, const std::string &to) {
+    if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) fail(to);
+}
+
+void removeTree(const std::string &path) {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+}
+
+bool isDir(const std::string &path) {
+    struct stat info;
+    return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+// --- the spool -----------------------------------------------------------------------------------
+
+struct ReceiveInfo {
+    std::string callingAet, calledAet, address;
+};
+
+class Spool {
+  public:
+    explicit Spool(const std::string &root) : root_(root) {}
+
+    // Checks the layout (creating missing folders, as Spool.open) and takes a lease.
+    void open() {
+        if (!isDir(root_)) {
+            errno = ENOTDIR;
+            fail(root_);
+        }
+        const char *folders[] = {"tmp",    "incoming", "outgoing", "success", "discard",
+                                 "error",  "leases",   "claims",   "hints",   "events"};
+        dev_t device = 0;
+        for (const char *name : folders) {
+            std::string folder = root_ + "/" + name;
+            if (!isDir(folder)) {
+                if (mkdir(folder.c_str(), 0755) != 0 && errno != EEXIST) fail(folder);
+                fsyncPath(root_, true);
+            }
+            struct stat info;
+            if (stat(folder.c_str(), &info) != 0) fail(folder);
+            if (device != 0 && info.st_dev != device)
+                throw SysError("spool folders span several filesystems (" + root_ + ")");
+            device = info.st_dev;
+        }
+        startLease();
+    }
+
+    // Worker.stop(): scratch, claims folder, then the lease (lock dropped on close).
+    void close() {
+        if (leaseFd_ < 0) return;
+        removeTree(scratch_);
+        removeTree(root_ + "/claims/" + owner_);
+        unlink((root_ + "/leases/" + owner_).c_str());
+        ::close(leaseFd_);
+        leaseFd_ = -1;
+    }
+
+    // Publishes one staged file; the line to print, and whether it went to incoming/.
+    bool publish(const std::string &path, const ReceiveInfo &info, std::string &line) {
+        std::string reason;
+        int status = 0;
+        Fields fields;
+        try {
+            fields = sidecarFields(path.c_str());
+            std::vector<std::string> missing;
+            for (const char *uid : {"SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"}) {
+                bool found = false;
+                for (const auto &field : fields) found = found || field.first == uid;
+                if (!found) missing.push_back(uid);
+            }
+            for (size_t i = 0; i < missing.size(); ++i)
+                reason += (i ? ", " : "missing ") + missing[i];
+            if (!missing.empty()) status = 0xC212;
+        } catch (const Unreadable &error) {
+            reason = error.what();
+            status = 0xC210;
+        }
+        try {
+            struct stat st;
+            if (lstat(path.c_str(), &st) != 0) fail(path);
+            if (!S_ISREG(st.st_mode)) throw SysError("not a regular file (" + path + ")");
+            crashPoint(1);
+            fsyncPath(path, false);
+            if (status != 0) {
+                std::string item = quarantine(path, reason, status, info);
+                line = "error " + item + " " + reason;
+                return false;
+            }
+            line = "ok " + store(path, fields, info);
+            return true;
+        } catch (const SysError &error) {
+            line = std::string("fail ") + error.what();
+            return false;
+        }
+    }
+
+  private:
+    std::string tmpPath() {
+        return scratch_ + "/" + std::to_string(++counter_) + "." + newId();
+    }
+
+    void startLease() {
+        owner_ = ownerId();
+        std::string born = root_ + "/tmp/lease." + owner_;
+        int fd = ::open(born.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0) fail(born);
+        try {
+            if (flock(fd, LOCK_EX) != 0) fail(born);
+            std::string record = "{\"role\": \"getdcmtags\", \"host\": " + jsonAscii(nodename()) +
+                                 ", \"pid\": " + std::to_string(getpid()) + ", \"started\": \"" +
+                                 isoformat(now(), 0) + "\"}";
+            writeAll(fd, record, born);
+            if (fsync(fd) != 0) fail(born);
+            crashPoint(7);
+            renameNoReplace(born, root_ + "/leases/" + owner_);
+            fsyncPath(root_ + "/leases", true);
+            scratch_ = root_ + "/tmp/" + owner_;
+            if (mkdir(scratch_.c_str(), 0755) != 0) fail(scratch_);
+            std::string claims = root_ + "/claims/" + owner_;
+            if (mkdir(claims.c_str(), 0755) != 0) fail(claims);
+        } catch (...) {
+            ::close(fd);
+            unlink(born.c_str());
+            throw;
+        }
+        leaseFd_ = fd;
+    }
+
+    std::string metadataJson(const ReceiveInfo &info) {
+        return ",\"SenderAET\":" + jsonString(info.callingAet) +
+               ",\"SenderAddress\":" + jsonString(info.address) +
+               ",\"ReceiverAET\":" + jsonString(info.calledAet) + ",\"ReceivedAt\":\"" +
+               isoformat(now(), 3) + "\"";
+    }
+
+    // receiver._publish: sidecar into scratch, then Spool.publish_to_group, then the event.
+    std::string store(const std::string &path, const Fields &fields, const ReceiveInfo &info) {
+        std::string series, instance;
+        for (const auto &field : fields) {
+            if (field.first == "SeriesInstanceUID") series = safeName(pyStr(field.second));
+            if (field.first == "SOPInstanceUID") instance = safeName(pyStr(field.second));
+        }
+        std::string sidecar = toJson(fields);
+        sidecar.insert(sidecar.size() - 1, metadataJson(info));
+        std::string tags = tmpPath();
+        writeNew(tags, sidecar);
+        bool replaced = false;
+        try {
+            crashPoint(2);
+            replaced = publishToGroup(series, {{path, instance + ".dcm"}, {tags, instance + ".tags"}});
+        } catch (...) {
+            unlink(tags.c_str());
+            throw;
+        }
+        crashPoint(5);
+        logEvent("\"event\":\"received\",\"series\":" + jsonString(series) +
+                 ",\"instance\":" + jsonString(instance) + ",\"sender\":" +
+                 jsonString(info.callingAet) + ",\"replaced\":" + (replaced ? "true" : "false"));
+        return series + "/" + instance;
+    }
+
+    // Spool.publish_to_group (protocol step 2).
+    bool publishToGroup(const std::string &group,
+                        const std::vector<std::pair<std::string, std::string>> &files) {
+        std::string incoming = root_ + "/incoming";
+        std::string directory = incoming + "/" + group;
+        for (;;) {
+            if (mkdir(directory.c_str(), 0755) == 0) {
+                fsyncPath(incoming, true);
+            } else if (errno != EEXIST) {
+                fail(directory);
+            }
+            int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (fd < 0) {
+                if (errno == ENOENT || errno == ENOTDIR) continue;
+                fail(directory);
+            }
+            try {
+                if (flock(fd, LOCK_SH) != 0) fail(directory);
+                struct stat current, mine;
+                if (lstat(directory.c_str(), &current) != 0 || fstat(fd, &mine) != 0 ||
+                    current.st_ino != mine.st_ino || current.st_dev != mine.st_dev) {
+                    ::close(fd);
+                    continue;  // claimed away between mkdir and lock: make a new group
+                }
+                bool replaced = false;
+                for (size_t i = 0; i < files.size(); ++i) {
+                    if (i == 1) crashPoint(3);
+                    struct stat existing;
+                    if (fstatat(fd, files[i].second.c_str(), &existing, AT_SYMLINK_NOFOLLOW) == 0)
+                        replaced = true;
+                    if (renameat(AT_FDCWD, files[i].first.c_str(), fd, files[i].second.c_str()) !=
+                        0)
+                        fail(directory + "/" + files[i].second);
+                }
+                crashPoint(4);
+                if (fsync(fd) != 0) fail(directory);
+                ::close(fd);
+                return replaced;
+            } catch (...) {
+                ::close(fd);
+                throw;
+            }
+        }
+    }
+
+    // receiver._quarantine: error/<id>/instance.dcm + error.json, built in scratch.
+    std::string quarantine(const std::string &path, const std::string &reason, int status,
+                           const ReceiveInfo &info) {
+        std::string item = newId();
+        std::string folder = tmpPath();
+        if (mkdir(folder.c_str(), 0755) != 0) fail(folder);
+        std::string instance = folder + "/instance.dcm";
+        bool moved = false;
+        try {
+            if (rename(path.c_str(), instance.c_str()) != 0) fail(path);
+            moved = true;
+            char code[16];
+            std::snprintf(code, sizeof code, "0x%04X", status);
+            std::string record = "{\n \"reason\": " + jsonAscii(reason) + ",\n \"at\": \"" +
+                                 isoformat(now(), 0) + "\",\n \"from\": \"receive\",\n" +
+                                 " \"status\": \"" + code + "\",\n \"SenderAET\": " +
+                                 jsonAscii(info.callingAet) + ",\n \"SenderAddress\": " +
+                                 jsonAscii(info.address) + ",\n \"ReceiverAET\": " +
+                                 jsonAscii(info.calledAet) + ",\n \"ReceivedAt\": \"" +
+                                 isoformat(now(), 3) + "\"\n}";
+            writeNew(folder + "/error.json", record);
+            crashPoint(6);
+            fsyncPath(folder, true);
+            std::string errors = root_ + "/error";
+            renameNoReplace(folder, errors + "/" + item);
+            fsyncPath(errors, true);
+        } catch (...) {
+            if (moved) rename(instance.c_str(), path.c_str());  // give the file back
+            removeTree(folder);
+            throw;
+        }
+        logEvent("\"event\":\"quarantined\",\"item\":" + jsonString(item) + ",\"reason\":" +
+                 jsonString(reason) + ",\"sender\":" + jsonString(info.callingAet));
+        return item;
+    }
+
+    // EventLog.append: one line, one write(2), O_APPEND; failures only warned about.
+    void logEvent(const std::string &body) {
+        Clock clock = now();
+        char day[32];
+        std::strftime(day, sizeof day, "%Y-%m-%d", &clock.utc);
+        std::string line = "{\"at\":\"" + isoformat(clock, 6) + "\"," + body + "}\n";
+        std::string file = root_ + "/events/" + day + ".ndjson";
+        int fd = ::open(file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0 || write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
+            std::cerr << "Warning: event log unwritable (" << std::strerror(errno) << ")\n";
+        if (fd >= 0) ::close(fd);
+    }
+
+    std::string root_;
+    std::string owner_;
+    std::string scratch_;
+    int leaseFd_ = -1;
+    unsigned counter_ = 0;
+};
+
+const char kUsage[] =
+    "Usage: getdcmtags FILE...\n"
+    "       getdcmtags --publish --spool DIR --calling-aet AE --called-aet AE --address ADDR\n"
+    "                  [--stdin] [--inject-error N] [FILE...]\n";
+
+const char kHelp[] =
+    "\n"
+    "Without --publish: print the sidecar JSON of each FILE, one line each (as `mercli tags`).\n"
+    "\n"
+    "--publish: move each FILE (a complete Part 10 file on the spool's filesystem, e.g. what\n"
+    "storescp wrote into a staging folder) into DIR/incoming/<series>/ with its sidecar, as\n"
+    "`mercli receive` does: .dcm fsync'ed and renamed in, .tags written in the process' scratch\n"
+    "folder tmp/<owner>/ (under a lease in leases/<owner>), both renamed in under a shared lock\n"
+    "on the series folder, the folder fsync'ed, a \"received\" event logged. A file without\n"
+    "SOP/Series/Study Instance UID (status 0xC212) or that cannot be parsed (0xC210) goes to\n"
+    "DIR/error/<id>/ (instance.dcm + error.json with the reason) with a \"quarantined\" event.\n"
+    "One line per file on stdout, flushed:\n"
+    "  ok <series>/<instance>      published\n"
+    "  error <id> <reason>         quarantined as error/<id>\n"
+    "  fail <reason> (<path>)      not published (write error, missing file): file left as is\n"
+    "--stdin: after the FILE arguments, read one path per line from stdin until EOF.\n"
+    "Exit: 0 all published, 1 some quarantined or failed, 2 usage, 4 spool unusable.\n"
+    "\n"
+    "--inject-error N: crash (_exit(70), nothing cleaned up) at point N, for tests:\n"
+    "  1  before the fsync of the .dcm (nothing in the spool yet)\n"
+    "  2  after the .tags is written in tmp/<owner>/, before the series folder is locked\n"
+    "  3  after the .dcm is renamed into incoming/<series>/, before the .tags is\n"
+    "  4  after both renames, before the fsync of the series folder\n"
+    "  5  after publishing, before the \"received\" event is logged\n"
+    "  6  quarantine: error/<id> built in tmp/<owner>/, before it is renamed into error/\n"
+    "  7  at start: lease written as tmp/lease.<owner>, before it is renamed into leases/\n";
+
+int publishMain(int argc, char *argv[]) {
+    std::string spoolDir;
+    ReceiveInfo info;
+    bool haveCalling = false, haveCalled = false, haveAddress = false, fromStdin = false;
+    std::vector<std::string> files;
+    for (int i = 1; i < argc; ++i) {
+        std::string arg = argv[i];
+        auto value = [&](bool &seen) -> std::string {
+            if (i + 1 >= argc) {
+                std::cerr << "Error: " << arg << " needs a value\n" << kUsage;
+                std::exit(2);
+            }
+            seen = true;
+            return argv[++i];
+        };
+        bool seen = false;
+        if (arg == "--publish") {
+        } else if (arg == "--stdin") {
+            fromStdin = true;
+        } else if (arg == "--spool") {
+            spoolDir = value(seen);
+        } else if (arg == "--calling-aet") {
+            info.callingAet = value(haveCalling);
+        } else if (arg == "--called-aet") {
+            info.calledAet = value(haveCalled);
+        } else if (arg == "--address") {
+            info.address = value(haveAddress);
+        } else if (arg == "--inject-error") {
+            gInject = std::atoi(value(seen).c_str());
+        } else if (arg == "--") {
+            for (++i; i < argc; ++i) files.push_back(argv[i]);
+        } else if (arg.size() > 1 && arg[0] == '-') {
+            std::cerr << "Error: unknown option " << arg << "\n" << kUsage;
+            return 2;
+        } else {
+            files.push_back(arg);
+        }
+    }
+    if (spoolDir.empty() || !haveCalling || !haveCalled || !haveAddress ||
+        (files.empty() && !fromStdin)) {
+        std::cerr << "Error: --publish needs --spool, --calling-aet, --called-aet, --address and "
+                     "files (or --stdin)\n"
+                  << kUsage;
+        return 2;
+    }
+    Spool spool(spoolDir);
+    try {
+        spool.open();
+    } catch (const std::exception &error) {
+        std::cerr << "Error: spool unusable: " << error.what() << "\n";
+        return 4;
+    }
+    int exitCode = 0;
+    auto one = [&](const std::string &path) {
+        std::string line;
+        if (!spool.publish(path, info, line)) exitCode = 1;
+        std::cout << line << std::endl;  // flushed: a supervisor reads it as it comes
+    };
+    for (const std::string &path : files) one(path);
+    if (fromStdin) {
+        std::string path;
+        while (std::getline(std::cin, path)) {
+            if (!path.empty() && path.back() == '\r') path.pop_back();
+            if (!path.empty()) one(path);
+        }
+    }
+    spool.close();
+    return exitCode;
 }
 
 }  // namespace
 
 int main(int argc, char *argv[]) {
+    bool publish = false;
+    for (int i = 1; i < argc; ++i) {
+        std::string arg = argv[i];
+        if (arg == "--help" || arg == "-h") {
+            std::cout << kUsage << kHelp;
+            return 0;
+        }
+        publish = publish || arg == "--publish";
+    }
     if (argc < 2) {
-        std::cerr << "Usage: getdcmtags FILE...\n";
+        std::cerr << kUsage;
         return 2;
     }
     OFLog::configure(OFLogger::FATAL_LOG_LEVEL);
@@ -801,6 +1532,7 @@ int main(int argc, char *argv[]) {
         std::cerr << "Error: no DICOM data dictionary loaded (" DCM_DICT_DEFAULT_PATH ")\n";
         return 1;
     }
+    if (publish) return publishMain(argc, argv);
     int exitCode = 0;
     for (int i = 1; i < argc; ++i) {
         try {
