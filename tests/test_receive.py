@@ -568,3 +568,40 @@ def test_extra_tags_reach_the_sidecar_and_bad_ones_exit_2(tmp_path: Path) -> Non
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown tag 'NoSuchTag'" in bad.stderr
+
+
+def test_kill_9_mid_association_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
+    """Durable receipt: SIGKILL while a sender streams; all it saw acknowledged is whole."""
+    source = tmp_path / "source"
+    source.mkdir()
+    files = [
+        make_instance(source, series="1.2.10", number=n, rows=128, columns=128) for n in range(200)
+    ]
+    spool = tmp_path / "spool"
+    running = Receiver(spool, "--processes", "1").start()
+    assert running.process is not None
+    assoc = associate(running.port, [(CT, "1.2.840.10008.1.2.1")])
+    acknowledged: list[Path] = []
+    for n, path in enumerate(files):
+        if n == 60:
+            running.process.kill()  # SIGKILL: no cleanup, mid-association
+        status = assoc.send_c_store(dcmread(path))  # type: ignore[attr-defined]
+        if status.get("Status") != 0x0000:
+            break
+        acknowledged.append(path)
+    assoc.abort()  # type: ignore[attr-defined]
+    running.process.wait(timeout=30)
+    running.log_file.close()
+    assert len(acknowledged) >= 60
+    group = spool / "incoming" / "1.2.10"
+    for path in acknowledged:
+        assert dataset_bytes(group / path.name) == dataset_bytes(path)
+        assert (
+            json.loads((group / path.name).with_suffix(".tags").read_text())["InstanceNumber"] >= 0
+        )
+    # The next receiver recovers the dead one's lease and scratch, and serves again.
+    with receiver(spool, "--processes", "1") as again:
+        assert storescu(again.port, files[-1:]).returncode == 0
+        wait_until(lambda: len(list((spool / "leases").iterdir())) == 1, what="dead lease reaped")
+        (live,) = (spool / "leases").iterdir()
+        assert [p.name for p in (spool / "tmp").iterdir()] == [live.name]  # dead scratch reaped
