@@ -112,21 +112,3 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 def _ignore_missing(func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
-
-
-def makedirs_durable(path: Path) -> bool:
-    """mkdir -p that fsyncs each parent whose entries changed; True if anything was created."""
-    if path.is_dir():
-        return False
-    missing = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue
-        fsync_dir(directory.parent)
-    return True

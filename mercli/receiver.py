@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mercli.errors import ExitCode, MercliError
-from mercli.fsutil import remove_tree, unlink_quietly, write_fd, write_new
-from mercli.names import new_id, safe_name
+from mercli.fsutil import unlink_quietly, write_fd
+from mercli.names import safe_name
 from mercli.part10 import file_meta
-from mercli.spool import ERROR, ERROR_FILE, INCOMING, Spool, Worker
+from mercli.spool import INCOMING, Spool, Worker
 from mercli.tags import UnreadableDicom, read_tags
 from mercli.upperlayer import (
     REJECT_CALLED_AE,
@@ -198,7 +198,6 @@ class _InstanceSink:
 @dataclass
 class _AssociationLog:
     sender: str
-    address: str
     started: float = field(default_factory=time.monotonic)
     series: set[str] = field(default_factory=set)
     instances: int = 0
@@ -307,24 +306,19 @@ class InstanceStore:
         """Keep an instance we cannot file under a series in error/, with the reason."""
         association.failures += 1
         status = STATUS_NO_UIDS if reason.startswith("missing") else STATUS_UNREADABLE
-        item_id = new_id()
-        folder = self.worker.tmp_path()
         try:
-            folder.mkdir()
-            os.rename(sink.path, folder / "instance.dcm")
-            record = {
-                "reason": reason,
-                "at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "from": "receive",
-                "status": f"0x{status:04X}",
+            item = self.spool.quarantine_files(
+                self.worker,
+                {"instance.dcm": sink.path},
+                reason,
+                "receive",
+                status=f"0x{status:04X}",
                 **self._receive_metadata(sink.info),
-            }
-            write_new(folder / ERROR_FILE, json.dumps(record, indent=1).encode())
-            self.spool.publish_item(folder, ERROR, item_id)
+            )
         except OSError as exc:
-            remove_tree(folder)
             log.error("cannot quarantine an unreadable instance: %s", exc)
             return STATUS_OUT_OF_RESOURCES
+        item_id = item.name
         self.spool.log("quarantined", item=item_id, reason=reason, sender=association.sender)
         log.warning(
             "instance from %s quarantined as error/%s: %s", association.sender, item_id, reason
@@ -333,9 +327,10 @@ class InstanceStore:
 
     def _association(self, info: AssociationInfo) -> _AssociationLog:
         with self._lock:
-            return self._associations.setdefault(
-                id(info), _AssociationLog(info.calling_aet, f"{info.address}:{info.port}")
-            )
+            found = self._associations.get(id(info))
+            if found is None:  # first instance of this association
+                found = self._associations[id(info)] = _AssociationLog(info.calling_aet)
+            return found
 
     def association_ended(self, info: AssociationInfo, how: str) -> None:
         """Write a completion hint per series the association carried, and log a summary."""

@@ -235,6 +235,26 @@ class Spool:
         fsync_dir(target.parent)
         return Item(state, name, target)
 
+    def quarantine_files(
+        self, worker: Worker, files: dict[str, Path], reason: str, origin: str, **detail: Any
+    ) -> Item:
+        """Keep loose files (not a claimed item) as a new error/<id>/ with an error.json.
+
+        The files are moved (renamed) into a folder built in the worker's scratch, which is
+        published whole; if anything fails, the folder and the files in it are removed.
+        """
+        folder = worker.tmp_path()
+        folder.mkdir()
+        try:
+            for name, source in files.items():
+                os.rename(source, folder / name)
+            record = _error_record(reason, origin, detail)
+            write_new(folder / ERROR_FILE, _json_bytes(record))
+            return self.publish_item(folder, ERROR, new_id())
+        except BaseException:
+            remove_tree(folder)
+            raise
+
     def write_hint(self, worker: Worker, series: str, record: dict[str, Any]) -> None:
         """Say that an association carrying `series` has ended (advisory; see `hints/`)."""
         record = {"at": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
@@ -340,14 +360,6 @@ class Worker:
             raise
         return Claim(self, state, name, key_dir)
 
-    def claims(self) -> list[Claim]:
-        """What this worker holds now (for shutdown and tests)."""
-        held = []
-        for key_dir in _subdirs(self.claims_dir):
-            state, _, name = key_dir.name.partition(KEY_SEPARATOR)
-            held.append(Claim(self, state, name, key_dir))
-        return held
-
 
 class Claim:
     """An item one worker owns; end it with release(), move_to() or a Transaction."""
@@ -377,7 +389,7 @@ class Claim:
 
     def quarantine(self, reason: str, *, name: str | None = None, **detail: Any) -> Item:
         """Move the item to error/ with an error.json that says why, for resend or a human."""
-        record = {"reason": reason, "at": _now(), "from": self.state, **detail}
+        record = _error_record(reason, self.state, detail)
         replace_file(self.worker, self.path / ERROR_FILE, _json_bytes(record))
         return self.move_to(ERROR, name)
 
@@ -438,7 +450,12 @@ def replace_file(worker: Worker, path: Path, data: bytes) -> None:
 
 
 def _json_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, indent=1).encode()
+    return json.dumps(record, indent=1).encode()  # ASCII-escaped, as getdcmtags writes it
+
+
+def _error_record(reason: str, origin: str, detail: dict[str, Any]) -> dict[str, Any]:
+    """The one shape of error.json: why, when, from which stage, then the details."""
+    return {"reason": reason, "at": _now(), "from": origin, **detail}
 
 
 # -- recovery ------------------------------------------------------------------------------------

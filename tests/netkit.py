@@ -96,12 +96,6 @@ class Receiver:
         self.log_file.close()
         return code
 
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=30)
-        self.log_file.close()
-
     def output(self) -> str:
         return self.log.read_text()
 

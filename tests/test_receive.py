@@ -18,6 +18,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from mercli.names import safe_name
+from mercli.spool import Spool
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
 from tests.netkit import Receiver, dcmtk, free_port, port_open, receiver, storescu, wait_until
 
@@ -75,7 +76,8 @@ def test_storescu_series_land_grouped_with_sidecars(tmp_path: Path) -> None:
     for uid in series:
         group = spool / "incoming" / uid
         assert len(list(group.glob("*.dcm"))) == 5 and len(list(group.glob("*.tags"))) == 5
-        assert json.loads((spool / "hints" / uid).read_text())["ended"] == "released"
+        hint = Spool(spool).read_hint(uid)
+        assert hint is not None and hint["ended"] == "released" and hint["instances"] == 10
     for path in files:
         source_ds = dcmread(path)
         target = (
