@@ -30,6 +30,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -1127,12 +1128,12 @@ void writeAll(int fd, const std::string &data, const std::string &path) {
 }
 
 // mercli.fsutil.write_new: create exclusively, write, fsync; unlinked again on failure.
-void writeNew(const std::string &path, const std::string &data) {
+void writeNew(const std::string &path, const std::string &data, bool sync = true) {
     int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) fail(path);
     try {
         writeAll(fd, data, path);
-        if (fsync(fd) != 0) fail(path);
+        if (sync && fsync(fd) != 0) fail(path);
     } catch (...) {
         close(fd);
         unlink(path.c_str());
@@ -1189,6 +1190,8 @@ class Spool {
                 throw SysError("spool folders span several filesystems (" + root_ + ")");
             device = info.st_dev;
         }
+        rootFd_ = ::open(root_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (rootFd_ < 0) fail(root_);
         startLease();
     }
 
@@ -1202,17 +1205,72 @@ class Spool {
         leaseFd_ = -1;
     }
 
-    // Publishes one staged file; the line to print, and whether it went to incoming/.
-    bool publish(const std::string &path, const ReceiveInfo &info, std::string &line) {
+    // One staged file on its way through publishBatch.
+    struct Entry {
+        std::string path;
+        ReceiveInfo info;
+        std::string line;  // the answer printed for it
+        bool ok = false;
+        Fields fields;
+        std::string series, instance, tags;
+    };
+
+    // Publishes a batch of staged files with two barriers for all of them, not three fsyncs
+    // per file: every .dcm and .tags is written, then syncfs() makes all of them durable at
+    // once (a file is renamed into incoming/ only when whole on disk), then all are renamed
+    // in, then a second syncfs() makes the renames durable. Unreadable files are quarantined
+    // one by one, as before. Returns whether every file went to incoming/.
+    bool publishBatch(std::vector<Entry> &batch) {
+        std::vector<Entry *> ready;
+        for (Entry &entry : batch)
+            if (prepare(entry)) ready.push_back(&entry);
+        crashPoint(1);
+        if (!ready.empty() && syncfs(rootFd_) != 0) failAll(ready, "syncfs (" + root_ + ")");
+        for (Entry *entry : ready) {
+            try {
+                crashPoint(2);
+                bool replaced = publishToGroup(entry->series, {{entry->path, entry->instance + ".dcm"},
+                                                               {entry->tags, entry->instance + ".tags"}});
+                entry->line = replaced ? "replaced" : "new";
+                entry->ok = true;
+            } catch (const SysError &error) {
+                unlink(entry->tags.c_str());
+                entry->line = std::string("fail ") + error.what();
+            }
+        }
+        crashPoint(4);
+        bool published = false;
+        for (Entry *entry : ready) published = published || entry->ok;
+        if (published && syncfs(rootFd_) != 0)
+            std::cerr << "Warning: syncfs after publishing failed (" << std::strerror(errno) << ")\n";
+        crashPoint(5);
+        bool allOk = true;
+        for (Entry &entry : batch) {
+            if (!entry.ok) {
+                allOk = false;
+                continue;
+            }
+            logEvent("\"event\":\"received\",\"series\":" + jsonString(entry.series) +
+                     ",\"instance\":" + jsonString(entry.instance) + ",\"sender\":" +
+                     jsonString(entry.info.callingAet) + ",\"replaced\":" +
+                     (entry.line == "replaced" ? "true" : "false"));
+            entry.line = "ok " + entry.series + "/" + entry.instance;
+        }
+        return allOk;
+    }
+
+  private:
+    // Reads the file's tags; quarantines it if unreadable, else writes its sidecar into
+    // scratch (not yet synced). True when the entry is ready to be renamed in.
+    bool prepare(Entry &entry) {
         std::string reason;
         int status = 0;
-        Fields fields;
         try {
-            fields = sidecarFields(path.c_str());
+            entry.fields = sidecarFields(entry.path.c_str());
             std::vector<std::string> missing;
             for (const char *uid : {"SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"}) {
                 bool found = false;
-                for (const auto &field : fields) found = found || field.first == uid;
+                for (const auto &field : entry.fields) found = found || field.first == uid;
                 if (!found) missing.push_back(uid);
             }
             for (size_t i = 0; i < missing.size(); ++i)
@@ -1224,24 +1282,39 @@ class Spool {
         }
         try {
             struct stat st;
-            if (lstat(path.c_str(), &st) != 0) fail(path);
-            if (!S_ISREG(st.st_mode)) throw SysError("not a regular file (" + path + ")");
-            crashPoint(1);
-            fsyncPath(path, false);
+            if (lstat(entry.path.c_str(), &st) != 0) fail(entry.path);
+            if (!S_ISREG(st.st_mode)) throw SysError("not a regular file (" + entry.path + ")");
             if (status != 0) {
-                std::string item = quarantine(path, reason, status, info);
-                line = "error " + item + " " + reason;
+                crashPoint(1);
+                fsyncPath(entry.path, false);
+                std::string item = quarantine(entry.path, reason, status, entry.info);
+                entry.line = "error " + item + " " + reason;
                 return false;
             }
-            line = "ok " + store(path, fields, info);
+            for (const auto &field : entry.fields) {
+                if (field.first == "SeriesInstanceUID") entry.series = safeName(pyStr(field.second));
+                if (field.first == "SOPInstanceUID") entry.instance = safeName(pyStr(field.second));
+            }
+            std::string sidecar = toJson(entry.fields);
+            sidecar.insert(sidecar.size() - 1, metadataJson(entry.info));
+            entry.tags = tmpPath();
+            writeNew(entry.tags, sidecar, false);
             return true;
         } catch (const SysError &error) {
-            line = std::string("fail ") + error.what();
+            entry.line = std::string("fail ") + error.what();
             return false;
         }
     }
 
-  private:
+    void failAll(std::vector<Entry *> &ready, const std::string &what) {
+        std::string reason = std::string(std::strerror(errno)) + " " + what;
+        for (Entry *entry : ready) {
+            unlink(entry->tags.c_str());
+            entry->line = "fail " + reason + " (" + entry->path + ")";
+        }
+        ready.clear();
+    }
+
     std::string tmpPath() {
         return scratch_ + "/" + std::to_string(++counter_) + "." + newId();
     }
@@ -1280,32 +1353,6 @@ class Spool {
                isoformat(now(), 3) + "\"";
     }
 
-    // receiver._publish: sidecar into scratch, then Spool.publish_to_group, then the event.
-    std::string store(const std::string &path, const Fields &fields, const ReceiveInfo &info) {
-        std::string series, instance;
-        for (const auto &field : fields) {
-            if (field.first == "SeriesInstanceUID") series = safeName(pyStr(field.second));
-            if (field.first == "SOPInstanceUID") instance = safeName(pyStr(field.second));
-        }
-        std::string sidecar = toJson(fields);
-        sidecar.insert(sidecar.size() - 1, metadataJson(info));
-        std::string tags = tmpPath();
-        writeNew(tags, sidecar);
-        bool replaced = false;
-        try {
-            crashPoint(2);
-            replaced = publishToGroup(series, {{path, instance + ".dcm"}, {tags, instance + ".tags"}});
-        } catch (...) {
-            unlink(tags.c_str());
-            throw;
-        }
-        crashPoint(5);
-        logEvent("\"event\":\"received\",\"series\":" + jsonString(series) +
-                 ",\"instance\":" + jsonString(instance) + ",\"sender\":" +
-                 jsonString(info.callingAet) + ",\"replaced\":" + (replaced ? "true" : "false"));
-        return series + "/" + instance;
-    }
-
     // Spool.publish_to_group (protocol step 2).
     bool publishToGroup(const std::string &group,
                         const std::vector<std::pair<std::string, std::string>> &files) {
@@ -1340,8 +1387,6 @@ class Spool {
                         0)
                         fail(directory + "/" + files[i].second);
                 }
-                crashPoint(4);
-                if (fsync(fd) != 0) fail(directory);
                 ::close(fd);
                 return replaced;
             } catch (...) {
@@ -1404,13 +1449,15 @@ class Spool {
     std::string owner_;
     std::string scratch_;
     int leaseFd_ = -1;
+    int rootFd_ = -1;
     unsigned counter_ = 0;
 };
 
 const char kUsage[] =
     "Usage: getdcmtags FILE...\n"
     "       getdcmtags --publish --spool DIR --calling-aet AE --called-aet AE --address ADDR\n"
-    "                  [--stdin] [--inject-error N] [FILE...]\n";
+    "                  [--stdin] [--inject-error N] [FILE...]\n"
+    "       getdcmtags --publish --spool DIR --stdin [--inject-error N]\n";
 
 const char kHelp[] =
     "\n"
@@ -1418,26 +1465,89 @@ const char kHelp[] =
     "\n"
     "--publish: move each FILE (a complete Part 10 file on the spool's filesystem, e.g. what\n"
     "storescp wrote into a staging folder) into DIR/incoming/<series>/ with its sidecar, as\n"
-    "`mercli receive` does: .dcm fsync'ed and renamed in, .tags written in the process' scratch\n"
-    "folder tmp/<owner>/ (under a lease in leases/<owner>), both renamed in under a shared lock\n"
-    "on the series folder, the folder fsync'ed, a \"received\" event logged. A file without\n"
+    "`mercli receive` does: .tags written in the process' scratch folder tmp/<owner>/ (under a\n"
+    "lease in leases/<owner>), .dcm and .tags made durable, both renamed in under a shared lock\n"
+    "on the series folder, the renames made durable, a \"received\" event logged. Files come in\n"
+    "batches (all the lines waiting on stdin, up to 256): one syncfs() before the renames and one\n"
+    "after serve the whole batch. A file without\n"
     "SOP/Series/Study Instance UID (status 0xC212) or that cannot be parsed (0xC210) goes to\n"
     "DIR/error/<id>/ (instance.dcm + error.json with the reason) with a \"quarantined\" event.\n"
     "One line per file on stdout, flushed:\n"
     "  ok <series>/<instance>      published\n"
     "  error <id> <reason>         quarantined as error/<id>\n"
     "  fail <reason> (<path>)      not published (write error, missing file): file left as is\n"
-    "--stdin: after the FILE arguments, read one path per line from stdin until EOF.\n"
+    "--stdin: after the FILE arguments, read one line per file from stdin until EOF: either\n"
+    "  PATH (sender from the options) or PATH<TAB>CALLING-AE<TAB>CALLED-AE<TAB>ADDRESS, so one\n"
+    "  process serves files from many associations (mercli receive --engine dcmtk).\n"
     "Exit: 0 all published, 1 some quarantined or failed, 2 usage, 4 spool unusable.\n"
     "\n"
     "--inject-error N: crash (_exit(70), nothing cleaned up) at point N, for tests:\n"
-    "  1  before the fsync of the .dcm (nothing in the spool yet)\n"
-    "  2  after the .tags is written in tmp/<owner>/, before the series folder is locked\n"
+    "  1  before the batch's files are synced (nothing in the spool yet)\n"
+    "  2  after the .tags is written in tmp/<owner>/ and synced, before the series folder is\n"
+    "     locked\n"
     "  3  after the .dcm is renamed into incoming/<series>/, before the .tags is\n"
-    "  4  after both renames, before the fsync of the series folder\n"
+    "  4  after the renames of the batch, before they are synced\n"
     "  5  after publishing, before the \"received\" event is logged\n"
     "  6  quarantine: error/<id> built in tmp/<owner>/, before it is renamed into error/\n"
     "  7  at start: lease written as tmp/lease.<owner>, before it is renamed into leases/\n";
+
+// Reads lines from a file descriptor in batches: next() blocks until at least one complete
+// line (or EOF) and returns every complete line available at that moment, at most kMax.
+class LineReader {
+  public:
+    explicit LineReader(int fd) : fd_(fd) {}
+
+    bool next(std::vector<std::string> &lines) {
+        lines.clear();
+        while (!eof_ && buffer_.find('\n') == std::string::npos) fill();
+        for (;;) {
+            size_t start = 0;
+            for (size_t end; lines.size() < kMax && (end = buffer_.find('\n', start)) != std::string::npos;
+                 start = end + 1)
+                lines.push_back(buffer_.substr(start, end - start));
+            buffer_.erase(0, start);
+            if (lines.size() >= kMax || eof_ || !readable()) break;
+            fill();
+        }
+        if (eof_ && !buffer_.empty() && lines.size() < kMax) {
+            lines.push_back(buffer_);
+            buffer_.clear();
+        }
+        return !lines.empty() || !eof_;
+    }
+
+  private:
+    static constexpr size_t kMax = 256;
+
+    void fill() {
+        char chunk[65536];
+        ssize_t n = read(fd_, chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) return;
+        if (n <= 0) {
+            eof_ = true;
+            return;
+        }
+        buffer_.append(chunk, static_cast<size_t>(n));
+    }
+
+    bool readable() {
+        struct pollfd pfd = {fd_, POLLIN, 0};
+        return poll(&pfd, 1, 0) > 0;
+    }
+
+    int fd_;
+    bool eof_ = false;
+    std::string buffer_;
+};
+
+std::vector<std::string> splitTabs(const std::string &line) {
+    std::vector<std::string> fields;
+    size_t start = 0;
+    for (size_t tab; (tab = line.find('\t', start)) != std::string::npos; start = tab + 1)
+        fields.push_back(line.substr(start, tab - start));
+    fields.push_back(line.substr(start));
+    return fields;
+}
 
 int publishMain(int argc, char *argv[]) {
     std::string spoolDir;
@@ -1477,10 +1587,10 @@ int publishMain(int argc, char *argv[]) {
             files.push_back(arg);
         }
     }
-    if (spoolDir.empty() || !haveCalling || !haveCalled || !haveAddress ||
-        (files.empty() && !fromStdin)) {
-        std::cerr << "Error: --publish needs --spool, --calling-aet, --called-aet, --address and "
-                     "files (or --stdin)\n"
+    bool haveSender = haveCalling && haveCalled && haveAddress;
+    if (spoolDir.empty() || (files.empty() && !fromStdin) || (!files.empty() && !haveSender)) {
+        std::cerr << "Error: --publish needs --spool, and files with --calling-aet, --called-aet "
+                     "and --address, or --stdin\n"
                   << kUsage;
         return 2;
     }
@@ -1492,17 +1602,37 @@ int publishMain(int argc, char *argv[]) {
         return 4;
     }
     int exitCode = 0;
-    auto one = [&](const std::string &path) {
-        std::string line;
-        if (!spool.publish(path, info, line)) exitCode = 1;
-        std::cout << line << std::endl;  // flushed: a supervisor reads it as it comes
+    auto run = [&](std::vector<Spool::Entry> &batch) {
+        if (batch.empty()) return;
+        if (!spool.publishBatch(batch)) exitCode = 1;
+        for (const auto &entry : batch) std::cout << entry.line << '\n';
+        std::cout.flush();  // a supervisor reads the answers as they come
+        batch.clear();
     };
-    for (const std::string &path : files) one(path);
+    std::vector<Spool::Entry> batch;
+    for (const std::string &path : files) batch.push_back({path, info, "", false, {}, "", "", ""});
+    run(batch);
     if (fromStdin) {
-        std::string path;
-        while (std::getline(std::cin, path)) {
-            if (!path.empty() && path.back() == '\r') path.pop_back();
-            if (!path.empty()) one(path);
+        LineReader reader(0);
+        std::vector<std::string> lines;
+        while (reader.next(lines)) {  // every complete line available now: one batch
+            for (std::string &line : lines) {
+                if (!line.empty() && line.back() == '\r') line.pop_back();
+                if (line.empty()) continue;
+                std::vector<std::string> fields = splitTabs(line);
+                if (fields.size() == 4) {
+                    ReceiveInfo sender{fields[1], fields[2], fields[3]};
+                    batch.push_back({fields[0], sender, "", false, {}, "", "", ""});
+                } else if (fields.size() == 1 && haveSender) {
+                    batch.push_back({fields[0], info, "", false, {}, "", "", ""});
+                } else {
+                    run(batch);  // keep the answers in input order
+                    exitCode = 1;
+                    std::cout << "fail want PATH or PATH<TAB>CALLING<TAB>CALLED<TAB>ADDRESS ("
+                              << fields[0] << ")" << std::endl;
+                }
+            }
+            run(batch);
         }
     }
     spool.close();

@@ -42,6 +42,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def serve(spool_root: Path, config: ReceiveConfig) -> None:
     """Receive until SIGINT/SIGTERM, then finish open associations and return."""
+    if config.engine == "dcmtk":
+        from mercli.dcmtk_engine import serve_dcmtk
+
+        serve_dcmtk(spool_root, config)
+        return
     Spool.open(spool_root)  # an unusable spool is reported before anything listens
     if config.processes <= 1:
         serve_one(spool_root, config)

@@ -65,6 +65,7 @@ class ReceiveConfig:
     processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     extra_tags: tuple[str, ...] = ()
     network_timeout: float = 60.0
+    engine: str = "pynetdicom"  # or "dcmtk": storescp + getdcmtags (mercli.dcmtk_engine)
 
 
 # -- one instance on its way to the spool --------------------------------------------------------

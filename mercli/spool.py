@@ -24,6 +24,8 @@ Layout::
       hints/<series>             "the association that sent this series has ended" (receive
                                    writes, route reads: advisory, replaced whole, aged out)
       events/YYYY-MM-DD.ndjson   audit trail (mercli.events)
+      staging/                   what storescp is writing (`receive --engine dcmtk` only;
+                                   mercli.dcmtk_engine hands finished files to getdcmtags)
 
 Protocol:
 

@@ -56,8 +56,11 @@ def storescu(
 class Receiver:
     """`mercli receive` in a subprocess on a free port, stopped with SIGTERM."""
 
-    def __init__(self, spool: Path, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, spool: Path, *args: str, port: int | None = None, host: str | None = "127.0.0.1"
+    ) -> None:
         self.spool = spool
+        self.host = host  # None: leave --host out (the dcmtk engine refuses it)
         self.port = port or free_port()
         self.args = args
         self.process: subprocess.Popen[str] | None = None
@@ -73,8 +76,7 @@ class Receiver:
             str(self.spool),
             "--port",
             str(self.port),
-            "--host",
-            "127.0.0.1",
+            *(["--host", self.host] if self.host else []),
             *self.args,
         ]
         self.log_file = self.log.open("w")
@@ -101,8 +103,8 @@ class Receiver:
 
 
 @contextmanager
-def receiver(spool: Path, *args: str) -> Iterator[Receiver]:
-    running = Receiver(spool, *args).start()
+def receiver(spool: Path, *args: str, host: str | None = "127.0.0.1") -> Iterator[Receiver]:
+    running = Receiver(spool, *args, host=host).start()
     try:
         yield running
     finally:

@@ -377,3 +377,31 @@ def test_crash_points(getdcmtags: Path, spool: Spool, staging: Path, point: int)
         assert expected is not None
         check_published(spool, path, original, expected)
         assert_spool_clean(spool)
+
+
+def test_stdin_lines_carry_their_own_sender(getdcmtags: Path, spool: Spool, staging: Path) -> None:
+    """`PATH<TAB>CALLING<TAB>CALLED<TAB>ADDRESS`: one process serves many associations."""
+    files = [make_instance(staging, filename=f"{i}.dcm", number=i) for i in range(3)]
+    lines = [
+        f"{files[0]}\tCT_ONE\tROUTER\t10.0.0.1",
+        f"{files[1]}\tMR_TWO\tMERCLI\t10.0.0.2",
+        f"{files[2]}\ttoo\tfew",
+    ]
+    result = subprocess.run(
+        [str(GETDCMTAGS), "--publish", "--spool", str(spool.root), "--stdin"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    answers = result.stdout.splitlines()
+    assert result.returncode == 1 and [a.split()[0] for a in answers] == ["ok", "ok", "fail"]
+    assert str(files[2]) in answers[2] and files[2].exists()  # left for the caller
+    senders = {}
+    for tags in spool.root.glob("incoming/*/*.tags"):
+        sidecar = json.loads(tags.read_text())
+        senders[sidecar["SenderAET"]] = (sidecar["ReceiverAET"], sidecar["SenderAddress"])
+    assert senders == {"CT_ONE": ("ROUTER", "10.0.0.1"), "MR_TWO": ("MERCLI", "10.0.0.2")}
+    # Files on the command line still need the sender options.
+    bare = [str(GETDCMTAGS), "--publish", "--spool", str(spool.root), str(files[2])]
+    assert subprocess.run(bare, capture_output=True, timeout=60).returncode == 2

@@ -52,6 +52,13 @@ _DEFAULTS = ReceiveConfig()
     callback=check_extra_tags,
     help="Also write this tag into sidecars: a keyword or (gggg,eeee) (repeatable).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["pynetdicom", "dcmtk"]),
+    default=_DEFAULTS.engine,
+    show_default=True,
+    help="pynetdicom: mercli's own listener. dcmtk: DCMTK storescp + getdcmtags (see below).",
+)
 def receive(
     spool: Path,
     port: int,
@@ -62,6 +69,7 @@ def receive(
     max_associations: int,
     processes: int,
     extra_tags: tuple[str, ...],
+    engine: str,
 ) -> None:
     """Receive DICOM instances (C-STORE, C-ECHO) into spool/incoming/.
 
@@ -73,6 +81,11 @@ def receive(
     quarantined in spool/error/ with the reason.
 
     Runs until SIGINT or SIGTERM, then finishes open associations and exits 0.
+
+    --engine dcmtk runs DCMTK's storescp (one process per association) into
+    spool/staging/ and publishes each finished file with getdcmtags (`make build`). The
+    spool ends the same, but storescp acknowledges before the sidecar is written, accepts any
+    called AE title, and cannot apply --allow-aet, --host or --extra-tag (refused, exit 2).
 
     \b
     Examples:
@@ -89,5 +102,6 @@ def receive(
         max_associations=max_associations,
         processes=processes,
         extra_tags=extra_tags,
+        engine=engine,
     )
     serve(spool, config)
