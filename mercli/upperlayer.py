@@ -37,6 +37,21 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 
 from mercli import part10
+from mercli.dimse import (
+    A_ABORT_TYPE,
+    A_ASSOCIATE_RQ_TYPE,
+    A_RELEASE_RP,
+    A_RELEASE_RQ_TYPE,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    NO_DATASET,
+    P_DATA_TYPE,
+    STATUS_UNRECOGNISED,
+    ProtocolError,
+    encode_response,
+    parse_command,
+)
+from mercli.dimse import us as _us
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +60,10 @@ IMPLEMENTATION_VERSION = part10.IMPLEMENTATION_VERSION.decode()
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 CHUNK = 1 << 20  # bytes read from the socket at a time while streaming a dataset
 
-A_ASSOCIATE_RQ_TYPE, P_DATA_TYPE, A_RELEASE_RQ_TYPE, A_ABORT_TYPE = 0x01, 0x04, 0x05, 0x07
-C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
-NO_DATASET = 0x0101
-STATUS_UNRECOGNISED = 0x0211
-
 # A-ASSOCIATE-RJ (result, source, reason)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient: local limit exceeded
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the association is aborted."""
 
 
 @dataclass
@@ -268,7 +274,7 @@ class Connection:
                 self._p_data(length, state)
             elif pdu_type == A_RELEASE_RQ_TYPE:
                 self._read(length)
-                self._send(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RP
+                self._send(A_RELEASE_RP)
                 state.drop()
                 return "released"
             elif pdu_type == A_ABORT_TYPE:
@@ -398,47 +404,6 @@ def _role_items(primitive: A_ASSOCIATE) -> list[Any]:
         for item in primitive.user_information
         if hasattr(item, "scu_role") and hasattr(item, "sop_class_uid")
     ]
-
-
-def _us(value: bytes | None) -> int:
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else 0
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """A DIMSE command set (implicit VR little endian) as {tag: raw value}."""
-    elements: dict[int, bytes] = {}
-    offset = 0
-    while offset + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        offset += 8
-        if length > len(data) - offset:
-            raise ProtocolError("command element longer than its command set")
-        elements[(group << 16) | element] = data[offset : offset + length]
-        offset += length
-    return elements
-
-
-def _element(tag: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def encode_response(
-    command_field: int, message_id: int, status: int, sop_class: bytes, sop_instance: bytes | None
-) -> bytes:
-    """A C-xxx-RSP command set, elements in ascending tag order, with its group length."""
-    body = b"".join(
-        [
-            _element(0x00000002, sop_class) if sop_class else b"",
-            _element(0x00000100, struct.pack("<H", command_field)),
-            _element(0x00000120, struct.pack("<H", message_id)),
-            _element(0x00000800, struct.pack("<H", NO_DATASET)),
-            _element(0x00000900, struct.pack("<H", status)),
-            _element(0x00001000, sop_instance) if sop_instance else b"",
-        ]
-    )
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 class Listener:
