@@ -1,0 +1,278 @@
+"""rules.toml (SPEC §4) loaded into frozen dataclasses, or refused with file, line and rule.
+
+The dataclasses are the one place where defaults live: the loader passes on only what the
+file says. Validation is strict because a routing mistake is found late and costs images: an
+unknown key, a typo in a target or keyword name, or a bad duration stops `rules check` and
+`route` at startup with `rules.toml:12: rule "ct-to-pacs": unknown target "pcas"`, exit 3.
+
+tomllib gives no line numbers, so `_Lines` finds them in the raw text: the header of the n-th
+`[[rules]]`, of `[targets.NAME]`, and the line of a key inside such a block.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mercli.errors import ConfigError
+from mercli.rules.expr import Expression, ExpressionError, compile_expression
+from mercli.rules.tables import Lines, Table
+
+__all__ = ["TARGET_TYPES", "RouteSettings", "Rule", "RuleSet", "Target", "load_rules"]
+
+TARGET_TYPES = ("dicom", "folder")
+_RETRY_KEYS = ("retry_delay", "retry_backoff", "retry_max_delay", "max_attempts", "max_age")
+_TARGET_KEYS = {
+    "dicom": ("type", "host", "port", "called_aet", "calling_aet", "ordered", "timeout"),
+    "folder": ("type", "path"),
+}
+_RULE_KEYS = ("name", "when", "targets", "action", "final", "fallback")
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """`[route]`: when a series counts as complete (seconds)."""
+
+    series_timeout: float = 60.0
+    settle: float = 2.0
+    study_timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """`[targets.NAME]`: where jobs go and how dispatch retries them (durations in seconds).
+
+    A job carries its target as `to_json()`, so dispatch needs no rules file. `max_attempts`
+    and `max_age` of 0 mean no limit. `path` (folder targets) is absolute.
+    """
+
+    name: str
+    type: str
+    host: str | None = None
+    port: int | None = None
+    called_aet: str | None = None
+    calling_aet: str = "MERCLI"
+    ordered: bool = False
+    timeout: float = 60.0
+    path: Path | None = None
+    retry_delay: float = 10.0
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 600.0
+    max_attempts: int = 20
+    max_age: float = 3 * 86400.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (path as a string)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["path"] = None if self.path is None else str(self.path)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Target:
+        """The target `to_json` wrote; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("path") is not None:
+            values["path"] = Path(values["path"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One `[[rules]]` entry; `when` None means always true. `line` is its header's line."""
+
+    name: str
+    when: Expression | None
+    targets: tuple[str, ...] = ()
+    action: str = "route"
+    final: bool = False
+    fallback: bool = False
+    line: int = 0
+
+    @property
+    def discard(self) -> bool:
+        """True for `action = "discard"`."""
+        return self.action == "discard"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A whole rules file. `keywords` are those any rule reads, sorted; `cache` is decide's."""
+
+    settings: RouteSettings
+    targets: Mapping[str, Target]
+    rules: tuple[Rule, ...]
+    path: Path
+    keywords: tuple[str, ...] = field(init=False)
+    cache: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        used = {kw for rule in self.rules if rule.when for kw in rule.when.keywords}
+        object.__setattr__(self, "keywords", tuple(sorted(used)))
+
+
+def load_rules(path: str | os.PathLike[str]) -> RuleSet:
+    """Read and validate a rules file; ConfigError naming file, line and rule on any problem."""
+    label = os.fspath(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read rules: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not UTF-8 text ({exc.reason})") from exc
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+)", str(exc))
+        where = f"{label}:{found.group(1)}" if found else label
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+    return _Loader(Path(path), Lines(label, text)).load(document)
+
+
+class _Loader:
+    """Builds a RuleSet from the parsed document, one section at a time."""
+
+    def __init__(self, path: Path, lines: Lines) -> None:
+        self.path = path
+        self.lines = lines
+
+    def load(self, document: dict[str, Any]) -> RuleSet:
+        """Validate the top level, then [route], [targets.*] and [[rules]]."""
+        top = Table(document, self.lines, None, "")
+        top.check_keys(("route", "targets", "rules"))
+        settings = self.settings(top.table("route", self.lines.table("route")))
+        targets_table = top.table("targets", self.lines.table("targets"))
+        targets = {
+            name: self.target(name, targets_table.table(name, self.lines.table(f"targets.{name}")))
+            for name in targets_table.raw
+        }
+        rules = self.rules(top, targets)
+        return RuleSet(settings, targets, rules, self.path.absolute())
+
+    def settings(self, table: Table) -> RouteSettings:
+        """`[route]`, all keys optional."""
+        table.check_keys(("series_timeout", "settle", "study_timeout"))
+        values = {key: table.duration(key) for key in table.raw}
+        if values.get("series_timeout") == 0:
+            raise table.fail("series_timeout", '"series_timeout" must be more than 0')
+        return RouteSettings(**values)
+
+    def target(self, name: str, table: Table) -> Target:
+        """One `[targets.NAME]`, checked for its type."""
+        table.context = f'target "{name}"'
+        if not _TARGET_NAME.fullmatch(name):
+            raise table.fail(None, "target names are letters, digits, '.', '_' and '-'")
+        kind = table.string("type", required=True)
+        if kind not in TARGET_TYPES:
+            raise table.fail("type", f'unknown type "{kind}" (known: {", ".join(TARGET_TYPES)})')
+        table.check_keys(_TARGET_KEYS[kind] + _RETRY_KEYS)
+        values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
+        if kind == "dicom":
+            values |= _dicom(table)
+        else:
+            values["path"] = self.folder(table.string("path", required=True))
+        return Target(**{key: value for key, value in values.items() if value is not None})
+
+    def retry(self, table: Table) -> dict[str, Any]:
+        """The retry keys every target type has."""
+        values: dict[str, Any] = {}
+        for key in ("retry_delay", "retry_max_delay", "max_age"):
+            values[key] = table.duration(key) if key in table.raw else None
+        values["retry_backoff"] = table.number("retry_backoff", minimum=1.0)
+        values["max_attempts"] = table.integer("max_attempts", 0, 1_000_000)
+        return values
+
+    def folder(self, text: str | None) -> Path:
+        """A folder target's path, made absolute against the rules file's folder."""
+        path = Path(os.path.expanduser(text or ""))
+        return Path(os.path.normpath(self.path.parent.absolute() / path))
+
+    def rules(self, top: Table, targets: Mapping[str, Target]) -> tuple[Rule, ...]:
+        """Every `[[rules]]`, with unique names and known targets."""
+        raw = top.raw.get("rules", [])
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            raise top.fail("rules", "rules must be [[rules]] tables")
+        if not raw:
+            raise top.fail(None, "no [[rules]]: every series would be discarded")
+        seen: dict[str, int] = {}
+        result = []
+        for index, item in enumerate(raw):
+            table = Table(item, self.lines, self.lines.rule(index), f"rule #{index + 1}")
+            rule = self.rule(table, targets)
+            if rule.name in seen:
+                message = f"duplicate rule name (first used at line {seen[rule.name]})"
+                raise table.fail("name", message)
+            seen[rule.name] = rule.line
+            result.append(rule)
+        return tuple(result)
+
+    def rule(self, table: Table, targets: Mapping[str, Target]) -> Rule:
+        """One rule: keys, expression, action and targets."""
+        table.check_keys(_RULE_KEYS)
+        name = table.string("name", required=True) or ""
+        if not name.strip() or not name.isprintable():
+            raise table.fail("name", "a rule name must be non-empty printable text")
+        table.context = f'rule "{name}"'
+        action = table.string("action") or "route"
+        if action not in ("route", "discard"):
+            raise table.fail("action", f'action must be "route" or "discard", not "{action}"')
+        names = _dedupe(table.string_list("targets"))
+        if action == "discard" and names:
+            raise table.fail("targets", 'a rule with action = "discard" cannot have targets')
+        if action == "route" and not names:
+            raise table.fail(None, 'no targets (add targets = [...], or action = "discard")')
+        for target in names:
+            if target not in targets:
+                raise table.fail("targets", f'unknown target "{target}"{_known(target, targets)}')
+        return Rule(
+            name=name,
+            when=self.expression(table),
+            targets=names,
+            action=action,
+            final=table.boolean("final"),
+            fallback=table.boolean("fallback"),
+            line=table.line or 0,
+        )
+
+    def expression(self, table: Table) -> Expression | None:
+        """The compiled `when`, or None when the rule has none."""
+        text = table.string("when")
+        if text is None:
+            return None
+        try:
+            return compile_expression(text)
+        except ExpressionError as exc:
+            raise table.fail("when", f"bad expression: {exc}") from None
+
+
+def _dicom(table: Table) -> dict[str, Any]:
+    """The keys of a dicom target."""
+    host = table.string("host", required=True) or ""
+    if not host.strip() or any(ch.isspace() for ch in host):
+        raise table.fail("host", f'bad host "{host}"')
+    return {
+        "host": host,
+        "port": table.integer("port", 1, 65535, required=True),
+        "called_aet": table.ae_title("called_aet", required=True),
+        "calling_aet": table.ae_title("calling_aet"),
+        "ordered": table.boolean("ordered") if "ordered" in table.raw else None,
+        "timeout": table.duration("timeout", positive=True) if "timeout" in table.raw else None,
+    }
+
+
+def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _known(name: str, targets: Mapping[str, Target]) -> str:
+    close = difflib.get_close_matches(name, list(targets), n=1)
+    if close:
+        return f' (did you mean "{close[0]}"?)'
+    return f" (defined: {', '.join(targets)})" if targets else " (no [targets] defined)"
