@@ -21,15 +21,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 20.0, what: str = "", max_delay: float = 0.1
+) -> None:
     """Poll `condition` until true; fail after `timeout` seconds (never a fixed sleep)."""
     deadline = time.monotonic() + timeout
-    delay = 0.005
+    delay = min(0.005, max_delay)
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, max_delay)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
