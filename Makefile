@@ -11,7 +11,7 @@ BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
 # Debian's DCMTK leaves Nagle on unless told otherwise; every DCMTK process we start inherits this.
 export TCP_NODELAY := 1
 
-.PHONY: all setup system-packages build lint test bench clean
+.PHONY: all setup system-packages build lint test bench run clean
 
 all: build
 
@@ -54,6 +54,19 @@ test: setup build lint
 
 bench: setup build
 	$(PY) -m benchmarks
+
+# The embedded default: receive on 11112 as MERCLI, route by examples/rules.toml (everything
+# ends up in ./received/), dispatch, purge hourly. Ctrl-C stops it cleanly.
+RUN_PORT ?= 11112
+run: setup build
+	@echo
+	@echo "mercli is starting: receive on port $(RUN_PORT) as AE MERCLI, spool in ./spool"
+	@echo "send images with:  TCP_NODELAY=1 storescu -aec MERCLI localhost $(RUN_PORT) FILE.dcm ..."
+	@echo "                   (or: TCP_NODELAY=1 storescu -aec MERCLI +sd +r localhost $(RUN_PORT) DIR)"
+	@echo "they land in:      ./received/<job id>/   (rules: examples/rules.toml)"
+	@echo "watch it with:     $(PY) -m mercli status --spool spool     Ctrl-C stops it."
+	@echo
+	$(PY) -m mercli run --rules examples/rules.toml --spool spool --port $(RUN_PORT) --aet MERCLI
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -7,10 +7,16 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks import bench_dcmtk_engine, bench_receive, bench_route, bench_spool
+from benchmarks import (
+    bench_dcmtk_engine,
+    bench_dispatch,
+    bench_receive,
+    bench_route,
+    bench_spool,
+)
 from benchmarks.report import Row, print_table
 
-SUITES = [bench_spool, bench_receive, bench_dcmtk_engine, bench_route]
+SUITES = [bench_spool, bench_receive, bench_dcmtk_engine, bench_route, bench_dispatch]
 
 
 def main() -> int:

@@ -205,6 +205,15 @@ class Router:
             else:
                 summary.discarded.append(item)
                 self.spool.log("discarded", **fields, reason=decision.reason)
+        targets = sorted({target for state, _, target, _ in made if state == OUTGOING})
+        discards = sum(state != OUTGOING for state, _, _, _ in made)
+        log.info(
+            "series %s: %d instance(s) -> %s%s",
+            series,
+            count,
+            ", ".join(targets) or "no target",
+            f", {discards} batch(es) discarded" if discards else "",
+        )
         for warning in {w for _, _, _, decision in made for w in decision.warnings}:
             log.warning("%s", warning)
         if not made:

@@ -1,0 +1,175 @@
+"""End to end: storescu -> `mercli run` -> Orthanc, DCMTK storescp and a folder; all compared."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.dicomfiles import dataset_bytes, make_instance
+from tests.netkit import DCMTK_ENV, free_port, port_open, storescu, wait_until
+from tests.orthanckit import Orthanc, orthanc
+from tests.test_receive import _readable_corpus
+
+RULES = """
+[route]
+settle = "1s"
+series_timeout = "30s"
+
+[targets.orthanc]
+type = "dicom"
+host = "127.0.0.1"
+port = {orthanc_port}
+called_aet = "ORTHANC"
+retry_delay = "1s"
+
+[targets.storescp]
+type = "dicom"
+host = "127.0.0.1"
+port = {storescp_port}
+called_aet = "STORESCP"
+retry_delay = "1s"
+
+[targets.folder]
+type = "folder"
+path = "{folder}"
+
+[[rules]]
+name = "no-scouts"
+when = '"LOCALIZER" in ImageType'
+action = "discard"
+
+[[rules]]
+name = "everything"
+targets = ["orthanc", "storescp", "folder"]
+"""
+
+
+@contextmanager
+def storescp(out: Path) -> Iterator[int]:
+    out.mkdir(parents=True)
+    port = free_port()
+    process = subprocess.Popen(
+        ["storescp", "+B", "+xa", "-pm", "-uf", "-od", str(out), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), what="storescp")
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def mercli_run(spool: Path, rules: Path) -> Iterator[int]:
+    port = free_port()
+    command = [sys.executable, "-m", "mercli", "run", "--spool", str(spool), "--rules", str(rules)]
+    log = (spool.parent / "run.log").open("wb")
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--purge-every", "0"], stdout=log, stderr=log
+    )
+    try:
+        wait_until(lambda: port_open(port), what="mercli run to listen")
+        yield port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        log.close()
+        assert code == 0, (spool.parent / "run.log").read_text()[-3000:]
+
+
+def by_uid(folder: Path) -> dict[str, Path]:
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in folder.iterdir()}
+
+
+def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: Path) -> None:
+    study = "1.2.826.0.1.3680043.10.1234.1"
+    (tmp_path / "study").mkdir()
+    (tmp_path / "scouts").mkdir()
+    synthetic = [
+        make_instance(tmp_path / "study", series=f"{study}.{s}", study=study, number=n,
+                      SeriesNumber=s, Modality="CT" if s < 3 else "MR")
+        for s in range(1, 5)
+        for n in range(8)
+    ]  # fmt: skip
+    scouts = [
+        make_instance(tmp_path / "scouts", series=f"{study}.9", study=study, number=n,
+                      ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+        for n in range(3)
+    ]  # fmt: skip
+    corpus = _readable_corpus()
+    spool = tmp_path / "spool"
+    with (
+        orthanc(tmp_path / "orthanc") as pacs,
+        storescp(tmp_path / "storescp") as storescp_port,
+    ):
+        rules = tmp_path / "rules.toml"
+        rules.write_text(
+            RULES.format(
+                orthanc_port=pacs.dicom_port, storescp_port=storescp_port, folder=tmp_path / "out"
+            )
+        )
+        with mercli_run(spool, rules) as port:
+            assert storescu(port, [*synthetic, *scouts]).returncode == 0
+            sent = [path for path in corpus if storescu(port, [path]).returncode == 0]
+            expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in synthetic}
+            expected |= {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sent}
+            wait_until(lambda: len(by_uid(tmp_path / "storescp")) >= len(expected), timeout=120)
+            wait_until(lambda: not _pending(spool), timeout=120, what="outgoing to drain")
+        assert len(sent) > 30
+        at_storescp = by_uid(tmp_path / "storescp")
+        assert set(at_storescp) == expected  # everything, nothing invented, no scouts
+        for path in synthetic:
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes(at_storescp[uid]) == dataset_bytes(path)
+        in_orthanc = pacs.sop_instance_uids()
+        failed = _failed_uids(spool)  # jobs Orthanc would not take, with the reason kept
+        assert in_orthanc | failed.get("orthanc", set()) == expected
+        assert not failed.get("storescp") and not failed.get("folder")
+        for path in synthetic:
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert dataset_bytes_of(pacs, uid) == dataset_bytes(path)
+    discarded = [
+        json.loads((item / "job.json").read_text()) for item in (spool / "discard").iterdir()
+    ]
+    assert len(discarded) == 1 and "no-scouts" in discarded[0]["reason"]
+    assert discarded[0]["instances"] == len(scouts)
+    folder_uids = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in (tmp_path / "out").glob("*/*.dcm")
+    }
+    assert folder_uids == expected
+
+
+def dataset_bytes_of(pacs: Orthanc, uid: str) -> bytes:
+    copy = pacs.folder / "fetched.dcm"
+    copy.write_bytes(pacs.file_of(uid))
+    return dataset_bytes(copy)
+
+
+def _pending(spool: Path) -> bool:
+    """Anything still waiting in incoming/ or outgoing/ (or claimed)."""
+    busy = [spool / "incoming", spool / "outgoing"]
+    claimed = any(any(owner.iterdir()) for owner in (spool / "claims").iterdir())
+    return claimed or any(any(folder.iterdir()) for folder in busy if folder.exists())
+
+
+def _failed_uids(spool: Path) -> dict[str, set[str]]:
+    failed: dict[str, set[str]] = {}
+    for item in (spool / "error").iterdir():
+        job = item / "job.json"
+        if not job.exists():
+            continue
+        target = json.loads(job.read_text())["target"]["name"]
+        for tags in item.glob("*.tags"):
+            failed.setdefault(target, set()).add(json.loads(tags.read_text())["SOPInstanceUID"])
+    return failed
