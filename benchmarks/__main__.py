@@ -10,13 +10,14 @@ from pathlib import Path
 from benchmarks import (
     bench_dcmtk_engine,
     bench_dispatch,
+    bench_e2e,
     bench_receive,
     bench_route,
     bench_spool,
 )
 from benchmarks.report import Row, print_table
 
-SUITES = [bench_spool, bench_receive, bench_dcmtk_engine, bench_route, bench_dispatch]
+SUITES = [bench_spool, bench_receive, bench_dcmtk_engine, bench_route, bench_dispatch, bench_e2e]
 
 
 def main() -> int:

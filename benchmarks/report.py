@@ -41,7 +41,12 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         ratio = f"{r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
         print(
-            f"{r.suite:<10} {r.case:<22} {r.subject:<34} {r.rate:>8.0f} {r.unit:<5}"
+            f"{r.suite:<10} {r.case:<22} {r.subject:<34} {_number(r.rate):>8} {r.unit:<5}"
             f" {ratio:>16}  {r.target or ''}  {r.note}"
         )
     sys.stdout.flush()
+
+
+def _number(value: float) -> str:
+    """Rates as integers; small values (seconds) with two decimals."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
