@@ -165,6 +165,12 @@ def _deliver_dicom(folder: Path, target: Target, progress: Progress) -> Attempt:
     )
     done = set(progress.delivered)
     pending = [path for path in instances_in_order(folder) if path.stem not in done]
+    if not pending:
+        # Everything is delivered already: an earlier attempt was killed after recording
+        # that in dispatch.json but before moving the job to success/. Opening an association
+        # anyway would propose no presentation context at all, which peers such as DCMTK's
+        # storescp answer with silence (a hang until our timeout, on every retry).
+        return Attempt(0)
     failures: list[str] = []
     unsendable: list[str] = []
     sent = 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mercli.errors import ConfigError, ExitCode
-from mercli.rules.config import RouteSettings, Target, load_rules
+from mercli.rules.config import PurgeSettings, RouteSettings, Target, load_rules
 
 EXAMPLE = """\
 [route]
@@ -127,7 +127,7 @@ def test_inline_targets_are_located(tmp_path: Path) -> None:
 # (text, line, message): the error must read exactly `<file>:<line>: <message>`.
 ERRORS = [
     ("[route\n", 1, "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 7)"),
-    ("rout = 1\n" + DICOM + RULE, 1, 'unknown key "rout" (did you mean "route"? allowed: route, targets, rules)'),
+    ("rout = 1\n" + DICOM + RULE, 1, 'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, rules)'),
     ("[route]\nsettle = \"2x\"\n" + DICOM + RULE, 2, "[route]: \"settle\": not a duration: '2x' (use e.g. 90s, 15m, 2h, 3d or seconds)"),
     ("[route]\nsettle = true\n" + DICOM + RULE, 2, '[route]: "settle" must be a duration such as 90s or 15m, not a boolean'),
     ("[route]\nseries_timeout = 0\n" + DICOM + RULE, 2, '[route]: "series_timeout" must be more than 0'),
@@ -172,6 +172,11 @@ ERRORS = [
     ('[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE, 1, "target \"a b\": target names are letters, digits, '.', '_' and '-'"),
     ("targets = 3\n" + RULE, 1, '"targets" must be a table ([targets] or targets = {...})'),
     ("rules = 3\n", 1, "rules must be [[rules]] tables"),
+    ("purge = 3\n" + DICOM + RULE, 1, '"purge" must be a table ([purge] or purge = {...})'),
+    ("[purge]\nsucess = \"1d\"\n" + DICOM + RULE, 2, '[purge]: unknown key "sucess" (did you mean "success"? allowed: success, discard, error)'),
+    ("[purge]\noutgoing = \"1d\"\n" + DICOM + RULE, 2, '[purge]: unknown key "outgoing" (allowed: success, discard, error)'),
+    ("[purge]\nerror = \"a month\"\n" + DICOM + RULE, 2, "[purge]: \"error\": not a duration: 'a month' (use e.g. 90s, 15m, 2h, 3d or seconds)"),
+    ("[purge]\ndiscard = true\n" + DICOM + RULE, 2, '[purge]: "discard" must be a duration such as 90s or 15m, not a boolean'),
 ]  # fmt: skip
 
 
@@ -199,3 +204,14 @@ def test_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_rules(tmp_path / "latin1.toml")
+
+
+def test_purge_retention_defaults_and_overrides(tmp_path: Path) -> None:
+    assert load_rules(write(tmp_path, DICOM + RULE)).purge == PurgeSettings()
+    assert PurgeSettings().retention("success") == 3 * 86400.0
+    assert PurgeSettings().retention("error") is None
+    text = '[purge]\nsuccess = "3d"\ndiscard = "7d"\nerror = "30d"\n' + DICOM + RULE
+    purge = load_rules(write(tmp_path, text)).purge
+    assert purge == PurgeSettings(success=3 * 86400.0, discard=7 * 86400.0, error=30 * 86400.0)
+    partial = load_rules(write(tmp_path, "[purge]\ndiscard = 60\n" + DICOM + RULE)).purge
+    assert (partial.success, partial.discard, partial.error) == (3 * 86400.0, 60.0, None)

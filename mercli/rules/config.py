@@ -24,7 +24,16 @@ from mercli.errors import ConfigError
 from mercli.rules.expr import Expression, ExpressionError, compile_expression
 from mercli.rules.tables import Lines, Table
 
-__all__ = ["TARGET_TYPES", "RouteSettings", "Rule", "RuleSet", "Target", "load_rules"]
+__all__ = [
+    "PURGE_STATES",
+    "TARGET_TYPES",
+    "PurgeSettings",
+    "RouteSettings",
+    "Rule",
+    "RuleSet",
+    "Target",
+    "load_rules",
+]
 
 TARGET_TYPES = ("dicom", "folder")
 _RETRY_KEYS = ("retry_delay", "retry_backoff", "retry_max_delay", "max_attempts", "max_age")
@@ -34,6 +43,7 @@ _TARGET_KEYS = {
 }
 _RULE_KEYS = ("name", "when", "targets", "action", "final", "fallback")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PURGE_STATES = ("success", "discard", "error")  # the spool states `mercli purge` may empty
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,24 @@ class RouteSettings:
     series_timeout: float = 60.0
     settle: float = 2.0
     study_timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class PurgeSettings:
+    """`[purge]`: how long finished items are kept (seconds) before `mercli purge` deletes them.
+
+    `error` is None by default: failed items are evidence, kept until someone asks for their
+    retention explicitly (here, or with `mercli purge --state error --older-than`).
+    """
+
+    success: float = 3 * 86400.0
+    discard: float = 3 * 86400.0
+    error: float | None = None
+
+    def retention(self, state: str) -> float | None:
+        """The retention of one of PURGE_STATES; None: not purged by retention."""
+        value: float | None = getattr(self, state)
+        return value
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,7 @@ class RuleSet:
     targets: Mapping[str, Target]
     rules: tuple[Rule, ...]
     path: Path
+    purge: PurgeSettings = field(default_factory=PurgeSettings)
     keywords: tuple[str, ...] = field(init=False)
     cache: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -144,17 +173,18 @@ class _Loader:
         self.lines = lines
 
     def load(self, document: dict[str, Any]) -> RuleSet:
-        """Validate the top level, then [route], [targets.*] and [[rules]]."""
+        """Validate the top level, then [route], [purge], [targets.*] and [[rules]]."""
         top = Table(document, self.lines, None, "")
-        top.check_keys(("route", "targets", "rules"))
+        top.check_keys(("route", "purge", "targets", "rules"))
         settings = self.settings(top.table("route", self.lines.table("route")))
+        purge = self.purge(top.table("purge", self.lines.table("purge")))
         targets_table = top.table("targets", self.lines.table("targets"))
         targets = {
             name: self.target(name, targets_table.table(name, self.lines.table(f"targets.{name}")))
             for name in targets_table.raw
         }
         rules = self.rules(top, targets)
-        return RuleSet(settings, targets, rules, self.path.absolute())
+        return RuleSet(settings, targets, rules, self.path.absolute(), purge)
 
     def settings(self, table: Table) -> RouteSettings:
         """`[route]`, all keys optional."""
@@ -163,6 +193,11 @@ class _Loader:
         if values.get("series_timeout") == 0:
             raise table.fail("series_timeout", '"series_timeout" must be more than 0')
         return RouteSettings(**values)
+
+    def purge(self, table: Table) -> PurgeSettings:
+        """`[purge]`: a retention per finished state, all optional."""
+        table.check_keys(PURGE_STATES)
+        return PurgeSettings(**{key: table.duration(key) for key in table.raw})
 
     def target(self, name: str, table: Table) -> Target:
         """One `[targets.NAME]`, checked for its type."""

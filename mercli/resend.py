@@ -1,0 +1,332 @@
+"""Resend: put finished items (discard/, error/, success/) back to work.
+
+**Selecting.** Items of one state, filtered by study, series, patient ID and accession number
+(from the item's job.json, else its first sidecar, else, for an instance receive could not
+file, from the instance itself), by when they entered the state (folder ctime) and by id.
+All filters must match.
+
+**Where they go.**
+- By default, back through routing with the rules route uses now: the instances (`.dcm` and
+  `.tags`; never job.json, dispatch.json or error.json) become a batch in
+  `incoming/<series>/`, merged into a batch of that series already waiting, and a completion
+  hint makes route take it after `settle`. An instance receive quarantined (error/<id>/
+  with `instance.dcm` only) gets its sidecar rebuilt and its SOP Instance UID as name; one that
+  still cannot be read stays where it is and is reported.
+- A failed job (error/ with a job.json naming a target) goes back to that target by default:
+  a new job with the same target definition, carrying over which instances the target already
+  has (dispatch.json `delivered`), attempts starting again from zero.
+- With a target from a rules file: one new job per item, straight to that target.
+
+**Safety.** Each item is claimed, its copy prepared as the output of a transaction (hard links,
+never copies of pixel data) and the commit deletes the source: killed at any instant, either
+the source is still there (rolled back) or the copy is published (rolled forward), never both
+and never neither. Resending the same selection twice is harmless: the second run finds
+nothing, because the first one took the items out of their state. It only finds (and resends
+again) copies that have come back to that state since, e.g. routed to discard/ again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mercli.dispatcher import DISPATCH_FILE, Progress
+from mercli.durations import parse_duration
+from mercli.errors import UsageError
+from mercli.names import new_id, safe_name
+from mercli.router import JOB_KEYS, job_record
+from mercli.rules.config import Target
+from mercli.rules.decide import Decision
+from mercli.spool import (
+    DISCARD,
+    ERROR,
+    ERROR_FILE,
+    INCOMING,
+    INSTANCE_SUFFIX,
+    JOB_FILE,
+    OUTGOING,
+    SIDECAR_SUFFIX,
+    SUCCESS,
+    Claim,
+    Spool,
+    Worker,
+    write_json,
+)
+from mercli.tags import UnreadableDicom, read_tags
+
+FROM_STATES = (DISCARD, ERROR, SUCCESS)
+RESEND_RULE = "resend"  # the `rules` of a job made by resend --target
+QUARANTINED = "instance.dcm"  # what receive keeps of an instance it could not file
+RECEIVE_META = ("SenderAET", "SenderAddress", "ReceiverAET", "ReceivedAt")
+_FILTER_KEYS = {
+    "study": "StudyInstanceUID",
+    "series": "SeriesInstanceUID",
+    "patient_id": "PatientID",
+    "accession": "AccessionNumber",
+}
+
+
+class Unresendable(Exception):
+    """This item cannot be resent as it is (e.g. its instance is still unreadable)."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What to resend; every filter given must match (None: not filtered on)."""
+
+    study: str | None = None
+    series: str | None = None
+    patient_id: str | None = None
+    accession: str | None = None
+    since: float | None = None  # state entered at or after (wall-clock seconds)
+    until: float | None = None  # state entered before
+    ids: frozenset[str] | None = None  # item names
+
+    def needs_keys(self) -> bool:
+        return any(getattr(self, name) is not None for name in _FILTER_KEYS)
+
+    def match_time(self, entered: float) -> bool:
+        return (self.since is None or entered >= self.since) and (
+            self.until is None or entered < self.until
+        )
+
+    def match_keys(self, keys: Mapping[str, str]) -> bool:
+        return all(
+            getattr(self, name) is None or keys.get(keyword) == getattr(self, name)
+            for name, keyword in _FILTER_KEYS.items()
+        )
+
+
+@dataclass(frozen=True)
+class Selected:
+    """An item chosen for resending."""
+
+    state: str
+    name: str
+    entered: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.state}/{self.name}"
+
+
+@dataclass
+class ResendReport:
+    """What resend did: the copies made (source label, new label), and what it could not do."""
+
+    resent: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
+    vanished: int = 0  # claimed by another process (resend, purge) first
+
+
+def parse_id(text: str, state: str) -> str:
+    """An item name from `state/id` or `id` (as purge and resend print them)."""
+    text = text.strip()
+    prefix, slash, name = text.rpartition("/")
+    if slash and prefix != state:
+        raise UsageError(f"{text!r} is not an item of {state}/")
+    if not name or name in (".", ".."):
+        raise UsageError(f"not an item id: {text!r}")
+    return name
+
+
+def parse_time(text: str, now: float) -> float:
+    """A point in time: a duration meaning "ago" (`2h`), or an ISO date/datetime (local if
+    no zone is given)."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        message = (
+            f"not a time: {text!r} (use e.g. 2h for two hours ago, 2026-11-28 or 2026-11-28T14:00)"
+        )
+        raise ValueError(message) from None
+    return moment.astimezone().timestamp() if moment.tzinfo is None else moment.timestamp()
+
+
+def select(spool: Spool, state: str, filters: Filters) -> tuple[list[Selected], list[str]]:
+    """The matching unclaimed items of `state` (oldest first), and the ids that were not found."""
+    found: list[Selected] = []
+    seen: set[str] = set()
+    for item in spool.items(state):
+        if filters.ids is not None and item.name not in filters.ids:
+            continue
+        try:
+            entered = os.stat(item.path, follow_symlinks=False).st_ctime
+            seen.add(item.name)
+            if not filters.match_time(entered):
+                continue
+            if filters.needs_keys() and not filters.match_keys(item_keys(item.path)):
+                continue
+        except FileNotFoundError:
+            continue  # claimed meanwhile
+        found.append(Selected(state, item.name, entered))
+    found.sort(key=lambda s: (s.entered, s.name))
+    missing = sorted((filters.ids or frozenset()) - seen)
+    return found, missing
+
+
+def item_keys(path: Path) -> dict[str, str]:
+    """The JOB_KEYS of an item: from job.json, else its first sidecar, else its instance."""
+    for source in (path / JOB_FILE, *sorted(path.glob(f"*{SIDECAR_SUFFIX}"))[:1]):
+        record = _read_json(source)
+        if any(key in record for key in JOB_KEYS):
+            return {key: str(record[key]) for key in JOB_KEYS if key in record}
+    try:
+        tags = read_tags(path / QUARANTINED)
+    except UnreadableDicom:
+        return {}
+    return {key: str(tags[key]) for key in JOB_KEYS if key in tags}
+
+
+def resend_items(
+    spool: Spool,
+    selected: Iterable[Selected],
+    *,
+    target: Target | None = None,
+    on_item: Callable[[Selected], None] | None = None,
+) -> ResendReport:
+    """Resend each selected item (see module docstring); keeps going past failures."""
+    report = ResendReport()
+    with Worker(spool, "resend") as worker:
+        for item in selected:
+            _resend_one(worker, item, target, report)
+            if on_item is not None:
+                on_item(item)
+    return report
+
+
+@dataclass
+class _Plan:
+    """The copy of one item: which files, under which names, going where."""
+
+    links: list[tuple[str, str]]  # (name in the item, name in the copy)
+    sidecars: dict[str, dict[str, Any]]  # rebuilt sidecars to write into the copy
+    tags: list[Mapping[str, Any]]  # one per instance, for job.json
+    series: str  # incoming/<series> folder name
+    target: dict[str, Any] | None  # None: back through routing
+    keep_delivered: bool
+
+
+def _resend_one(
+    worker: Worker, item: Selected, target: Target | None, report: ResendReport
+) -> None:
+    """Plan from the published item (a still-unreadable one is never touched), then move it."""
+    folder = worker.spool.state_dir(item.state) / item.name
+    try:
+        plan = _plan(folder, item.state, target)
+    except FileNotFoundError:
+        report.vanished += 1
+        return
+    except Unresendable as exc:
+        report.failed.append((item.label, str(exc)))
+        return
+    claim = worker.claim(item.state, item.name)
+    if claim is None:
+        report.vanished += 1
+        return
+    try:
+        transaction, label = _prepare(claim, plan)
+    except BaseException:
+        claim.release()
+        raise
+    transaction.commit()
+    if plan.target is None:
+        worker.spool.write_hint(worker, plan.series, {"ended": "resent"})
+    worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
+    report.resent.append((item.label, label))
+
+
+def _plan(folder: Path, state: str, target: Target | None) -> _Plan:
+    job = _read_json(folder / JOB_FILE)
+    names = sorted(p.name for p in folder.iterdir())
+    instances = [n for n in names if n.endswith(INSTANCE_SUFFIX)]
+    if not instances:
+        raise Unresendable("it holds no instances")
+    if instances == [QUARANTINED] and f"{Path(QUARANTINED).stem}{SIDECAR_SUFFIX}" not in names:
+        links, sidecars, tags = _rebuild_quarantined(folder)
+    else:
+        links = [(n, n) for n in names if n.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX))]
+        sidecars = {}
+        tags = [
+            _read_json(folder / f"{n[: -len(INSTANCE_SUFFIX)]}{SIDECAR_SUFFIX}") for n in instances
+        ]
+    series = str(job.get("series") or "") or safe_name(str(tags[0].get("SeriesInstanceUID", "")))
+    if target is not None:
+        return _Plan(links, sidecars, tags, series, target.to_json(), False)
+    if state == ERROR and isinstance(job.get("target"), dict):
+        return _Plan(links, sidecars, tags, series, job["target"], True)
+    return _Plan(links, sidecars, tags, series, None, False)
+
+
+def _rebuild_quarantined(
+    folder: Path,
+) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]], list[Mapping[str, Any]]]:
+    """An instance receive could not file: read it again, name it by its SOP Instance UID."""
+    try:
+        tags = read_tags(folder / QUARANTINED)
+    except UnreadableDicom as exc:
+        raise Unresendable(f"instance still unreadable: {exc}") from None
+    missing = [uid for uid in ("SOPInstanceUID", "SeriesInstanceUID") if not tags.get(uid)]
+    if missing:
+        raise Unresendable(f"instance still lacks {', '.join(missing)}")
+    received = _read_json(folder / ERROR_FILE)
+    sidecar = {**tags, **{key: received[key] for key in RECEIVE_META if key in received}}
+    name = safe_name(str(tags["SOPInstanceUID"]))
+    return (
+        [(QUARANTINED, f"{name}{INSTANCE_SUFFIX}")],
+        {f"{name}{SIDECAR_SUFFIX}": sidecar},
+        [sidecar],
+    )
+
+
+def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
+    """The copy, prepared (not yet committed) as the output of a transaction on the claim."""
+    transaction = claim.transaction()
+    if plan.target is None:
+        state, name = INCOMING, plan.series
+    else:
+        state, name = OUTGOING, new_id()
+    folder = transaction.new_item(state, name)
+    for source, destination in plan.links:
+        os.link(claim.path / source, folder / destination)
+    for sidecar_name, sidecar in plan.sidecars.items():
+        write_json(folder / sidecar_name, sidecar)
+    if plan.target is not None:
+        write_json(folder / JOB_FILE, resend_record(name, plan.series, plan.tags, plan.target,
+                                                    f"{claim.state}/{claim.name}"))  # fmt: skip
+        delivered = Progress.load(claim.path).delivered if plan.keep_delivered else []
+        if delivered:
+            write_json(folder / DISPATCH_FILE, asdict(Progress(delivered=list(delivered))))
+    return transaction, f"{state}/{name}"
+
+
+def resend_record(
+    job_id: str,
+    series: str,
+    sidecars: Sequence[Mapping[str, Any]],
+    target: dict[str, Any],
+    resent_from: str,
+) -> dict[str, Any]:
+    """job.json of a resent job: route's shape, `rules: ["resend"]`, and where it came from."""
+    name = str(target.get("name", ""))
+    decision = Decision(instances=(), targets=(name,), discarded=False, reason="",
+                        rules=(RESEND_RULE,))  # fmt: skip
+    return {**job_record(job_id, series, sidecars, decision, target), "resent_from": resent_from}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

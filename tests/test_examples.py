@@ -1,0 +1,47 @@
+"""The shipped examples are valid and do what their comments say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mercli.rules.config import load_rules
+from mercli.rules.decide import decide
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["rules.toml", "hospital.toml"])
+def test_example_rules_are_valid(name: str) -> None:
+    rules = load_rules(EXAMPLES / name)
+    assert rules.rules and rules.targets
+
+
+def decision(name: str, **tags: object) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+    (result,) = decide(load_rules(EXAMPLES / name), [("i", tags)], series_label="s")
+    return result.targets, result.discarded, result.rules
+
+
+def test_make_run_rules_send_everything_somewhere_local() -> None:
+    rules = load_rules(EXAMPLES / "rules.toml")
+    assert all(target.type == "folder" for target in rules.targets.values())
+    assert rules.targets["received"].path == (EXAMPLES.parent / "received").resolve()
+    chest = decision("rules.toml", Modality="CT", StudyDescription="Chest w/o", ImageType=["X"])
+    assert chest[0] == ("ai-inbox", "received") and not chest[1]
+    assert decision("rules.toml", Modality="US")[0] == ("received",)  # the fallback
+    scout = decision("rules.toml", Modality="CT", ImageType=["ORIGINAL", "LOCALIZER"])
+    assert scout[1] and "no-scouts" in scout[2]
+
+
+def test_hospital_rules() -> None:
+    assert decision("hospital.toml", Modality="MR")[0] == ("pacs", "ai")
+    assert decision("hospital.toml", Modality="CR")[0] == ("pacs",)
+    assert decision("hospital.toml", Modality="CT", SeriesDescription="Scout 1")[1]
+
+
+def test_systemd_units_run_mercli_commands() -> None:
+    units = sorted((EXAMPLES / "systemd").glob("*.service"))
+    assert {u.name for u in units} >= {"mercli-receive.service", "mercli-dispatch@.service"}
+    for unit in units:
+        assert "ExecStart=/opt/mercli/.venv/bin/mercli " in unit.read_text()
