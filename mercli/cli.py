@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from mercli import __version__
-from mercli.commands import COMMANDS
+from mercli.commands import COMMAND_MODULES, load
 from mercli.errors import ExitCode, MercliError
 
 EPILOG = """\b
@@ -41,7 +41,13 @@ class CommandError(click.ClickException):
 
 
 class MercliGroup(click.Group):
-    """Maps library errors to exit codes; tracebacks only with -v."""
+    """Loads subcommands on demand; maps library errors to exit codes (tracebacks with -v)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return load(cmd_name) if cmd_name in COMMAND_MODULES else None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,10 +79,6 @@ def cli() -> None:
     Run each stage as a service or with --once from cron and scripts; run as many
     copies of each as the load needs.
     """
-
-
-for _command in COMMANDS:
-    cli.add_command(_command)
 
 
 def main() -> None:

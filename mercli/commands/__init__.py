@@ -1,17 +1,37 @@
-"""One module per subcommand; COMMANDS lists those that really work."""
+"""One module per subcommand, loaded only when that command runs.
+
+`mercli dispatch --once` from cron should not pay for importing what `receive`, `status` or
+`tags` need (rich, pydicom's whole reader): each command's module is imported on first use.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from mercli.commands.cmd_dispatch import dispatch
-from mercli.commands.cmd_purge import purge
-from mercli.commands.cmd_receive import receive
-from mercli.commands.cmd_resend import resend
-from mercli.commands.cmd_route import route
-from mercli.commands.cmd_rules import rules
-from mercli.commands.cmd_run import run
-from mercli.commands.cmd_status import status
-from mercli.commands.cmd_tags import tags
+# command name -> module in mercli.commands (the click command object has the same name)
+COMMAND_MODULES: dict[str, str] = {
+    "dispatch": "cmd_dispatch",
+    "purge": "cmd_purge",
+    "receive": "cmd_receive",
+    "resend": "cmd_resend",
+    "route": "cmd_route",
+    "rules": "cmd_rules",
+    "run": "cmd_run",
+    "status": "cmd_status",
+    "tags": "cmd_tags",
+}
 
-COMMANDS: list[click.Command] = [dispatch, purge, receive, resend, route, rules, run, status, tags]
+
+def load(name: str) -> click.Command:
+    """The click command called `name` (KeyError for an unknown name)."""
+    module = importlib.import_module(f"mercli.commands.{COMMAND_MODULES[name]}")
+    command = getattr(module, name)
+    assert isinstance(command, click.Command)
+    return command
+
+
+def all_commands() -> list[click.Command]:
+    """Every command, loaded (for help listings and tests)."""
+    return [load(name) for name in sorted(COMMAND_MODULES)]

@@ -10,8 +10,6 @@ from typing import Any, TypeVar
 
 import click
 
-from mercli.tags import InvalidTag, parse_tag
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -52,6 +50,8 @@ def check_extra_tags(
     ctx: click.Context, param: click.Parameter, value: Sequence[str]
 ) -> tuple[str, ...]:
     """Click callback: every --extra-tag must name a tag (keyword, (gggg,eeee) or gggggeeee)."""
+    from mercli.tags import InvalidTag, parse_tag  # pydicom: only for commands that need it
+
     for spec in value:
         try:
             parse_tag(spec)
