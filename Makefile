@@ -11,7 +11,7 @@ BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
 # Debian's DCMTK leaves Nagle on unless told otherwise; every DCMTK process we start inherits this.
 export TCP_NODELAY := 1
 
-.PHONY: all setup system-packages build lint test bench run clean
+.PHONY: all setup system-packages build lint test bench run soak clean
 
 all: build
 
@@ -67,6 +67,15 @@ run: setup build
 	@echo "watch it with:     $(PY) -m mercli status --spool spool     Ctrl-C stops it."
 	@echo
 	$(PY) -m mercli run --rules examples/rules.toml --spool spool --port $(RUN_PORT) --aet MERCLI
+
+# Crash soak (not part of `make test`): kill -9 route and dispatch at random for SECONDS
+# seconds (default 300) while storescu streams series, then check nothing acknowledged was
+# lost. SEED=n replays a run (the seed is printed); counts are printed at the end.
+SOAK_SECONDS = $(or $(SECONDS),300)
+soak: setup build
+	MERCLI_SOAK_SECONDS=$(SOAK_SECONDS) $(if $(SEED),MERCLI_SOAK_SEED=$(SEED)) \
+	  $(VENV)/bin/pytest -q -s -p no:cacheprovider --timeout=$$(( $(SOAK_SECONDS) + 900 )) \
+	  tests/reliability/test_crash_anywhere.py
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -168,6 +168,16 @@ class Spool:
                 f"spool folders span several filesystems; renames would not be atomic ({self.root})"
             )
 
+    @classmethod
+    def open_for_reading(cls, root: str | os.PathLike[str]) -> Spool:
+        """Open an existing spool without writing to it (status on a read-only mount)."""
+        spool = cls(root)
+        if not spool.root.is_dir() or not (spool.root / INCOMING).is_dir():
+            raise SpoolError(f"not a spool (no incoming/ folder) ({spool.root})")
+        if not os.access(spool.root, os.R_OK | os.X_OK):
+            raise SpoolError(f"spool unusable: permission denied ({spool.root})")
+        return spool
+
     def state_dir(self, state: str) -> Path:
         """The folder of a state; ValueError for a name that is not one of STATES."""
         if state not in STATES:

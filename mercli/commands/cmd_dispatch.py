@@ -59,6 +59,8 @@ def dispatch(spool: Path, once: bool, workers: int) -> None:
         ),
         err=True,
     )
+    if not once:
+        return  # a service stopped by a signal exits 0; its problems are in the log
     if summary.unreachable:
         sys.exit(ExitCode.PEER)
     if summary.retried or summary.failed:

@@ -58,5 +58,5 @@ def route(spool: Path, rules_path: Path, once: bool, everything: bool) -> None:
         + (f", {summary.failed} failed" if summary.failed else ""),
         err=True,
     )
-    if summary.failed:
+    if once and summary.failed:  # a service stopped by a signal exits 0
         sys.exit(ExitCode.SOME_FAILED)

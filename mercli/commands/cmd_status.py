@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mercli.commands.options import common_options
 from mercli.durations import format_duration
+from mercli.errors import SpoolError
 from mercli.spool import Spool
 from mercli.status import collect_status
 
@@ -34,7 +35,13 @@ def status(spool: Path, as_json: bool) -> None:
       mercli status --spool /var/spool/mercli
       mercli status --json | jq '.states.outgoing.items'
     """
-    document = collect_status(Spool.open(spool))
+    try:
+        opened = Spool.open(spool)
+    except SpoolError:
+        if not (spool / "incoming").is_dir():
+            raise
+        opened = Spool.open_for_reading(spool)  # an existing read-only spool can be looked at
+    document = collect_status(opened)
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
