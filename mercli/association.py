@@ -3,8 +3,8 @@
 The counterpart of `mercli.upperlayer` (which accepts associations) for `mercli.sender`:
 blocking I/O on one socket with TCP_NODELAY, the socket timeout being the peer's network
 timeout, so every wait (connect, A-ASSOCIATE-AC, each response, A-RELEASE-RP) is bounded.
-pynetdicom encodes the A-ASSOCIATE-RQ and decodes the A-ASSOCIATE-AC; the rest of the PDUs
-are small enough to frame by hand.
+`mercli.acse` encodes the A-ASSOCIATE-RQ and decodes the A-ASSOCIATE-AC (no pynetdicom, which
+would cost a tenth of a second of start-up); the rest of the PDUs are framed here.
 
 Failures become the typed errors dispatch needs to decide between retry and give-up:
 `PeerUnreachable` (nobody listens, no route, no answer: `PeerTimeout`), `PeerRefused`
@@ -23,17 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
-
 from mercli import part10
+from mercli.acse import decode_associate_ac, encode_associate_rq
 from mercli.dimse import (
     A_ABORT_TYPE,
     A_ASSOCIATE_AC_TYPE,
@@ -143,25 +134,21 @@ class Association:
         return association
 
     def _negotiated(self, body: bytes) -> None:
-        pdu = A_ASSOCIATE_AC()
-        try:
-            pdu.decode(struct.pack(">BBI", A_ASSOCIATE_AC_TYPE, 0, len(body)) + body)
-        except Exception as exc:  # pynetdicom's decoder raises many kinds on garbage
-            raise ProtocolError(f"malformed A-ASSOCIATE-AC: {exc}") from exc
-        for item in pdu.presentation_context:
-            context_id = item.presentation_context_id
-            context = self._proposed.get(context_id) if context_id is not None else None
-            if context is None or context_id is None:
+        pdu = decode_associate_ac(body)  # ProtocolError when malformed
+        for item in pdu.contexts:
+            context_id = item.context_id
+            context = self._proposed.get(context_id)
+            if context is None:
                 continue
             sop_class, syntaxes = context
-            syntax = str(item.transfer_syntax or "")
-            if item.result_reason == 0 and syntax in syntaxes:
+            syntax = item.transfer_syntax
+            if item.result == 0 and syntax in syntaxes:
                 self._accepted.setdefault(sop_class, {}).setdefault(syntax, context_id)
             else:
-                self._rejected.setdefault(sop_class, []).append(int(item.result_reason or 2))
-        maximum = pdu.user_information.maximum_length if pdu.user_information else None
+                self._rejected.setdefault(sop_class, []).append(item.result or 2)
+        maximum = pdu.maximum_length
         if maximum:  # 0 or absent: unlimited
-            self._pdv_max = max(1, min(int(maximum) - 6, BLOCK))
+            self._pdv_max = max(1, min(maximum - 6, BLOCK))
         log.debug("associated with %s, accepted %s", self.where, self._accepted)
 
     def accepted(self, sop_class: str) -> dict[str, int]:
@@ -389,26 +376,15 @@ def _connect(peer: DicomPeer) -> socket.socket:
 
 
 def _request_pdu(peer: DicomPeer, proposed: Sequence[tuple[str, tuple[str, ...]]]) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = UID(APPLICATION_CONTEXT)
-    primitive.calling_ae_title = peer.calling_aet
-    primitive.called_ae_title = peer.called_aet
-    for n, (abstract, syntaxes) in enumerate(proposed):
-        context = PresentationContext()
-        context.context_id = 2 * n + 1
-        context.abstract_syntax = UID(abstract)
-        context.transfer_syntax = [UID(syntax) for syntax in syntaxes]
-        primitive.presentation_context_definition_list.append(context)
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = OUR_MAX_PDU
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = UID(part10.IMPLEMENTATION_CLASS_UID.decode())
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = part10.IMPLEMENTATION_VERSION.decode()
-    primitive.user_information = [maximum, implementation, version]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
+    return encode_associate_rq(
+        peer.called_aet,
+        peer.calling_aet,
+        APPLICATION_CONTEXT,
+        proposed,
+        OUR_MAX_PDU,
+        part10.IMPLEMENTATION_CLASS_UID.decode(),
+        part10.IMPLEMENTATION_VERSION.decode(),
+    )
 
 
 def _refused(where: str, result: int, source: int, reason: int) -> PeerRefused:

@@ -23,15 +23,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from typing import TYPE_CHECKING
 
 from mercli.errors import MercliError
+
+if TYPE_CHECKING:  # pydicom is imported by the functions that convert, not at start-up
+    from pydicom.dataset import Dataset
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -142,6 +139,11 @@ def encode(instance: Instance, syntax: str) -> bytes:
     source = instance.transfer_syntax
     if source == DEFLATED_LE and syntax == EXPLICIT_LE:
         return _inflate(instance)
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
+
     try:
         ds = dcmread(instance.path, force=True)
     except Exception as exc:  # pydicom raises many kinds on a broken file
@@ -170,6 +172,9 @@ def _inflate(instance: Instance) -> bytes:
 
 def _decompress(instance: Instance, ds: Dataset) -> None:
     """Replace encapsulated Pixel Data by its decoded frames, as `Dataset.decompress` would."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+
     name = UID(instance.transfer_syntax).name
     try:
         pixels, image = get_decoder(UID(instance.transfer_syntax)).as_buffer(ds)

@@ -2,7 +2,7 @@
 
 Built like `mercli.upperlayer` and for the same reason: pynetdicom's association reactors poll
 with 1 ms sleeps, which caps one association near 200 instances/s. Here one thread owns one
-socket (TCP_NODELAY), pynetdicom only encodes the A-ASSOCIATE-RQ and decodes the answer, and
+socket (TCP_NODELAY), `mercli.acse` encodes the A-ASSOCIATE-RQ and decodes the answer, and
 each instance goes out as one command PDU plus its dataset read straight from the file, several
 PDUs per `sendmsg` call, so a small instance costs two system calls and one round trip.
 
@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-from pydicom.uid import UID
 
 from mercli.association import (
     Association,
@@ -193,7 +191,7 @@ class StoreSession:
                 raise InstanceNotSendable(path, str(exc)) from exc
         else:
             data = encode(instance, syntax)
-            log.debug("sending %s converted to %s", instance.sop_instance, UID(syntax).name)
+            log.debug("sending %s converted to %s", instance.sop_instance, _uid_name(syntax))
             association.send_message(context_id, command, memoryview(data), len(data))
         return association.receive_response(C_STORE_RSP)
 
@@ -211,19 +209,27 @@ class StoreSession:
         syntax = usable_syntax(instance, list(accepted))
         if syntax is not None:
             return accepted[syntax], syntax
-        name = UID(instance.sop_class).name
+        name = _uid_name(instance.sop_class)
         if not association.proposed(instance.sop_class):
             reason = f"SOP class {name} was not proposed on this association"
         elif accepted:
             reason = (
-                f"peer accepts {name} only in {', '.join(UID(s).name for s in accepted)}, "
-                f"which mercli cannot convert {UID(instance.transfer_syntax).name} to"
+                f"peer accepts {name} only in {', '.join(_uid_name(s) for s in accepted)}, "
+                f"which mercli cannot convert {_uid_name(instance.transfer_syntax)} to"
             )
         else:
             results = association.rejections(instance.sop_class)
             words = sorted({_CONTEXT_RESULTS.get(r, f"result {r}") for r in results})
             reason = f"{name}: {'; '.join(words)}"
         raise InstanceNotSendable(instance.path, reason)
+
+
+def _uid_name(uid: str) -> str:
+    """The UID's name from pydicom's dictionary (the UID itself if unknown), for messages;
+    pydicom is imported here, not at start-up, since only failures and conversions need it."""
+    from pydicom.uid import UID
+
+    return str(UID(uid).name)
 
 
 def echo(peer: DicomPeer) -> int:

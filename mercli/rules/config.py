@@ -18,11 +18,13 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mercli.errors import ConfigError
-from mercli.rules.expr import Expression, ExpressionError, compile_expression
 from mercli.rules.tables import Lines, Table
+
+if TYPE_CHECKING:  # expr imports pydicom's dictionary: only loading rules needs it, not Target
+    from mercli.rules.expr import Expression
 
 __all__ = [
     "PURGE_STATES",
@@ -281,6 +283,8 @@ class _Loader:
         text = table.string("when")
         if text is None:
             return None
+        from mercli.rules.expr import ExpressionError, compile_expression
+
         try:
             return compile_expression(text)
         except ExpressionError as exc:
