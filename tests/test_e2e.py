@@ -70,12 +70,12 @@ def storescp(out: Path) -> Iterator[int]:
 
 
 @contextmanager
-def mercli_run(spool: Path, rules: Path) -> Iterator[int]:
+def mercli_run(spool: Path, rules: Path, *options: str) -> Iterator[int]:
     port = free_port()
     command = [sys.executable, "-m", "mercli", "run", "--spool", str(spool), "--rules", str(rules)]
     log = (spool.parent / "run.log").open("wb")
     process = subprocess.Popen(
-        [*command, "--port", str(port), "--purge-every", "0"], stdout=log, stderr=log
+        [*command, "--port", str(port), "--purge-every", "0", *options], stdout=log, stderr=log
     )
     try:
         wait_until(lambda: port_open(port), what="mercli run to listen")
@@ -91,21 +91,27 @@ def by_uid(folder: Path) -> dict[str, Path]:
     return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in folder.iterdir()}
 
 
-def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: Path) -> None:
+def synthetic_study(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Four series of eight (CT and MR), and a three-image scout series the rules discard."""
     study = "1.2.826.0.1.3680043.10.1234.1"
-    (tmp_path / "study").mkdir()
-    (tmp_path / "scouts").mkdir()
-    synthetic = [
-        make_instance(tmp_path / "study", series=f"{study}.{s}", study=study, number=n,
+    (folder / "study").mkdir()
+    (folder / "scouts").mkdir()
+    series = [
+        make_instance(folder / "study", series=f"{study}.{s}", study=study, number=n,
                       SeriesNumber=s, Modality="CT" if s < 3 else "MR")
         for s in range(1, 5)
         for n in range(8)
     ]  # fmt: skip
     scouts = [
-        make_instance(tmp_path / "scouts", series=f"{study}.9", study=study, number=n,
+        make_instance(folder / "scouts", series=f"{study}.9", study=study, number=n,
                       ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
         for n in range(3)
     ]  # fmt: skip
+    return series, scouts
+
+
+def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: Path) -> None:
+    synthetic, scouts = synthetic_study(tmp_path)
     corpus = _readable_corpus()
     spool = tmp_path / "spool"
     with (
@@ -148,6 +154,58 @@ def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: P
         for p in (tmp_path / "out").glob("*/*.dcm")
     }
     assert folder_uids == expected
+
+
+FOLDER_AND_STORESCP = """
+[route]
+settle = "1s"
+
+[targets.storescp]
+type = "dicom"
+host = "127.0.0.1"
+port = {storescp_port}
+called_aet = "STORESCP"
+
+[targets.folder]
+type = "folder"
+path = "{folder}"
+
+[[rules]]
+name = "no-scouts"
+when = '"LOCALIZER" in ImageType'
+action = "discard"
+
+[[rules]]
+name = "everything"
+targets = ["storescp", "folder"]
+"""
+
+
+def test_study_through_mercli_run_with_the_dcmtk_engine(tmp_path: Path) -> None:
+    """The same path with storescp + getdcmtags receiving: same routing, same bytes out."""
+    synthetic, scouts = synthetic_study(tmp_path)
+    spool = tmp_path / "spool"
+    with storescp(tmp_path / "storescp") as storescp_port:
+        rules = tmp_path / "rules.toml"
+        rules.write_text(
+            FOLDER_AND_STORESCP.format(storescp_port=storescp_port, folder=tmp_path / "out")
+        )
+        with mercli_run(spool, rules, "--engine", "dcmtk") as port:
+            assert storescu(port, [*synthetic, *scouts]).returncode == 0
+            wait_until(lambda: len(by_uid(tmp_path / "storescp")) >= len(synthetic), timeout=60)
+            wait_until(lambda: not _pending(spool), timeout=60, what="outgoing to drain")
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in synthetic}
+    at_storescp = by_uid(tmp_path / "storescp")
+    assert set(at_storescp) == set(expected)
+    in_folder = {p.stem: p for p in (tmp_path / "out").glob("*/*.dcm")}
+    assert len(in_folder) == len(expected)
+    for uid, path in expected.items():
+        assert dataset_bytes(at_storescp[uid]) == dataset_bytes(path)
+    landed = [dcmread(p, stop_before_pixels=True) for p in in_folder.values()]
+    assert {str(d.SOPInstanceUID) for d in landed} == set(expected)
+    (discarded,) = list((spool / "discard").iterdir())
+    assert "no-scouts" in json.loads((discarded / "job.json").read_text())["reason"]
+    assert list((spool / "error").iterdir()) == []
 
 
 def dataset_bytes_of(pacs: Orthanc, uid: str) -> bytes:
