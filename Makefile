@@ -39,10 +39,12 @@ $(VENV)/.installed: pyproject.toml
 
 build: $(BINARIES)
 
-build/%: csrc/%.cpp
+# A binary is csrc/NAME.cpp plus its parts in csrc/NAME/, if any (getdcmtags has some).
+.SECONDEXPANSION:
+build/%: csrc/%.cpp $$(wildcard csrc/$$*/*.cpp csrc/$$*/*.h)
 	@mkdir -p build
 	@pkg-config --exists dcmtk || { pkg-config --print-errors dcmtk; echo "run 'make setup' (as root) first" >&2; exit 1; }
-	$(CXX) $(CXXFLAGS) -o $@ $< $$(pkg-config --cflags --libs dcmtk)
+	$(CXX) $(CXXFLAGS) -o $@ $< $(wildcard csrc/$*/*.cpp) $$(pkg-config --cflags --libs dcmtk)
 
 lint: setup
 	$(VENV)/bin/ruff check mercli tests benchmarks

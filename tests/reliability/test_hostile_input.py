@@ -1,8 +1,10 @@
 """Hostile input: a hypothesis corpus of malformed data sets (tests/reliability/hostile.py)
 given to `mercli.tags.read_tags`, to `build/getdcmtags` (print mode and `--publish`), and sent
 over the network to `mercli receive`. Nothing may crash, hang, or write outside the spool;
-every input gets a clear answer; the receiver keeps serving. Where read_tags and getdcmtags
-disagree (readable or not, or the JSON), the case is printed as a finding."""
+every input gets a clear answer; the receiver keeps serving. read_tags and getdcmtags agree on
+every file: readable or not, the same JSON, and `--publish` publishes exactly the files whose
+sidecar has the three instance UIDs. (The classes of damage they once disagreed on each have a
+hand-made case in tests/test_tags_damaged.py.)"""
 
 from __future__ import annotations
 
@@ -155,6 +157,7 @@ def test_read_tags_and_getdcmtags_survive_hostile_files(tmp_path: Path) -> None:
     for finding in findings:
         print("FINDING", finding[:400])
     assert outcomes["readable"] and outcomes["unreadable"], "the corpus is not hostile enough"
+    assert findings == [], f"read_tags and getdcmtags disagree on {len(findings)} file(s)"
 
 
 @pytest.fixture
