@@ -205,44 +205,27 @@ std::vector<Json> binaryValues(const std::string &vr, const std::string &raw) {
     return values;
 }
 
+// Points `data` at the values of a binary element through one typed getter of DcmElement.
+template <typename T>
+OFCondition typedArray(DcmElement &element, OFCondition (DcmElement::*getter)(T *&), void *&data) {
+    T *values = nullptr;
+    OFCondition status = (element.*getter)(values);
+    data = values;
+    return status;
+}
+
 // Points `data` at the values of a binary element, through the getter of its own class
 // (DCMTK answers EC_IllegalCall for the others).
 OFCondition binaryArray(DcmElement &element, const std::string &vr, void *&data) {
-    OFCondition status = EC_IllegalCall;
-    if (vr == "US" || vr == "AT") {
-        Uint16 *values = nullptr;
-        status = element.getUint16Array(values);
-        data = values;
-    } else if (vr == "SS") {
-        Sint16 *values = nullptr;
-        status = element.getSint16Array(values);
-        data = values;
-    } else if (vr == "UL") {
-        Uint32 *values = nullptr;
-        status = element.getUint32Array(values);
-        data = values;
-    } else if (vr == "SL") {
-        Sint32 *values = nullptr;
-        status = element.getSint32Array(values);
-        data = values;
-    } else if (vr == "FL") {
-        Float32 *values = nullptr;
-        status = element.getFloat32Array(values);
-        data = values;
-    } else if (vr == "FD") {
-        Float64 *values = nullptr;
-        status = element.getFloat64Array(values);
-        data = values;
-    } else if (vr == "UV") {
-        Uint64 *values = nullptr;
-        status = element.getUint64Array(values);
-        data = values;
-    } else if (vr == "SV") {
-        Sint64 *values = nullptr;
-        status = element.getSint64Array(values);
-        data = values;
-    }
-    return status;
+    if (vr == "US" || vr == "AT") return typedArray(element, &DcmElement::getUint16Array, data);
+    if (vr == "SS") return typedArray(element, &DcmElement::getSint16Array, data);
+    if (vr == "UL") return typedArray(element, &DcmElement::getUint32Array, data);
+    if (vr == "SL") return typedArray(element, &DcmElement::getSint32Array, data);
+    if (vr == "FL") return typedArray(element, &DcmElement::getFloat32Array, data);
+    if (vr == "FD") return typedArray(element, &DcmElement::getFloat64Array, data);
+    if (vr == "UV") return typedArray(element, &DcmElement::getUint64Array, data);
+    if (vr == "SV") return typedArray(element, &DcmElement::getSint64Array, data);
+    return EC_IllegalCall;
 }
 
 // The little-endian bytes of a binary element (DCMTK holds it in machine byte order).

@@ -217,49 +217,6 @@ std::vector<std::string> split(const std::string &s, char delimiter) {
     }
 }
 
-// Defined terms of (0008,0005) and the Python codec pydicom decodes each with
-// (pydicom.charset.python_encoding); mirrored so that both tools decode alike.
-const std::pair<const char *, const char *> kTerms[] = {
-    {"", "iso8859"}, {"ISO_IR 6", "iso8859"}, {"ISO_IR 13", "shift_jis"},
-    {"ISO_IR 100", "latin_1"}, {"ISO_IR 101", "iso8859_2"}, {"ISO_IR 109", "iso8859_3"},
-    {"ISO_IR 110", "iso8859_4"}, {"ISO_IR 126", "iso_ir_126"}, {"ISO_IR 127", "iso_ir_127"},
-    {"ISO_IR 138", "iso_ir_138"}, {"ISO_IR 144", "iso_ir_144"}, {"ISO_IR 148", "iso_ir_148"},
-    {"ISO_IR 166", "iso_ir_166"}, {"ISO 2022 IR 6", "iso8859"}, {"ISO 2022 IR 13", "shift_jis"},
-    {"ISO 2022 IR 87", "iso2022_jp"}, {"ISO 2022 IR 100", "latin_1"},
-    {"ISO 2022 IR 101", "iso8859_2"}, {"ISO 2022 IR 109", "iso8859_3"},
-    {"ISO 2022 IR 110", "iso8859_4"}, {"ISO 2022 IR 126", "iso_ir_126"},
-    {"ISO 2022 IR 127", "iso_ir_127"}, {"ISO 2022 IR 138", "iso_ir_138"},
-    {"ISO 2022 IR 144", "iso_ir_144"}, {"ISO 2022 IR 148", "iso_ir_148"},
-    {"ISO 2022 IR 149", "euc_kr"}, {"ISO 2022 IR 159", "iso2022_jp_2"},
-    {"ISO 2022 IR 166", "iso_ir_166"}, {"ISO 2022 IR 58", "iso_ir_58"}, {"ISO_IR 192", "UTF8"},
-    {"GB18030", "GB18030"}, {"ISO 2022 GBK", "GBK"}, {"ISO 2022 58", "GB2312"}, {"GBK", "GBK"},
-};
-
-// Escape sequences (PS3.5 §6.1.2.5) and the codec of the text after them (pydicom's
-// CODES_TO_ENCODINGS).
-const std::pair<const char *, const char *> kEscapes[] = {
-    {"\x1b(B", "iso8859"}, {"\x1b-A", "latin_1"}, {"\x1b)I", "shift_jis"},
-    {"\x1b(J", "shift_jis"}, {"\x1b$B", "iso2022_jp"}, {"\x1b-B", "iso8859_2"},
-    {"\x1b-C", "iso8859_3"}, {"\x1b-D", "iso8859_4"}, {"\x1b-F", "iso_ir_126"},
-    {"\x1b-G", "iso_ir_127"}, {"\x1b-H", "iso_ir_138"}, {"\x1b-L", "iso_ir_144"},
-    {"\x1b-M", "iso_ir_148"}, {"\x1b-T", "iso_ir_166"}, {"\x1b$)C", "euc_kr"},
-    {"\x1b$(D", "iso2022_jp_2"}, {"\x1b$)A", "iso_ir_58"},
-};
-
-// The iconv name for each Python codec. Python's shift_jis keeps 0x5C and 0x7E as ASCII
-// (glibc's SHIFT_JIS makes them YEN SIGN and OVERLINE), as CP932 does.
-const std::pair<const char *, const char *> kIconvNames[] = {
-    {"shift_jis", "CP932"}, {"iso8859_2", "ISO-8859-2"}, {"iso8859_3", "ISO-8859-3"},
-    {"iso8859_4", "ISO-8859-4"}, {"iso_ir_126", "ISO-8859-7"}, {"iso_ir_127", "ISO-8859-6"},
-    {"iso_ir_138", "ISO-8859-8"}, {"iso_ir_144", "ISO-8859-5"}, {"iso_ir_148", "ISO-8859-9"},
-    {"iso_ir_166", "TIS-620"}, {"iso2022_jp", "ISO-2022-JP"}, {"iso2022_jp_2", "ISO-2022-JP-2"},
-    {"euc_kr", "EUC-KR"}, {"iso_ir_58", "GB2312"}, {"UTF8", "UTF-8"}, {"GB18030", "GB18030"},
-    {"GBK", "GBK"}, {"GB2312", "GB2312"},
-};
-
-// Codecs that read their own escape sequences; for the others pydicom strips them.
-const char *const kEscapeAware[] = {"iso2022_jp", "iso2022_jp_2", "iso_ir_58"};
-const char *const kStandAlone[] = {"ISO_IR 192", "GBK", "GB18030"};
 bool startsWith(const std::string &s, const char *prefix) {
     return s.compare(0, std::strlen(prefix), prefix) == 0;
 }
