@@ -160,8 +160,10 @@ class Connection:
     def _associate(self) -> bool:
         self.sock.settimeout(self.acse_timeout)
         pdu_type, length = self._read_pdu_header()
-        if pdu_type != A_ASSOCIATE_RQ_TYPE or length > 1 << 20:
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        if length > 1 << 20:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes: more than 1 MiB")
         encoded = bytes([pdu_type, 0]) + struct.pack(">I", length) + self._read(length)
         primitive = decode_associate_rq(encoded)
         info = association_info(primitive, self.sock.getpeername())
