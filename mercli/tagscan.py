@@ -73,20 +73,24 @@ def _data_set_is_implicit(buf: bytes, pos: int, implicit: bool) -> bool:
     return not (0x40 < buf[pos + 4] < 0x5B and 0x40 < buf[pos + 5] < 0x5B)
 
 
+def _explicit_value(buf: bytes, pos: int, vr: bytes, short_length: int) -> tuple[int, int]:
+    """Length and start of the value of the explicit-VR element header at `pos`, given the
+    2-byte length that follows a short VR (the hot loops inline this)."""
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise Short
+        return _UINT32.unpack_from(buf, pos + 8)[0], pos + 12
+    if vr in _SHORT_VRS:
+        return short_length, pos + 8
+    raise Fallback
+
+
 def _scan_meta(buf: bytes, wanted: frozenset[int]) -> tuple[Raw, int]:
     found: Raw = {}
     pos, n = 132, len(buf)
     while pos + 8 <= n and buf[pos : pos + 2] == b"\x02\x00":
-        group, elem, vr, length = _EXPLICIT.unpack_from(buf, pos)
-        if vr in _LONG_VRS:
-            if pos + 12 > n:
-                raise Short
-            length = _UINT32.unpack_from(buf, pos + 8)[0]
-            start = pos + 12
-        elif vr in _SHORT_VRS:
-            start = pos + 8
-        else:
-            raise Fallback
+        group, elem, vr, short_length = _EXPLICIT.unpack_from(buf, pos)
+        length, start = _explicit_value(buf, pos, vr, short_length)
         if length == UNDEFINED:
             raise Fallback
         end = start + length
@@ -214,15 +218,7 @@ def _skip_item(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
         vr, start = b"", pos + 8
         if not implicit:
             vr = buf[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > n:
-                    raise Short
-                length = _UINT32.unpack_from(buf, pos + 8)[0]
-                start = pos + 12
-            elif vr in _SHORT_VRS:
-                length = length >> 16  # the 2-byte length after the VR
-            else:
-                raise Fallback
+            length, start = _explicit_value(buf, pos, vr, length >> 16)  # 2-byte length after VR
         if length == UNDEFINED:
             pos = _skip_items(buf, start, implicit or vr == b"UN", depth + 1)
         else:

@@ -17,18 +17,7 @@ from tests.netkit import DCMTK_ENV, free_port, port_open, storescu, wait_until
 from tests.orthanckit import Orthanc, orthanc
 from tests.test_receive import _readable_corpus
 
-RULES = """
-[route]
-settle = "1s"
-series_timeout = "30s"
-
-[targets.orthanc]
-type = "dicom"
-host = "127.0.0.1"
-port = {orthanc_port}
-called_aet = "ORTHANC"
-retry_delay = "1s"
-
+STORESCP_FOLDER_AND_RULES = """
 [targets.storescp]
 type = "dicom"
 host = "127.0.0.1"
@@ -47,8 +36,26 @@ action = "discard"
 
 [[rules]]
 name = "everything"
-targets = ["orthanc", "storescp", "folder"]
+targets = ["storescp", "folder"{more_targets}]
 """
+
+RULES = (
+    """
+[route]
+settle = "1s"
+series_timeout = "30s"
+
+[targets.orthanc]
+type = "dicom"
+host = "127.0.0.1"
+port = {orthanc_port}
+called_aet = "ORTHANC"
+retry_delay = "1s"
+"""
+    + STORESCP_FOLDER_AND_RULES
+)
+
+FOLDER_AND_STORESCP = '[route]\nsettle = "1s"\n' + STORESCP_FOLDER_AND_RULES
 
 
 @contextmanager
@@ -121,7 +128,10 @@ def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: P
         rules = tmp_path / "rules.toml"
         rules.write_text(
             RULES.format(
-                orthanc_port=pacs.dicom_port, storescp_port=storescp_port, folder=tmp_path / "out"
+                orthanc_port=pacs.dicom_port,
+                storescp_port=storescp_port,
+                folder=tmp_path / "out",
+                more_targets=', "orthanc"',
             )
         )
         with mercli_run(spool, rules) as port:
@@ -156,31 +166,6 @@ def test_study_and_corpus_through_mercli_run_to_orthanc_and_storescp(tmp_path: P
     assert folder_uids == expected
 
 
-FOLDER_AND_STORESCP = """
-[route]
-settle = "1s"
-
-[targets.storescp]
-type = "dicom"
-host = "127.0.0.1"
-port = {storescp_port}
-called_aet = "STORESCP"
-
-[targets.folder]
-type = "folder"
-path = "{folder}"
-
-[[rules]]
-name = "no-scouts"
-when = '"LOCALIZER" in ImageType'
-action = "discard"
-
-[[rules]]
-name = "everything"
-targets = ["storescp", "folder"]
-"""
-
-
 def test_study_through_mercli_run_with_the_dcmtk_engine(tmp_path: Path) -> None:
     """The same path with storescp + getdcmtags receiving: same routing, same bytes out."""
     synthetic, scouts = synthetic_study(tmp_path)
@@ -188,7 +173,9 @@ def test_study_through_mercli_run_with_the_dcmtk_engine(tmp_path: Path) -> None:
     with storescp(tmp_path / "storescp") as storescp_port:
         rules = tmp_path / "rules.toml"
         rules.write_text(
-            FOLDER_AND_STORESCP.format(storescp_port=storescp_port, folder=tmp_path / "out")
+            FOLDER_AND_STORESCP.format(
+                storescp_port=storescp_port, folder=tmp_path / "out", more_targets=""
+            )
         )
         with mercli_run(spool, rules, "--engine", "dcmtk") as port:
             assert storescu(port, [*synthetic, *scouts]).returncode == 0
