@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series, small_series
 from benchmarks.report import Row, with_ratios
-from mercli.router import Router, RouteSummary
+from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import JOB_FILE, OUTGOING, Spool, Worker
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
@@ -123,9 +123,15 @@ def run() -> list[Row]:
                 for subject in rates:
                     rates[subject].append(measure(subject, data, template, scratch))
             case_rows = [
-                Row("dispatch", data.label, subject, statistics.median(runs), target=None,
-                    note="runs " + "/".join(f"{r:.0f}" for r in sorted(runs)))
+                Row(
+                    "dispatch",
+                    data.label,
+                    subject,
+                    statistics.median(runs),
+                    target=None,
+                    note="runs " + "/".join(f"{r:.0f}" for r in sorted(runs)),
+                )
                 for subject, runs in rates.items()
-            ]  # fmt: skip
+            ]
             rows += with_ratios(case_rows, BASELINE, target=target)
     return rows

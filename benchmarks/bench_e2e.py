@@ -132,14 +132,33 @@ def run() -> list[Row]:
     case = f"{data.label}, to last landed"
     return [
         *(
-            Row("e2e", case, f"storescu -> mercli run {ENGINES[engine]} -> storescp",
-                median[engine], unit="s", ratio=(median[engine] - SETTLE) / median["direct"],
-                baseline="direct (minus settle)", target="<= 2.5x + settle",
-                note=f"settle {SETTLE:.0f} s; {runs[engine]}")
+            Row(
+                "e2e",
+                case,
+                f"storescu -> mercli run {ENGINES[engine]} -> storescp",
+                median[engine],
+                unit="s",
+                ratio=(median[engine] - SETTLE) / median["direct"],
+                baseline="direct (minus settle)",
+                target="<= 2.5x + settle",
+                note=f"settle {SETTLE:.0f} s; {runs[engine]}",
+            )
             for engine in ENGINES
         ),
-        Row("e2e", case, "storescu -> storescp (direct)", median["direct"], unit="s",
-            note=runs["direct"]),
-        Row("e2e", case, "storescu -> Orthanc (stored; +60 s stable age to route)",
-            median["orthanc"], unit="s", note=runs["orthanc"]),
-    ]  # fmt: skip
+        Row(
+            "e2e",
+            case,
+            "storescu -> storescp (direct)",
+            median["direct"],
+            unit="s",
+            note=runs["direct"],
+        ),
+        Row(
+            "e2e",
+            case,
+            "storescu -> Orthanc (stored; +60 s stable age to route)",
+            median["orthanc"],
+            unit="s",
+            note=runs["orthanc"],
+        ),
+    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.datasets import small_series
 from benchmarks.report import Row
-from mercli.router import Router, RouteSummary
+from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import OUTGOING, Spool, Worker
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
@@ -80,9 +80,15 @@ def throughput(scratch: Path, rules: Path) -> list[Row]:
     assert summary.instances == len(data.files) and len(summary.jobs) == 2
     note = f"{summary.instances} instances, 2 targets, CPU {summary.instances / cpu:.0f}/s"
     return [
-        Row("route", data.label, "mercli route (decide + jobs)", summary.instances / wall,
-            target=">= 5000 img/s", note=note)
-    ]  # fmt: skip
+        Row(
+            "route",
+            data.label,
+            "mercli route (decide + jobs)",
+            summary.instances / wall,
+            target=">= 5000 img/s",
+            note=note,
+        )
+    ]
 
 
 def latency(scratch: Path, rules: Path) -> list[Row]:
@@ -117,9 +123,16 @@ def latency(scratch: Path, rules: Path) -> list[Row]:
     delays.sort()
     note = "runs " + "/".join(f"{d * 1000:.0f}" for d in delays) + " ms"
     return [
-        Row("route", f"{len(data.files)}-instance series", "release -> jobs, minus settle",
-            delays[1] * 1000, unit="ms", target="< 500 ms", note=note)
-    ]  # fmt: skip
+        Row(
+            "route",
+            f"{len(data.files)}-instance series",
+            "release -> jobs, minus settle",
+            delays[1] * 1000,
+            unit="ms",
+            target="< 500 ms",
+            note=note,
+        )
+    ]
 
 
 def _job_count(spool: Path) -> int:

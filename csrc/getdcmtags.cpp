@@ -2,7 +2,7 @@
 //
 // The C++ twin of `mercli tags FILE...`: for the same file both print equal JSON. The rules
 // (which keywords, in which order, how each VR becomes JSON) are written down once, in the
-// module docstring of mercli/tags.py; this file follows them:
+// module docstring of mercli/tags/__init__.py; this file follows them:
 //
 // - Keys are DICOM keywords in kSidecar order; TransferSyntaxUID comes from the file meta.
 // - Text VRs are UTF-8 strings. LO LT PN SH ST UC UT are converted from (0008,0005) Specific
@@ -18,7 +18,7 @@
 //   out; SQ and binary VRs are skipped.
 //
 // Reading stops at the first top-level tag above (0028,0008) NumberOfFrames, so pixel data is
-// never read. Damage before that point makes the file unreadable, as in mercli/tags.py (a value
+// never read. Damage before that point makes the file unreadable, as in mercli/tags/__init__.py (a value
 // past the end of the data, more than 64 nested undefined-length sequences, ...); a data set
 // whose encoding contradicts the meta's transfer syntax is read as its first element says. An
 // unreadable file prints `Error: <reason> (<path>)` on stderr; the other files are still
@@ -151,7 +151,7 @@ std::vector<std::string> splitTabs(const std::string &line) {
 
 int publishMain(int argc, char *argv[]) {
     std::string spoolDir;
-    ReceiveInfo info;
+    Sender info;
     bool haveCalling = false, haveCalled = false, haveAddress = false, fromStdin = false;
     std::vector<std::string> files;
     for (int i = 1; i < argc; ++i) {
@@ -221,7 +221,7 @@ int publishMain(int argc, char *argv[]) {
                 if (line.empty()) continue;
                 std::vector<std::string> fields = splitTabs(line);
                 if (fields.size() == 4) {
-                    ReceiveInfo sender{fields[1], fields[2], fields[3]};
+                    Sender sender{fields[1], fields[2], fields[3]};
                     batch.push_back({fields[0], sender, "", false, {}, "", "", ""});
                 } else if (fields.size() == 1 && haveSender) {
                     batch.push_back({fields[0], info, "", false, {}, "", "", ""});

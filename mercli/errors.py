@@ -48,3 +48,12 @@ class PeerError(MercliError):
     """A DICOM peer could not be reached or refused us."""
 
     exit_code = ExitCode.PEER
+
+
+class ListenError(MercliError):
+    """A receiver cannot listen (port in use, not permitted, a listener died at start).
+
+    Exit 3: it is the configuration (port, address, privileges) that must change.
+    """
+
+    exit_code = ExitCode.CONFIG

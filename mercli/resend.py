@@ -27,21 +27,17 @@ again) copies that have come back to that state since, e.g. routed to discard/ a
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mercli.dispatcher import DISPATCH_FILE, Progress
 from mercli.durations import parse_duration
 from mercli.errors import UsageError
+from mercli.jobs import DISPATCH_FILE, JOB_KEYS, Progress, Target, read_json_object, resend_record
 from mercli.names import new_id, safe_name
-from mercli.router import JOB_KEYS, job_record
-from mercli.rules.config import Target
-from mercli.rules.decide import Decision
 from mercli.spool import (
     DISCARD,
     ERROR,
@@ -60,7 +56,6 @@ from mercli.spool import (
 from mercli.tags import UnreadableDicom, read_tags
 
 FROM_STATES = (DISCARD, ERROR, SUCCESS)
-RESEND_RULE = "resend"  # the `rules` of a job made by resend --target
 QUARANTINED = "instance.dcm"  # what receive keeps of an instance it could not file
 RECEIVE_META = ("SenderAET", "SenderAddress", "ReceiverAET", "ReceivedAt")
 _FILTER_KEYS = {
@@ -177,7 +172,7 @@ def select(spool: Spool, state: str, filters: Filters) -> tuple[list[Selected], 
 def item_keys(path: Path) -> dict[str, str]:
     """The JOB_KEYS of an item: from job.json, else its first sidecar, else its instance."""
     for source in (path / JOB_FILE, *sorted(path.glob(f"*{SIDECAR_SUFFIX}"))[:1]):
-        record = _read_json(source)
+        record = read_json_object(source)
         if any(key in record for key in JOB_KEYS):
             return {key: str(record[key]) for key in JOB_KEYS if key in record}
     try:
@@ -240,13 +235,13 @@ def _resend_one(
         raise
     transaction.commit()
     if plan.target is None:
-        worker.spool.write_hint(worker, plan.series, {"ended": "resent"})
+        worker.write_hint(plan.series, {"ended": "resent"})
     worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
     report.resent.append((item.label, label))
 
 
 def _plan(folder: Path, state: str, target: Target | None) -> _Plan:
-    job = _read_json(folder / JOB_FILE)
+    job = read_json_object(folder / JOB_FILE)
     names = sorted(p.name for p in folder.iterdir())
     instances = [n for n in names if n.endswith(INSTANCE_SUFFIX)]
     if not instances:
@@ -257,7 +252,8 @@ def _plan(folder: Path, state: str, target: Target | None) -> _Plan:
         links = [(n, n) for n in names if n.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX))]
         sidecars = {}
         tags = [
-            _read_json(folder / f"{n[: -len(INSTANCE_SUFFIX)]}{SIDECAR_SUFFIX}") for n in instances
+            read_json_object(folder / f"{n[: -len(INSTANCE_SUFFIX)]}{SIDECAR_SUFFIX}")
+            for n in instances
         ]
     series = str(job.get("series") or "") or safe_name(str(tags[0].get("SeriesInstanceUID", "")))
     if target is not None:
@@ -278,7 +274,7 @@ def _rebuild_quarantined(
     missing = [uid for uid in ("SOPInstanceUID", "SeriesInstanceUID") if not tags.get(uid)]
     if missing:
         raise Unresendable(f"instance still lacks {', '.join(missing)}")
-    received = _read_json(folder / ERROR_FILE)
+    received = read_json_object(folder / ERROR_FILE)
     sidecar = {**tags, **{key: received[key] for key in RECEIVE_META if key in received}}
     name = safe_name(str(tags["SOPInstanceUID"]))
     return (
@@ -301,32 +297,11 @@ def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
     for sidecar_name, sidecar in plan.sidecars.items():
         write_json(folder / sidecar_name, sidecar)
     if plan.target is not None:
-        write_json(folder / JOB_FILE, resend_record(name, plan.series, plan.tags, plan.target,
-                                                    f"{claim.state}/{claim.name}"))  # fmt: skip
+        write_json(
+            folder / JOB_FILE,
+            resend_record(name, plan.series, plan.tags, plan.target, f"{claim.state}/{claim.name}"),
+        )
         delivered = Progress.load(claim.path).delivered if plan.keep_delivered else []
         if delivered:
             write_json(folder / DISPATCH_FILE, asdict(Progress(delivered=list(delivered))))
     return transaction, f"{state}/{name}"
-
-
-def resend_record(
-    job_id: str,
-    series: str,
-    sidecars: Sequence[Mapping[str, Any]],
-    target: dict[str, Any],
-    resent_from: str,
-) -> dict[str, Any]:
-    """job.json of a resent job: route's shape, `rules: ["resend"]`, and where it came from."""
-    name = str(target.get("name", ""))
-    decision = Decision(instances=(), targets=(name,), discarded=False, reason="",
-                        rules=(RESEND_RULE,))  # fmt: skip
-    return {**job_record(job_id, series, sidecars, decision, target), "resent_from": resent_from}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -6,7 +6,6 @@ anywhere, any time, as often as a monitoring system likes.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -14,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mercli.jobs import read_json_object
 from mercli.spool import (
+    ERROR,
     ERROR_FILE,
     INSTANCE_SUFFIX,
     JOB_FILE,
@@ -100,25 +101,16 @@ def _measure(path: Path) -> tuple[int, int]:
     return instances, size
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            value = json.load(fh)
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _job_target(job: Path) -> str:
-    target = _read_json(job / JOB_FILE).get("target", {})
+    target = read_json_object(job / JOB_FILE).get("target", {})
     name = target.get("name") if isinstance(target, dict) else target
     return str(name) if name else "?"
 
 
 def _recent_errors(spool: Spool) -> list[dict[str, Any]]:
     recent = []
-    for item in sorted(spool.items("error"), key=lambda i: i.name, reverse=True)[:RECENT_ERRORS]:
-        record = _read_json(item.path / ERROR_FILE)
+    for item in sorted(spool.items(ERROR), key=lambda i: i.name, reverse=True)[:RECENT_ERRORS]:
+        record = read_json_object(item.path / ERROR_FILE)
         recent.append(
             {"id": item.name, "reason": record.get("reason", "?"), "at": record.get("at")}
         )

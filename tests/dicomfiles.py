@@ -9,6 +9,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tests.kit import LONG_VRS
+
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 CORPUS = sorted(
     p
@@ -16,21 +18,6 @@ CORPUS = sorted(
     for p in (PYDICOM_DATA / folder).iterdir()
     if p.is_file()
 )
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -43,7 +30,7 @@ def dataset_bytes(path: Path) -> bytes:
         if group != 0x0002:
             break
         vr = data[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length = struct.unpack_from("<I", data, offset + 8)[0]
             offset += 12 + length
         else:

@@ -21,11 +21,11 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from mercli import part10
-from mercli.acse import ContextResult, decode_associate_ac, encode_associate_rq
-from mercli.association import APPLICATION_CONTEXT, OUR_MAX_PDU, _request_pdu
-from mercli.dimse import ProtocolError
-from mercli.sender import DicomPeer
+from mercli.dicom import part10
+from mercli.dicom.dimse import ProtocolError
+from mercli.dicom.scu.acse import ContextResult, decode_associate_ac, encode_associate_rq
+from mercli.dicom.scu.association import APPLICATION_CONTEXT, OUR_MAX_PDU, _request_pdu
+from mercli.dicom.scu.session import DicomPeer
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -187,7 +187,7 @@ def test_dispatch_help_imports_neither_pydicom_nor_pynetdicom() -> None:
         "    cli.main(['dispatch', '--help'], prog_name='mercli')\n"
         "except SystemExit:\n"
         "    pass\n"
-        "import mercli.dispatcher, mercli.sender, mercli.rules.config\n"
+        "import mercli.dispatch.dispatcher, mercli.dicom.scu.session, mercli.rules.config\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('pydicom', 'pynetdicom')]\n"
         "print('LOADED', sorted(loaded))\n"
     )

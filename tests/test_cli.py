@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mercli.cli import cli
 from mercli.commands import COMMAND_MODULES, all_commands
 from mercli.spool import OUTGOING, STATES, Spool, Worker
+from tests.kit import ROOT
 from tests.spoolkit import receive_instance
 
 ALL_COMMANDS = sorted(COMMAND_MODULES)
@@ -34,6 +35,15 @@ def test_every_command_has_help(name: str) -> None:
     command = cli if not name else cli.get_command(click.Context(cli), name)
     assert command is not None
     assert command.help and len(command.help) > 40, f"{name or 'mercli'} needs real help text"
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_every_command_is_in_the_readme_command_table(name: str) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = [line for line in readme.splitlines() if line.startswith("| `mercli ")]
+    assert any(line.startswith(f"| `mercli {name}") for line in table), (
+        f"README's command table has no row for `mercli {name}`"
+    )
 
 
 def test_top_level_help_lists_exit_codes() -> None:

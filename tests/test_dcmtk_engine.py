@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from mercli.completeness import check_complete
-from mercli.dcmtk_engine import Sender, StagingTracker, log_config, staged_order
+from mercli.dicom.sender import Sender
 from mercli.names import safe_name
+from mercli.receive.dcmtk.completeness import check_complete
+from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
 from mercli.spool import Spool
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
+from tests.kit import CT
 from tests.netkit import Receiver, dcmtk, free_port, receiver, storescu, wait_until
 from tests.test_receive import associate, stored
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 DCMTK = ("--engine", "dcmtk")
 ROOT = "1.2.276.0.7230010.3.1.4.8323328"
 
@@ -91,7 +92,7 @@ def test_tracker_sweep_takes_files_of_dead_children_once(tmp_path: Path) -> None
     (staging / "foreign.dcm").write_bytes(b"c")  # young foreign file: left for now
     swept = tracker.sweep()
     assert [path.name for path, _, _ in swept] == [staged_name(dead, 1), staged_name(dead, 2)]
-    assert all(sender == Sender(called="MERCLI") for _, sender, _ in swept)
+    assert all(sender == Sender(called_aet="MERCLI") for _, sender, _ in swept)
     assert tracker.sweep() == []  # handed out already
     os.utime(staging / "foreign.dcm", (0, 0))
     assert [path.name for path, _, _ in tracker.sweep()] == ["foreign.dcm"]
@@ -304,10 +305,21 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
     try:
         wait_until(lambda: dcmtk(["echoscu", "127.0.0.1", str(port)]).returncode == 0)
         result = subprocess.run(
-            [sys.executable, "-m", "mercli", "receive", "--spool", str(tmp_path / "s"), *DCMTK,
-             "--port", str(port)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mercli",
+                "receive",
+                "--spool",
+                str(tmp_path / "s"),
+                *DCMTK,
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         blocker.terminate()
         blocker.wait()

@@ -14,9 +14,10 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from mercli.dispatcher import DISPATCH_FILE, Dispatcher, Progress, retry_delay
-from mercli.router import Router, RouteSummary
-from mercli.rules.config import Target, load_rules
+from mercli.dispatch.dispatcher import Dispatcher, retry_delay
+from mercli.jobs import DISPATCH_FILE, Progress, Target
+from mercli.route.router import Router, RouteSummary
+from mercli.rules.config import load_rules
 from mercli.spool import ERROR, JOB_FILE, OUTGOING, SUCCESS, Spool, Worker, recover
 from tests.dicomfiles import dataset_bytes
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
@@ -103,11 +104,6 @@ def scp() -> Iterator[Callable[..., Scp]]:
     yield start
     for server in started:
         server.close()
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool.open(tmp_path / "spool")
 
 
 # -- delivery -------------------------------------------------------------------------------------

@@ -104,16 +104,27 @@ def synthetic_study(folder: Path) -> tuple[list[Path], list[Path]]:
     (folder / "study").mkdir()
     (folder / "scouts").mkdir()
     series = [
-        make_instance(folder / "study", series=f"{study}.{s}", study=study, number=n,
-                      SeriesNumber=s, Modality="CT" if s < 3 else "MR")
+        make_instance(
+            folder / "study",
+            series=f"{study}.{s}",
+            study=study,
+            number=n,
+            SeriesNumber=s,
+            Modality="CT" if s < 3 else "MR",
+        )
         for s in range(1, 5)
         for n in range(8)
-    ]  # fmt: skip
+    ]
     scouts = [
-        make_instance(folder / "scouts", series=f"{study}.9", study=study, number=n,
-                      ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+        make_instance(
+            folder / "scouts",
+            series=f"{study}.9",
+            study=study,
+            number=n,
+            ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        )
         for n in range(3)
-    ]  # fmt: skip
+    ]
     return series, scouts
 
 

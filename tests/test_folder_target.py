@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mercli.folder_target import TargetError, deliver_to_folder
+from mercli.dispatch.targets.folder import TargetError, deliver_to_folder
 
 
 def job_files(folder: Path, count: int = 3, size: int = 5000) -> list[Path]:
@@ -108,7 +108,7 @@ def test_cross_filesystem_copy_and_full_disk(tmp_path: Path) -> None:
         f"""
         import os, subprocess
         from pathlib import Path
-        from mercli.folder_target import TargetError, deliver_to_folder
+        from mercli.dispatch.targets.folder import TargetError, deliver_to_folder
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "{mount}"], check=True)
         dest = Path("{mount}") / "dest"
         files = [Path(p) for p in {[str(p) for p in files]!r}]

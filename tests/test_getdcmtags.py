@@ -1,7 +1,7 @@
 """`build/getdcmtags` (csrc/getdcmtags.cpp) prints the same sidecars as `mercli tags` (SPEC §3).
 
 Parity is checked on pydicom's whole bundled corpus and on synthetic files for the conversion
-rules the corpus does not reach (mercli/tags.py's docstring defines them). Both tools run once
+rules the corpus does not reach (`mercli.tags` defines them). Both tools run once
 over all files; results are matched to files through the `Error: <reason> (<path>)` lines.
 Equal means equal JSON once parsed and re-serialized: same keys in the same order, same types
 (5.0 is not 5), same values; floats compare exactly, since both tools write the shortest
@@ -31,20 +31,11 @@ from pydicom.uid import (
 
 from tests.dicomfiles import CORPUS, make_instance
 
-ROOT = Path(__file__).resolve().parent.parent
-GETDCMTAGS = ROOT / "build" / "getdcmtags"
 ERROR_LINE = re.compile(r"^Error: .+ \(.+\)$")
 
 # Files where the two tools are known to disagree, with the reason. Keep it empty unless a
 # difference cannot be fixed; every entry must say which tool is wrong and why.
 KNOWN_DIFFERENCES: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-def getdcmtags() -> Path:
-    if not GETDCMTAGS.is_file():
-        pytest.fail(f"{GETDCMTAGS} is missing: run `make build` first")
-    return GETDCMTAGS
 
 
 def run(command: list[str | Path], files: list[Path]) -> subprocess.CompletedProcess[str]:

@@ -21,26 +21,13 @@ from mercli.names import safe_name
 from mercli.spool import Spool, lease_is_held, recover
 from mercli.tags import UnreadableDicom, read_tags
 from tests.dicomfiles import CORPUS, make_instance
+from tests.kit import GETDCMTAGS
 
-ROOT = Path(__file__).resolve().parent.parent
-GETDCMTAGS = ROOT / "build" / "getdcmtags"
 META = {"SenderAET": "SENDER", "SenderAddress": "10.1.2.3", "ReceiverAET": "MERCLI"}
 RECEIVED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
 EVENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 ITEM_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}-[0-9a-f]{12}$")
 INJECT_POINTS = range(1, 8)
-
-
-@pytest.fixture(scope="module")
-def getdcmtags() -> Path:
-    if not GETDCMTAGS.is_file():
-        pytest.fail(f"{GETDCMTAGS} is missing: run `make build` first")
-    return GETDCMTAGS
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool.open(tmp_path / "spool")
 
 
 @pytest.fixture

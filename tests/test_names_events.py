@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mercli.durations import format_duration, parse_duration
-from mercli.events import EventLog
 from mercli.names import is_safe_uid, new_id, owner_id, safe_name
+from mercli.spool.events import EventLog
 
 SAFE = re.compile(r"[0-9]+(\.[0-9]+)*|x[0-9a-f]{40}")
 

@@ -64,11 +64,6 @@ def purge(spool: Spool, *args: str, stdin: str | None = None) -> tuple[int, str,
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool.open(tmp_path / "spool")
-
-
 # -- retention ----------------------------------------------------------------------------------
 
 

@@ -7,30 +7,20 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from mercli.names import safe_name
 from mercli.spool import Spool
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
+from tests.kit import CT
 from tests.netkit import Receiver, dcmtk, free_port, port_open, receiver, storescu, wait_until
-
-CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """pynetdicom sends the file's encoded dataset as it is, not re-encoded."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def stored(spool: Path) -> dict[str, Path]:

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from mercli.cli import cli
-from mercli.dispatcher import DISPATCH_FILE
+from mercli.jobs import DISPATCH_FILE, Target
 from mercli.resend import Filters, parse_time, resend_items, select
-from mercli.rules.config import Target, load_rules
+from mercli.rules.config import load_rules
 from mercli.spool import (
     DISCARD,
     ERROR,
@@ -75,11 +75,6 @@ def resend(spool: Spool, *args: str, stdin: str | None = None) -> tuple[int, lis
 
 def inodes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in folder.iterdir() if p.suffix in (".dcm", ".tags")}
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool.open(tmp_path / "spool")
 
 
 # -- selecting ----------------------------------------------------------------------------------
@@ -160,7 +155,7 @@ def test_quarantined_instance_is_rebuilt_or_left_alone(tmp_path: Path, spool: Sp
             copy = worker.tmp_path()
             shutil.copy(path, copy)
             meta = {"SenderAET": "MODALITY", "ReceivedAt": "2026-11-28T00:00:00+00:00"}
-            spool.quarantine_files(worker, {"instance.dcm": copy}, "bug", "receive", **meta)
+            worker.quarantine_files({"instance.dcm": copy}, "bug", "receive", **meta)
     bad_item = max(spool.items(ERROR), key=lambda i: (i.path / "instance.dcm").stat().st_size < 200)
     ctime = bad_item.path.stat().st_ctime
     code, out, err = resend(spool, "--from", "error", "--all")
@@ -182,8 +177,17 @@ def test_resend_to_a_target_makes_a_job_like_routes(tmp_path: Path, spool: Spool
     rules = write_rules(tmp_path, EVERYTHING)
     source = spool.state_dir(DISCARD) / items["1.2.2"]
     linked = inodes(source)
-    code, out, _ = resend(spool, "--from", "discard", "--accession", "A2", "--rules", str(rules),
-                          "--target", "archive")  # fmt: skip
+    code, out, _ = resend(
+        spool,
+        "--from",
+        "discard",
+        "--accession",
+        "A2",
+        "--rules",
+        str(rules),
+        "--target",
+        "archive",
+    )
     assert code == 0 and len(out) == 1 and out[0].startswith("outgoing/")
     job_dir = spool.root / out[0]
     assert inodes(job_dir) == linked  # hard links, not copies
@@ -196,8 +200,11 @@ def test_resend_to_a_target_makes_a_job_like_routes(tmp_path: Path, spool: Spool
         for path in series_files(tmp_path / "src2", "1.2.9", 1, **SERIES["1.2.2"]):
             receive_file(worker, path)
     route_all(spool, rules)
-    routed = next(json.loads((i.path / JOB_FILE).read_text()) for i in spool.items(OUTGOING)
-                  if i.name != job_dir.name)  # fmt: skip
+    routed = next(
+        json.loads((i.path / JOB_FILE).read_text())
+        for i in spool.items(OUTGOING)
+        if i.name != job_dir.name
+    )
     assert set(job) == set(routed) | {"resent_from"}
     assert Target.from_json(job["target"]).name == "archive"
 
@@ -205,8 +212,9 @@ def test_resend_to_a_target_makes_a_job_like_routes(tmp_path: Path, spool: Spool
 def test_unknown_target_and_usage_errors(tmp_path: Path, spool: Spool) -> None:
     items = discarded(tmp_path, spool, {"1.2.1": SERIES["1.2.1"]})
     rules = write_rules(tmp_path, EVERYTHING)
-    code, _, err = resend(spool, "--from", "discard", "--all", "--rules", str(rules),
-                          "--target", "pacs")  # fmt: skip
+    code, _, err = resend(
+        spool, "--from", "discard", "--all", "--rules", str(rules), "--target", "pacs"
+    )
     assert code == 3 and f'Error: unknown target "pacs" ({rules}; defined: archive)' in err
     assert resend(spool, "--from", "discard")[0] == 2  # nothing selected
     assert resend(spool, "--from", "discard", "--all", "--target", "archive")[0] == 2

@@ -11,36 +11,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 
 from mercli.cli import cli
 from mercli.fsutil import write_new
 from mercli.names import safe_name
-from mercli.router import Router, RouteSummary, SeriesState, scan
+from mercli.route.router import Router, RouteSummary, SeriesState, scan
 from mercli.rules.config import load_rules
 from mercli.spool import DISCARD, INCOMING, JOB_FILE, OUTGOING, Spool, Worker, recover
 from mercli.tags import read_tags
 from tests.crashkit import run_until_done
 from tests.dicomfiles import make_instance
+from tests.kit import PACS_AND_ARCHIVE
 from tests.netkit import receiver, storescu, wait_until
 from tests.spoolkit import assert_whole_instances, receive_instance
 
-RULES = """
+RULES = (
+    """
 [route]
 settle = "{settle}"
 series_timeout = "{timeout}"
 
-[targets.pacs]
-type = "dicom"
-host = "127.0.0.1"
-port = 104
-called_aet = "PACS"
-
-[targets.archive]
-type = "folder"
-path = "archive"
-
+"""
+    + PACS_AND_ARCHIVE
+    + """
 [targets.ai]
 type = "folder"
 path = "ai"
@@ -66,6 +60,7 @@ fallback = true
 when = 'Modality == "MR"'
 targets = ["archive"]
 """
+)
 
 
 def write_rules(folder: Path, settle: str = "2s", timeout: str = "60s", text: str = RULES) -> Path:
@@ -109,11 +104,6 @@ def route_all(spool: Spool, rules: Path) -> RouteSummary:
     return summary
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool.open(tmp_path / "spool")
-
-
 # -- completion ---------------------------------------------------------------------------------
 
 
@@ -125,7 +115,7 @@ def test_completion_by_hint_and_by_timeout(tmp_path: Path, spool: Spool) -> None
         router = Router(spool, worker, rules)
         os.utime(spool.state_dir(INCOMING) / "1.2.1", (1000, 1000))
         os.utime(spool.state_dir(INCOMING) / "1.2.2", (1000, 1000))
-        spool.write_hint(worker, "1.2.1", {"ended": "released"})
+        worker.write_hint("1.2.1", {"ended": "released"})
         os.utime(spool.root / "hints" / "1.2.1", (1001, 1001))
         due, next_at = router.due(now=1002.9)
         assert due == [] and next_at == 1003.0  # hint + settle

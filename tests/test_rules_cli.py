@@ -9,18 +9,11 @@ from click.testing import CliRunner
 
 from mercli.cli import cli
 from tests.dicomfiles import make_instance
+from tests.kit import PACS_AND_ARCHIVE
 
-RULES = """\
-[targets.pacs]
-type = "dicom"
-host = "127.0.0.1"
-port = 104
-called_aet = "PACS"
-
-[targets.archive]
-type = "folder"
-path = "archive"
-
+RULES = (
+    PACS_AND_ARCHIVE
+    + """
 [[rules]]
 name = "ct-to-pacs"
 when = 'tags.Modality == "CT" and "CHEST" in @StudyDescription@.upper()'
@@ -42,6 +35,7 @@ name = "rest"
 fallback = true
 action = "discard"
 """
+)
 
 
 def setup(tmp_path: Path, rules: str = RULES) -> tuple[Path, Path, Path]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mercli.errors import ConfigError, ExitCode
-from mercli.rules.config import PurgeSettings, RouteSettings, Target, load_rules
+from mercli.jobs import Target
+from mercli.rules.config import PurgeSettings, RouteSettings, load_rules
 
 EXAMPLE = """\
 [route]
@@ -126,58 +127,206 @@ def test_inline_targets_are_located(tmp_path: Path) -> None:
 
 # (text, line, message): the error must read exactly `<file>:<line>: <message>`.
 ERRORS = [
-    ("[route\n", 1, "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 7)"),
-    ("rout = 1\n" + DICOM + RULE, 1, 'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, rules)'),
-    ("[route]\nsettle = \"2x\"\n" + DICOM + RULE, 2, "[route]: \"settle\": not a duration: '2x' (use e.g. 90s, 15m, 2h, 3d or seconds)"),
-    ("[route]\nsettle = true\n" + DICOM + RULE, 2, '[route]: "settle" must be a duration such as 90s or 15m, not a boolean'),
-    ("[route]\nseries_timeout = 0\n" + DICOM + RULE, 2, '[route]: "series_timeout" must be more than 0'),
-    ("[route]\ntimeout = 1\n" + DICOM + RULE, 2, '[route]: unknown key "timeout" (did you mean "study_timeout"? allowed: series_timeout, settle, study_timeout)'),
+    (
+        "[route\n",
+        1,
+        "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 7)",
+    ),
+    (
+        "rout = 1\n" + DICOM + RULE,
+        1,
+        'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, rules)',
+    ),
+    (
+        '[route]\nsettle = "2x"\n' + DICOM + RULE,
+        2,
+        "[route]: \"settle\": not a duration: '2x' (use e.g. 90s, 15m, 2h, 3d or seconds)",
+    ),
+    (
+        "[route]\nsettle = true\n" + DICOM + RULE,
+        2,
+        '[route]: "settle" must be a duration such as 90s or 15m, not a boolean',
+    ),
+    (
+        "[route]\nseries_timeout = 0\n" + DICOM + RULE,
+        2,
+        '[route]: "series_timeout" must be more than 0',
+    ),
+    (
+        "[route]\ntimeout = 1\n" + DICOM + RULE,
+        2,
+        '[route]: unknown key "timeout" (did you mean "study_timeout"? allowed: series_timeout, settle, study_timeout)',
+    ),
     (DICOM, None, "no [[rules]]: every series would be discarded"),
     (DICOM + '[[rules]]\ntargets = ["pacs"]\n', 6, 'rule #1: missing key "name"'),
     (DICOM + RULE + RULE, 10, 'rule "r": duplicate rule name (first used at line 6)'),
-    (DICOM + '[[rules]]\nname = "r"\ntargets = ["pcas"]\n', 8, 'rule "r": unknown target "pcas" (did you mean "pacs"?)'),
-    (DICOM + '[[rules]]\nname = "r"\ntargets = ["zzz"]\n', 8, 'rule "r": unknown target "zzz" (defined: pacs)'),
-    (DICOM + '[[rules]]\nname = "r"\n', 6, 'rule "r": no targets (add targets = [...], or action = "discard")'),
-    (DICOM + '[[rules]]\nname = "r"\ntargets = []\n', 6, 'rule "r": no targets (add targets = [...], or action = "discard")'),
-    (DICOM + '[[rules]]\nname = "r"\naction = "discard"\ntargets = ["pacs"]\n', 9, 'rule "r": a rule with action = "discard" cannot have targets'),
-    (DICOM + '[[rules]]\nname = "r"\naction = "drop"\n', 8, 'rule "r": action must be "route" or "discard", not "drop"'),
-    (DICOM + RULE + 'tagets = ["x"]\n', 9, 'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback)'),
+    (
+        DICOM + '[[rules]]\nname = "r"\ntargets = ["pcas"]\n',
+        8,
+        'rule "r": unknown target "pcas" (did you mean "pacs"?)',
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\ntargets = ["zzz"]\n',
+        8,
+        'rule "r": unknown target "zzz" (defined: pacs)',
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\n',
+        6,
+        'rule "r": no targets (add targets = [...], or action = "discard")',
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\ntargets = []\n',
+        6,
+        'rule "r": no targets (add targets = [...], or action = "discard")',
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\naction = "discard"\ntargets = ["pacs"]\n',
+        9,
+        'rule "r": a rule with action = "discard" cannot have targets',
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\naction = "drop"\n',
+        8,
+        'rule "r": action must be "route" or "discard", not "drop"',
+    ),
+    (
+        DICOM + RULE + 'tagets = ["x"]\n',
+        9,
+        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback)',
+    ),
     (DICOM + RULE + 'final = "yes"\n', 9, 'rule "r": "final" must be true or false, not a string'),
-    (DICOM + RULE + "targets = [1]\n", 9, "invalid TOML: Cannot overwrite a value (at line 9, column 14)"),
-    (DICOM + '[[rules]]\nname = "r"\ntargets = [1]\n', 8, 'rule "r": "targets" must be a list of strings'),
-    (DICOM + '[[rules]]\nname = ""\n', 7, 'rule #1: a rule name must be non-empty printable text'),
-    (DICOM + RULE + "when = 'Modalty == \"CT\"'\n", 9, 'rule "r": bad expression: unknown keyword "Modalty" (did you mean "Modality"?) (column 1)'),
-    (DICOM + RULE + "when = 'Modality.__class__'\n", 9, 'rule "r": bad expression: attribute access .__class__ is not allowed (column 1)'),
+    (
+        DICOM + RULE + "targets = [1]\n",
+        9,
+        "invalid TOML: Cannot overwrite a value (at line 9, column 14)",
+    ),
+    (
+        DICOM + '[[rules]]\nname = "r"\ntargets = [1]\n',
+        8,
+        'rule "r": "targets" must be a list of strings',
+    ),
+    (DICOM + '[[rules]]\nname = ""\n', 7, "rule #1: a rule name must be non-empty printable text"),
+    (
+        DICOM + RULE + "when = 'Modalty == \"CT\"'\n",
+        9,
+        'rule "r": bad expression: unknown keyword "Modalty" (did you mean "Modality"?) (column 1)',
+    ),
+    (
+        DICOM + RULE + "when = 'Modality.__class__'\n",
+        9,
+        'rule "r": bad expression: attribute access .__class__ is not allowed (column 1)',
+    ),
     (DICOM + RULE + "when = 1\n", 9, 'rule "r": "when" must be a string, not an integer'),
-    ('[targets.pacs]\ntype = "sftp"\n' + RULE, 2, 'target "pacs": unknown type "sftp" (known: dicom, folder)'),
+    (
+        '[targets.pacs]\ntype = "sftp"\n' + RULE,
+        2,
+        'target "pacs": unknown type "sftp" (known: dicom, folder)',
+    ),
     ('[targets.pacs]\nhost = "h"\n' + RULE, 1, 'target "pacs": missing key "type"'),
-    ('[targets.pacs]\ntype = "dicom"\nport = 104\ncalled_aet = "P"\n' + RULE, 1, 'target "pacs": missing key "host"'),
-    ('[targets.pacs]\ntype = "dicom"\nhost = "h"\ncalled_aet = "P"\n' + RULE, 1, 'target "pacs": missing key "port"'),
-    ('[targets.pacs]\ntype = "dicom"\nhost = "h"\nport = 104\n' + RULE, 1, 'target "pacs": missing key "called_aet"'),
-    (DICOM.replace("104", "70000") + RULE, 4, 'target "pacs": "port" must be between 1 and 65535, not 70000'),
-    (DICOM.replace("104", '"104"') + RULE, 4, 'target "pacs": "port" must be an integer, not a string'),
-    (DICOM.replace('"PACS"', '"A_VERY_LONG_AE_TITLE"') + RULE, 5, 'target "pacs": "called_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A_VERY_LONG_AE_TITLE\''),
-    (DICOM + 'calling_aet = "A\\\\B"\n' + RULE, 6, 'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A\\\\B\''),
-    (DICOM + 'calling_aet = "A\\tB"\n' + RULE, 6, 'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A\\tB\''),
-    (DICOM + 'calling_aet = "  "\n' + RULE, 6, 'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'  \''),
-    (DICOM + 'path = "/x"\n' + RULE, 6, 'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)'),
-    (DICOM + 'timeout = 0\n' + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
-    (DICOM + 'retry_delay = "soon"\n' + RULE, 6, "target \"pacs\": \"retry_delay\": not a duration: 'soon' (use e.g. 90s, 15m, 2h, 3d or seconds)"),
-    (DICOM + 'retry_backoff = 0.5\n' + RULE, 6, 'target "pacs": "retry_backoff" must be at least 1, not 0.5'),
-    (DICOM + 'max_attempts = -1\n' + RULE, 6, 'target "pacs": "max_attempts" must be between 0 and 1000000, not -1'),
+    (
+        '[targets.pacs]\ntype = "dicom"\nport = 104\ncalled_aet = "P"\n' + RULE,
+        1,
+        'target "pacs": missing key "host"',
+    ),
+    (
+        '[targets.pacs]\ntype = "dicom"\nhost = "h"\ncalled_aet = "P"\n' + RULE,
+        1,
+        'target "pacs": missing key "port"',
+    ),
+    (
+        '[targets.pacs]\ntype = "dicom"\nhost = "h"\nport = 104\n' + RULE,
+        1,
+        'target "pacs": missing key "called_aet"',
+    ),
+    (
+        DICOM.replace("104", "70000") + RULE,
+        4,
+        'target "pacs": "port" must be between 1 and 65535, not 70000',
+    ),
+    (
+        DICOM.replace("104", '"104"') + RULE,
+        4,
+        'target "pacs": "port" must be an integer, not a string',
+    ),
+    (
+        DICOM.replace('"PACS"', '"A_VERY_LONG_AE_TITLE"') + RULE,
+        5,
+        'target "pacs": "called_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A_VERY_LONG_AE_TITLE\'',
+    ),
+    (
+        DICOM + 'calling_aet = "A\\\\B"\n' + RULE,
+        6,
+        'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A\\\\B\'',
+    ),
+    (
+        DICOM + 'calling_aet = "A\\tB"\n' + RULE,
+        6,
+        'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'A\\tB\'',
+    ),
+    (
+        DICOM + 'calling_aet = "  "\n' + RULE,
+        6,
+        'target "pacs": "calling_aet" must be an AE title: 1 to 16 printable ASCII characters without backslash, not \'  \'',
+    ),
+    (
+        DICOM + 'path = "/x"\n' + RULE,
+        6,
+        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
+    ),
+    (DICOM + "timeout = 0\n" + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
+    (
+        DICOM + 'retry_delay = "soon"\n' + RULE,
+        6,
+        'target "pacs": "retry_delay": not a duration: \'soon\' (use e.g. 90s, 15m, 2h, 3d or seconds)',
+    ),
+    (
+        DICOM + "retry_backoff = 0.5\n" + RULE,
+        6,
+        'target "pacs": "retry_backoff" must be at least 1, not 0.5',
+    ),
+    (
+        DICOM + "max_attempts = -1\n" + RULE,
+        6,
+        'target "pacs": "max_attempts" must be between 0 and 1000000, not -1',
+    ),
     (DICOM + 'host = "a b"\n', 6, "invalid TOML: Cannot overwrite a value (at line 6, column 13)"),
     (DICOM.replace('"h"', '"a b"') + RULE, 3, 'target "pacs": bad host "a b"'),
     ('[targets.pacs]\ntype = "folder"\n' + RULE, 1, 'target "pacs": missing key "path"'),
-    ('[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE, 4, 'target "pacs": unknown key "host" (allowed: type, path, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)'),
-    ('[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE, 1, "target \"a b\": target names are letters, digits, '.', '_' and '-'"),
+    (
+        '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,
+        4,
+        'target "pacs": unknown key "host" (allowed: type, path, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
+    ),
+    (
+        '[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE,
+        1,
+        "target \"a b\": target names are letters, digits, '.', '_' and '-'",
+    ),
     ("targets = 3\n" + RULE, 1, '"targets" must be a table ([targets] or targets = {...})'),
     ("rules = 3\n", 1, "rules must be [[rules]] tables"),
     ("purge = 3\n" + DICOM + RULE, 1, '"purge" must be a table ([purge] or purge = {...})'),
-    ("[purge]\nsucess = \"1d\"\n" + DICOM + RULE, 2, '[purge]: unknown key "sucess" (did you mean "success"? allowed: success, discard, error)'),
-    ("[purge]\noutgoing = \"1d\"\n" + DICOM + RULE, 2, '[purge]: unknown key "outgoing" (allowed: success, discard, error)'),
-    ("[purge]\nerror = \"a month\"\n" + DICOM + RULE, 2, "[purge]: \"error\": not a duration: 'a month' (use e.g. 90s, 15m, 2h, 3d or seconds)"),
-    ("[purge]\ndiscard = true\n" + DICOM + RULE, 2, '[purge]: "discard" must be a duration such as 90s or 15m, not a boolean'),
-]  # fmt: skip
+    (
+        '[purge]\nsucess = "1d"\n' + DICOM + RULE,
+        2,
+        '[purge]: unknown key "sucess" (did you mean "success"? allowed: success, discard, error)',
+    ),
+    (
+        '[purge]\noutgoing = "1d"\n' + DICOM + RULE,
+        2,
+        '[purge]: unknown key "outgoing" (allowed: success, discard, error)',
+    ),
+    (
+        '[purge]\nerror = "a month"\n' + DICOM + RULE,
+        2,
+        "[purge]: \"error\": not a duration: 'a month' (use e.g. 90s, 15m, 2h, 3d or seconds)",
+    ),
+    (
+        "[purge]\ndiscard = true\n" + DICOM + RULE,
+        2,
+        '[purge]: "discard" must be a duration such as 90s or 15m, not a boolean',
+    ),
+]
 
 
 @pytest.mark.parametrize(("text", "line", "message"), ERRORS)

@@ -71,8 +71,10 @@ def test_every_matching_rule_applies_and_targets_are_deduplicated(tmp_path: Path
 
 def test_discard_wins_over_routing_before_and_after(tmp_path: Path) -> None:
     scouts = rule("no-scouts", '"LOCALIZER" in ImageType', action='"discard"')
-    for rules_text in (rule("ct", 'Modality == "CT"', "pacs") + scouts,
-                       scouts + rule("ct", 'Modality == "CT"', "pacs")):  # fmt: skip
+    for rules_text in (
+        rule("ct", 'Modality == "CT"', "pacs") + scouts,
+        scouts + rule("ct", 'Modality == "CT"', "pacs"),
+    ):
         decision = one(ruleset(tmp_path, rules_text), SCOUT)
         assert (decision.discarded, decision.targets) == (True, ())
         assert decision.reason == 'discarded by rule "no-scouts"'

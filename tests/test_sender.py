@@ -15,9 +15,8 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import JPEG2000Lossless
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from mercli.dimse import status_category
-from mercli.sendable import EXPLICIT_LE, IMPLICIT_LE, Instance, read_instance
-from mercli.sender import (
+from mercli.dicom.dimse import status_category
+from mercli.dicom.scu.session import (
     DicomPeer,
     InstanceNotSendable,
     PeerAborted,
@@ -29,6 +28,7 @@ from mercli.sender import (
     echo,
     propose,
 )
+from mercli.dicom.scu.transcode import EXPLICIT_LE, IMPLICIT_LE, Instance, read_instance
 from tests.dicomfiles import CORPUS, PYDICOM_DATA, dataset_bytes, make_instance
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 

@@ -1,4 +1,4 @@
-"""Sidecar extraction (mercli/tags.py) and `mercli tags`, on real files only.
+"""Sidecar extraction (mercli/tags/__init__.py) and `mercli tags`, on real files only.
 
 pydicom's bundled corpus is the conformance suite: every file gives a sidecar of the documented
 shape, and the fast scanner agrees with pydicom's own reader on every one of them.

@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from mercli.tags import UnreadableDicom, read_tags
+from tests.kit import GETDCMTAGS
 from tests.reliability.hostile import EXPLICIT, IMPLICIT, Element, encode, file_meta, nested
 
-ROOT = Path(__file__).resolve().parent.parent
-GETDCMTAGS = ROOT / "build" / "getdcmtags"
 SOP = "1.2.826.0.1.3680043.9.77.1"
 SERIES, STUDY = f"{SOP}.1", f"{SOP}.2"
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -70,9 +69,8 @@ def both(path: Path) -> dict[str, Any] | None:
 
 
 @pytest.fixture(autouse=True)
-def _built() -> None:
-    if not GETDCMTAGS.is_file():
-        pytest.fail(f"{GETDCMTAGS} is missing: run `make build` first")
+def _built(getdcmtags: Path) -> None:
+    """Every test here runs the C++ helper: fail at once when it is not built."""
 
 
 # --- a value or header that runs past the end of the data --------------------------------------

@@ -21,7 +21,7 @@ struct Field {
     Uint16 element;
 };
 
-// Same keywords, same order as SIDECAR_KEYWORDS in mercli/tagspec.py.
+// Same keywords, same order as SIDECAR_KEYWORDS in mercli/tags/spec.py.
 const Field kSidecar[] = {
     {"SOPClassUID", 0x0008, 0x0016},
     {"SOPInstanceUID", 0x0008, 0x0018},
@@ -287,7 +287,7 @@ std::string elementJson(DcmElement &element, TextDecoder &text) {
     return pack(binaryValues(vr, bytes));
 }
 
-// Undefined-length sequences nested deeper than this are malformed (as in mercli/tags.py).
+// Undefined-length sequences nested deeper than this are malformed (as in mercli/tags/__init__.py).
 const int kMaxDepth = 64;
 
 // How deep undefined-length sequences nest in `item` (through undefined-length items).

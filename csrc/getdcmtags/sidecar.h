@@ -1,7 +1,7 @@
 #ifndef GETDCMTAGS_SIDECAR_H
 #define GETDCMTAGS_SIDECAR_H
 
-// The sidecar JSON of a DICOM file, as `mercli tags` prints it (rules: mercli/tags.py).
+// The sidecar JSON of a DICOM file, as `mercli tags` prints it (rules: mercli/tags/__init__.py).
 // Reading stops after (0028,0008) NumberOfFrames; damage before that makes a file unreadable.
 
 #include "dcmtk/config/osconfig.h"

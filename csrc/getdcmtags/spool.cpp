@@ -176,7 +176,7 @@ void Spool::startLease() {
     leaseFd_ = fd;
 }
 
-std::string Spool::metadataJson(const ReceiveInfo &info) {
+std::string Spool::metadataJson(const Sender &info) {
     return ",\"SenderAET\":" + jsonString(info.callingAet) +
            ",\"SenderAddress\":" + jsonString(info.address) +
            ",\"ReceiverAET\":" + jsonString(info.calledAet) + ",\"ReceivedAt\":\"" +
@@ -238,7 +238,7 @@ bool Spool::publishToGroup(const std::string &group,
 }
 
 std::string Spool::quarantine(const std::string &path, const std::string &reason, int status,
-                       const ReceiveInfo &info) {
+                       const Sender &info) {
     std::string item = newId();
     std::string folder = tmpPath();
     if (mkdir(folder.c_str(), 0755) != 0) fail(folder);

@@ -1,7 +1,7 @@
 #ifndef GETDCMTAGS_SPOOL_H
 #define GETDCMTAGS_SPOOL_H
 
-// The spool protocol of mercli/spool.py, as mercli/receiver.py follows it: getdcmtags
+// The spool protocol of mercli/spool/, as mercli/receive/handler.py follows it: getdcmtags
 // --publish moves staged files into incoming/<series>/ with their sidecars, or quarantines
 // them in error/<id>/.
 
@@ -13,7 +13,7 @@
 
 namespace getdcmtags {
 
-struct ReceiveInfo {
+struct Sender {
     std::string callingAet, calledAet, address;
 };
 
@@ -30,7 +30,7 @@ class Spool {
     // One staged file on its way through publishBatch.
     struct Entry {
         std::string path;
-        ReceiveInfo info;
+        Sender info;
         std::string line;  // the answer printed for it
         bool ok = false;
         Fields fields;
@@ -55,7 +55,7 @@ class Spool {
 
     void startLease();
 
-    std::string metadataJson(const ReceiveInfo &info);
+    std::string metadataJson(const Sender &info);
 
     // Spool.publish_to_group (protocol step 2).
     bool publishToGroup(const std::string &group,
@@ -63,7 +63,7 @@ class Spool {
 
     // receiver._quarantine: error/<id>/instance.dcm + error.json, built in scratch.
     std::string quarantine(const std::string &path, const std::string &reason, int status,
-                           const ReceiveInfo &info);
+                           const Sender &info);
 
     // EventLog.append: one line, one write(2), O_APPEND; failures only warned about.
     void logEvent(const std::string &body);

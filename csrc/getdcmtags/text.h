@@ -2,7 +2,7 @@
 #define GETDCMTAGS_TEXT_H
 
 // JSON text and numbers as Python writes and reads them, and small string helpers: the
-// building blocks of getdcmtags' output (mercli/tags.py defines what is printed).
+// building blocks of getdcmtags' output (mercli/tags/__init__.py defines what is printed).
 
 #include <cstddef>
 #include <cstring>

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mercli.commands.options import common_options
-from mercli.dispatch_service import DispatchService
+from mercli.dispatch.service import DispatchService
 from mercli.errors import ExitCode
 
 

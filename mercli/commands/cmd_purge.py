@@ -13,8 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mercli.commands.options import common_options
-from mercli.durations import parse_duration
+from mercli.commands.options import common_options, duration
 from mercli.errors import ExitCode
 from mercli.purge import (
     FreeSpace,
@@ -33,15 +32,6 @@ from mercli.spool import Spool, recover
 
 PROGRESS_MIN = 200  # items; fewer finish before a bar would be worth drawing
 DEFAULT_STATES = ("success", "discard")
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
 
 
 def _states(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
@@ -69,24 +59,33 @@ def _keep_free(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.command()
 @common_options
 @click.option(
-    "--older-than", callback=_duration, metavar="DUR",
+    "--older-than",
+    callback=duration,
+    metavar="DUR",
     help="Retention for every state purged (overrides [purge]); with --keep-free, a minimum age.",
-)  # fmt: skip
+)
 @click.option(
-    "--state", "states", callback=_states, metavar="STATES",
+    "--state",
+    "states",
+    callback=_states,
+    metavar="STATES",
     help="Comma-separated states to purge: success, discard, error.  [default: success,discard]",
-)  # fmt: skip
+)
 @click.option(
     "--dry-run", is_flag=True, help="List what would go (stdout) and totals; change nothing."
 )
 @click.option(
-    "--keep-free", callback=_keep_free, metavar="PCT|SIZE",
+    "--keep-free",
+    callback=_keep_free,
+    metavar="PCT|SIZE",
     help="Disk-pressure mode: delete oldest first until this much is free (10%, 50G).",
-)  # fmt: skip
+)
 @click.option(
-    "--rules", "rules_path", type=click.Path(path_type=Path, dir_okay=False),
+    "--rules",
+    "rules_path",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="Read retention from the [purge] table of this rules file.",
-)  # fmt: skip
+)
 def purge(
     spool: Path,
     older_than: float | None,

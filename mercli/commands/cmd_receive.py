@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from mercli.commands.options import check_extra_tags, common_options
-from mercli.receive_service import serve
-from mercli.receiver import ReceiveConfig
+from mercli.receive.handler import ReceiveConfig
+from mercli.receive.service import serve
 
 _DEFAULTS = ReceiveConfig()
 

@@ -11,6 +11,7 @@ import click
 
 from mercli.commands.options import common_options
 from mercli.errors import ConfigError, ExitCode, UsageError
+from mercli.jobs import Target
 from mercli.resend import (
     FROM_STATES,
     Filters,
@@ -21,7 +22,7 @@ from mercli.resend import (
     resend_items,
     select,
 )
-from mercli.rules.config import Target, load_rules
+from mercli.rules.config import load_rules
 from mercli.spool import Spool, recover
 
 
@@ -37,9 +38,12 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> floa
 @click.command()
 @common_options
 @click.option(
-    "--from", "from_state", required=True, type=click.Choice(FROM_STATES),
+    "--from",
+    "from_state",
+    required=True,
+    type=click.Choice(FROM_STATES),
     help="The state to resend from.",
-)  # fmt: skip
+)
 @click.option("--study", metavar="UID", help="Only this StudyInstanceUID.")
 @click.option("--series", metavar="UID", help="Only this SeriesInstanceUID.")
 @click.option("--patient-id", metavar="ID", help="Only this PatientID.")
@@ -47,9 +51,11 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> floa
 @click.option("--since", callback=_time, metavar="T", help="Entered the state at or after T.")
 @click.option("--until", callback=_time, metavar="T", help="Entered the state before T.")
 @click.option(
-    "--rules", "rules_path", type=click.Path(path_type=Path, dir_okay=False),
+    "--rules",
+    "rules_path",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="Rules file that defines --target.",
-)  # fmt: skip
+)
 @click.option("--target", "target_name", metavar="NAME", help="Send straight to this target.")
 @click.option("--all", "everything", is_flag=True, help="Select every item of the state.")
 @click.option("--dry-run", is_flag=True, help="List what would be resent; change nothing.")

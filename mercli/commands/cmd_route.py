@@ -9,7 +9,7 @@ import click
 
 from mercli.commands.options import common_options
 from mercli.errors import ExitCode
-from mercli.route_service import RouteService
+from mercli.route.service import RouteService
 
 
 @click.command()

@@ -7,20 +7,12 @@ from pathlib import Path
 
 import click
 
-from mercli.commands.options import check_extra_tags, common_options
-from mercli.durations import parse_duration
-from mercli.receiver import ReceiveConfig
+from mercli.commands.options import check_extra_tags, common_options, duration
+from mercli.receive.handler import ReceiveConfig
 from mercli.rules.config import load_rules
-from mercli.run_service import RunConfig, Supervisor
+from mercli.supervisor import RunConfig, Supervisor
 
 _DEFAULTS = ReceiveConfig()
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
 
 
 @click.command()
@@ -45,7 +37,7 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
     "--purge-every",
     default="1h",
     show_default=True,
-    callback=_duration,
+    callback=duration,
     help="How often to run `mercli purge` (retention from [purge] in the rules); 0 = never.",
 )
 def run(

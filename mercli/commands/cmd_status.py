@@ -14,7 +14,7 @@ from rich.table import Table
 from mercli.commands.options import common_options
 from mercli.durations import format_duration
 from mercli.errors import SpoolError
-from mercli.spool import Spool
+from mercli.spool import INCOMING, Spool
 from mercli.status import collect_status
 
 
@@ -38,7 +38,7 @@ def status(spool: Path, as_json: bool) -> None:
     try:
         opened = Spool.open(spool)
     except SpoolError:
-        if not (spool / "incoming").is_dir():
+        if not (spool / INCOMING).is_dir():
             raise
         opened = Spool.open_for_reading(spool)  # an existing read-only spool can be looked at
     document = collect_status(opened)

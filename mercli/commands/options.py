@@ -46,6 +46,18 @@ def common_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Click callback: `90s`, `15m`, `2h`, `3d` or plain seconds, as seconds (None stays None)."""
+    from mercli.durations import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
 def check_extra_tags(
     ctx: click.Context, param: click.Parameter, value: Sequence[str]
 ) -> tuple[str, ...]:

@@ -16,11 +16,12 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mercli.errors import ConfigError
+from mercli.jobs import Target
 from mercli.rules.tables import Lines, Table
 
 if TYPE_CHECKING:  # expr imports pydicom's dictionary: only loading rules needs it, not Target
@@ -33,7 +34,6 @@ __all__ = [
     "RouteSettings",
     "Rule",
     "RuleSet",
-    "Target",
     "load_rules",
 ]
 
@@ -73,45 +73,6 @@ class PurgeSettings:
         """The retention of one of PURGE_STATES; None: not purged by retention."""
         value: float | None = getattr(self, state)
         return value
-
-
-@dataclass(frozen=True)
-class Target:
-    """`[targets.NAME]`: where jobs go and how dispatch retries them (durations in seconds).
-
-    A job carries its target as `to_json()`, so dispatch needs no rules file. `max_attempts`
-    and `max_age` of 0 mean no limit. `path` (folder targets) is absolute.
-    """
-
-    name: str
-    type: str
-    host: str | None = None
-    port: int | None = None
-    called_aet: str | None = None
-    calling_aet: str = "MERCLI"
-    ordered: bool = False
-    timeout: float = 60.0
-    path: Path | None = None
-    retry_delay: float = 10.0
-    retry_backoff: float = 2.0
-    retry_max_delay: float = 600.0
-    max_attempts: int = 20
-    max_age: float = 3 * 86400.0
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (path as a string)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["path"] = None if self.path is None else str(self.path)
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Target:
-        """The target `to_json` wrote; keys this version does not know are ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        if values.get("path") is not None:
-            values["path"] = Path(values["path"])
-        return cls(**values)
 
 
 @dataclass(frozen=True)

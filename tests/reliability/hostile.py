@@ -11,24 +11,9 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+from tests.kit import CT, EXPLICIT, IMPLICIT, LONG_VRS
+
 MARKER = "mercli-escape-marker"  # every path-like UID carries it; no file name ever may
-LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 _serial = itertools.count(1)
 
 CHARSETS = [

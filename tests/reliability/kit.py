@@ -19,12 +19,10 @@ from typing import Any, TextIO
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from mercli.tags import UnreadableDicom, read_tags
+from tests.kit import EXPLICIT, IMPLICIT, ROOT
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-GETDCMTAGS = ROOT / "build" / "getdcmtags"
 MERCLI = [sys.executable, "-m", "mercli"]
-EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 ENV = {**DCMTK_ENV, "PYTHONPATH": str(ROOT)}
 
 

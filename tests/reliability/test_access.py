@@ -13,11 +13,11 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from tests.dicomfiles import dataset_bytes, make_instance
+from tests.kit import CT, EXPLICIT
 from tests.netkit import Receiver, dcmtk, storescu
 from tests.reliability.kit import Scp, claimed, dicom_target, events, items, mercli, write_rules
 from tests.reliability.rawpdu import associate_rq, read_pdu, status_of, store_pdus
 
-CT, EXPLICIT = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
 ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, ABORT = 0x02, 0x03, 0x04, 0x07
 
 
@@ -77,8 +77,12 @@ def test_refused_senders_land_nothing(tmp_path: Path, guarded: Receiver) -> None
         sock.sendall(store_pdus(CT, sop, dataset_bytes(path)))
         answer = read_pdu(sock)
         assert answer is None or answer[0] == ABORT, answer
-    assert dcmtk(["echoscu", "-aet", "INTRUDER", "-aec", "MERCLI", "127.0.0.1",
-                  str(guarded.port)]).returncode != 0  # fmt: skip
+    assert (
+        dcmtk(
+            ["echoscu", "-aet", "INTRUDER", "-aec", "MERCLI", "127.0.0.1", str(guarded.port)]
+        ).returncode
+        != 0
+    )
     assert landed(spool) == []
     # The same hand-made client, allowed in, does store: the refusals above were real ones.
     allowed = raw_store(guarded.port, "CT1", "MERCLI", dataset_bytes(path), sop)
@@ -102,8 +106,10 @@ def test_no_patient_names_or_ids_in_logs_or_events(tmp_path: Path) -> None:
         "PatientID": PATIENT_ID,
         "StudyDescription": "Chest",
     }
-    files = [make_instance(source, series="1.2.826.0.1.3680043.9.71", number=n, **patient)
-             for n in range(3)]  # fmt: skip
+    files = [
+        make_instance(source, series="1.2.826.0.1.3680043.9.71", number=n, **patient)
+        for n in range(3)
+    ]
     # one more instance of that series under another name: the rules see it differ (a split)
     other = {**patient, "PatientName": OTHER_NAME}
     files.append(make_instance(source, series="1.2.826.0.1.3680043.9.71", number=9, **other))

@@ -18,9 +18,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
-from mercli.dispatcher import Progress
+from mercli.jobs import Progress
 from mercli.spool import Spool, Worker, recover
 from tests.dicomfiles import dataset_bytes, make_instance
+from tests.kit import CT, EXPLICIT
 from tests.netkit import Receiver, receiver, storescu, wait_until
 from tests.reliability.kit import (
     Service,
@@ -36,7 +37,6 @@ from tests.reliability.kit import (
     write_rules,
 )
 
-CT, EXPLICIT = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
 WORKERS = 2  # dispatch threads: in-flight jobs per dispatcher, for the duplicate bound
 MAX_SERIES = 12  # instances per series at most: one job is one series batch
 

@@ -12,22 +12,21 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, seed, settings
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from mercli.names import safe_name
 from mercli.spool import Spool
 from mercli.tags import UnreadableDicom, read_tags
 from tests.dicomfiles import dataset_bytes, make_instance
+from tests.kit import CT, EXPLICIT, GETDCMTAGS, IMPLICIT
 from tests.netkit import Receiver, storescu
-from tests.reliability.hostile import CT, EXPLICIT, IMPLICIT, MARKER, Hostile, hostile_files
-from tests.reliability.kit import GETDCMTAGS, fuzz_seed, items, mercli
+from tests.reliability.hostile import MARKER, Hostile, hostile_files
+from tests.reliability.kit import fuzz_seed, items, mercli
 
 EXAMPLES = int(os.environ.get("MERCLI_FUZZ_EXAMPLES") or 150)
 FUZZ = settings(
@@ -114,16 +113,27 @@ def test_read_tags_and_getdcmtags_survive_hostile_files(tmp_path: Path) -> None:
             findings.append(f"readable: read_tags={readable} {case.damage} {why}")
         elif readable and json.loads(printed.stdout) != ours:
             theirs = json.loads(printed.stdout)
-            diff = {k: (ours.get(k), theirs.get(k)) for k in {*ours, *theirs}
-                    if ours.get(k) != theirs.get(k)}  # fmt: skip
+            diff = {
+                k: (ours.get(k), theirs.get(k))
+                for k in {*ours, *theirs}
+                if ours.get(k) != theirs.get(k)
+            }
             findings.append(f"values differ {case.damage}: {diff}")
 
         staged = staging / path.name
         staged.write_bytes(case.data)
         published = getdcmtags(
-            "--publish", "--spool", spool.root, "--calling-aet", "FUZZ", "--called-aet", "MERCLI",
-            "--address", "127.0.0.1", staged,
-        )  # fmt: skip
+            "--publish",
+            "--spool",
+            spool.root,
+            "--calling-aet",
+            "FUZZ",
+            "--called-aet",
+            "MERCLI",
+            "--address",
+            "127.0.0.1",
+            staged,
+        )
         assert published.returncode in (0, 1), (published.returncode, published.stderr)
         (line,) = published.stdout.rstrip("\n").split("\n")
         kind, _, rest = line.partition(" ")
@@ -158,14 +168,6 @@ def test_read_tags_and_getdcmtags_survive_hostile_files(tmp_path: Path) -> None:
         print("FINDING", finding[:400])
     assert outcomes["readable"] and outcomes["unreadable"], "the corpus is not hostile enough"
     assert findings == [], f"read_tags and getdcmtags disagree on {len(findings)} file(s)"
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """pynetdicom sends each file's data set bytes as they are: no parsing, no repair."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def test_receive_answers_every_hostile_instance_and_keeps_serving(

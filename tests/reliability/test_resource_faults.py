@@ -17,7 +17,8 @@ import pytest
 
 from mercli.spool import Spool, Worker
 from tests.dicomfiles import make_instance
-from tests.reliability.kit import ENV, ROOT, items, mercli, write_rules
+from tests.kit import ROOT
+from tests.reliability.kit import ENV, items, mercli, write_rules
 from tests.test_route import receive_file
 
 SERIES = [f"1.2.826.0.1.3680043.9.30.{n}" for n in range(8)]

@@ -144,8 +144,15 @@ def test_sick_targets_retry_give_up_or_recover_and_never_hold_up_the_others(
         failing.status = lambda ds: 0
         refuser.server.ae.require_called_aet = False
         given_up = jobs_by_target(spool, "error")
-        resent = mercli("resend", "--from", "error", "--spool", spool,
-                        given_up["failing"].name, given_up["refuser"].name)  # fmt: skip
+        resent = mercli(
+            "resend",
+            "--from",
+            "error",
+            "--spool",
+            spool,
+            given_up["failing"].name,
+            given_up["refuser"].name,
+        )
         assert resent.returncode == 0, resent.stderr
         assert len(resent.stdout.split()) == 2 and "outgoing/" in resent.stdout
         wait_until(

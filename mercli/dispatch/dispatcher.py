@@ -1,0 +1,243 @@
+"""Dispatch: deliver each job in outgoing/ to its target, retry with backoff, settle it.
+
+A job folder holds the instances, `job.json` (written by route, never changed: the target's
+whole definition is inside) and, once it has been tried, `dispatch.json`: the attempts so far,
+when the next may start, the last error and which instances the target already has. It is
+only ever written by the worker holding the job's claim, as a whole new file renamed over the
+old (`Worker.replace_file`), so it never tears.
+
+One attempt: claim the job, send what the target does not have yet, then one of
+- everything delivered: `success/` (event `dispatched`);
+- a failure that retrying cannot mend (an instance no codec can convert), or the last attempt
+  (`max_attempts`) or the job too old (`max_age`): `error/` with the reason (event `failed`);
+- otherwise: back to `outgoing/` with the next attempt `retry_delay * retry_backoff^(n-1)`
+  seconds later, at most `retry_max_delay` (event `retry`).
+A target that cannot be reached is left alone until that job's next attempt, so one target
+that is down costs the others nothing. A dispatcher killed mid-job leaves the claim to
+recovery; the job is tried again, and instances it had sent may be sent twice (at-least-once),
+none is skipped.
+
+`ordered = true` targets get the series of one study in the order their first instance was
+received: a job waits while another job of the same study and target that was received
+earlier is still in outgoing/ (waiting, retrying, or being sent by any worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mercli.dispatch.targets import Attempt, deliver
+from mercli.jobs import JobInfo, Progress, Target
+from mercli.spool import (
+    OUTGOING,
+    SUCCESS,
+    Claim,
+    Spool,
+    Worker,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DispatchSummary:
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    unreachable: set[str] = field(default_factory=set)
+
+
+def retry_delay(target: Target, attempts: int) -> float:
+    """Seconds until the next attempt after `attempts` failed ones (exponential, capped)."""
+    delay = target.retry_delay * target.retry_backoff ** max(0, attempts - 1)
+    return float(min(delay, target.retry_max_delay))
+
+
+def gives_up(target: Target, info: JobInfo, attempts: int, now: float) -> str:
+    """Why this was the last attempt, or "" to try again."""
+    if target.max_attempts and attempts >= target.max_attempts:
+        return f"gave up after {attempts} attempts"
+    if target.max_age and now - info.created >= target.max_age:
+        return f"gave up: job older than {target.max_age:.0f} s"
+    return ""
+
+
+class Dispatcher:
+    """Picks eligible jobs for any number of worker threads and settles each attempt."""
+
+    def __init__(self, spool: Spool, worker: Worker, *, once: bool = False) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.once = once  # each job at most one attempt (--once)
+        self.tried: set[str] = set()
+        self.lock = threading.Lock()
+        self.infos: dict[str, JobInfo] = {}
+        self.progress: dict[str, tuple[int, Progress]] = {}  # by job dir mtime
+        self.busy: set[str] = set()
+        self.down_until: dict[str, float] = {}  # target name -> wall time
+        self.summary = DispatchSummary()
+
+    # -- choosing --------------------------------------------------------------------------
+
+    def pick(self) -> tuple[Claim, JobInfo] | None:
+        """Claim the oldest job that may be tried now, or None."""
+        with self.lock:
+            now = time.time()
+            names = self._outgoing()
+            for name in names:
+                if name in self.busy or name in self.tried:
+                    continue
+                info = self._info(name, self.spool.state_dir(OUTGOING) / name)
+                if info is None or self.down_until.get(info.target.name, 0.0) > now:
+                    continue
+                if self._progress(name).next_attempt > now:
+                    continue
+                if info.target.ordered and not self._first_of_study(info, names):
+                    continue
+                claim = self.worker.claim(OUTGOING, name)
+                if claim is not None:
+                    self.busy.add(name)
+                    if self.once:
+                        self.tried.add(name)
+                    return claim, info
+        return None
+
+    def next_due(self) -> float | None:
+        """Wall time of the earliest retry or target coming back, if any."""
+        with self.lock:
+            times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
+            times += list(self.down_until.values())
+        return min(times, default=None)
+
+    def _outgoing(self) -> list[str]:
+        with os.scandir(self.spool.state_dir(OUTGOING)) as entries:
+            names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        for stale in set(self.progress) - set(names) - self.busy:
+            del self.progress[stale]
+        for stale in set(self.infos) - set(names) - self.busy:
+            del self.infos[stale]
+        return names
+
+    def _info(self, name: str, folder: Path) -> JobInfo | None:
+        info = self.infos.get(name)
+        if info is None:
+            try:
+                info = self.infos[name] = JobInfo.load(name, folder)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("job %s has no usable job.json (%s); skipped", name, exc)
+                return None
+        return info
+
+    def _progress(self, name: str) -> Progress:
+        folder = self.spool.state_dir(OUTGOING) / name
+        try:
+            stamp = folder.stat().st_mtime_ns  # dispatch.json is renamed in: the folder changes
+        except FileNotFoundError:
+            return Progress()
+        cached = self.progress.get(name)
+        if cached is None or cached[0] != stamp:
+            cached = self.progress[name] = (stamp, Progress.load(folder))
+        return cached[1]
+
+    def _first_of_study(self, info: JobInfo, names: Sequence[str]) -> bool:
+        """No earlier job of this study and target is waiting or being sent."""
+        me = (info.first_received, info.name)
+        others = [(n, self.spool.state_dir(OUTGOING) / n) for n in names if n != info.name]
+        others += [(item.name, item.path) for item in self.spool.claimed(OUTGOING)]
+        for name, folder in others:
+            other = self._info(name, folder)
+            if (
+                other is not None
+                and other.name != info.name
+                and other.target.name == info.target.name
+                and other.study == info.study
+                and (other.first_received, other.name) < me
+            ):
+                return False
+        return True
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def attempt(self, claim: Claim, info: JobInfo) -> Attempt:
+        """Try the job once and settle it: success/, error/, or back to outgoing/."""
+        try:
+            progress = Progress.load(claim.path)
+            progress.attempts += 1
+            started = time.monotonic()
+            result = deliver(claim.path, info, progress)
+            self._settle(claim, info, progress, result, time.monotonic() - started)
+            return result
+        except BaseException:
+            if claim.path.exists():
+                claim.release()
+            raise
+        finally:
+            with self.lock:
+                self.busy.discard(claim.name)
+
+    def _settle(
+        self, claim: Claim, info: JobInfo, progress: Progress, result: Attempt, seconds: float
+    ) -> None:
+        target, now = info.target.name, time.time()
+        fields = {"item": claim.name, "target": target, "attempt": progress.attempts}
+        if result.ok:
+            progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
+            progress.last_error, progress.next_attempt = "", 0.0
+            progress.save(self.worker, claim.path)
+            claim.move_to(SUCCESS)
+            self.spool.log("dispatched", **fields, instances=result.delivered)
+            log.info(
+                "job %s: %d instance(s) to %s in %.1f s",
+                claim.name,
+                result.delivered,
+                target,
+                seconds,
+            )
+            self.summary.delivered += 1
+            return
+        progress.last_error = result.error
+        give_up = (
+            "cannot be sent"
+            if result.permanent
+            else gives_up(info.target, info, progress.attempts, now)
+        )
+        if result.unreachable:
+            self.summary.unreachable.add(target)
+        if give_up:
+            progress.save(self.worker, claim.path)
+            claim.quarantine(result.error, target=target, attempts=progress.attempts)
+            self.spool.log("failed", **fields, reason=result.error)
+            log.error(
+                "job %s to %s failed for good (%s): %s", claim.name, target, give_up, result.error
+            )
+            self.summary.failed += 1
+            return
+        delay = retry_delay(info.target, progress.attempts)
+        progress.next_attempt = now + delay
+        progress.save(self.worker, claim.path)
+        claim.release()
+        if result.unreachable:
+            with self.lock:
+                self.down_until[target] = progress.next_attempt
+        self.spool.log("retry", **fields, error=result.error, delay=round(delay, 1))
+        log.warning(
+            "job %s to %s: %s; retry %d in %.0f s",
+            claim.name,
+            target,
+            result.error,
+            progress.attempts + 1,
+            delay,
+        )
+        self.summary.retried += 1
+
+
+def summary_fields(summary: DispatchSummary) -> dict[str, Any]:
+    return {**asdict(summary), "unreachable": sorted(summary.unreachable)}

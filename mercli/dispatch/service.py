@@ -1,0 +1,82 @@
+"""Running dispatch: worker threads over one Dispatcher, once or as a service.
+
+Sending is network-bound, so `--workers N` are threads of one process sharing one lease and
+one view of the spool; more processes (or hosts with a shared spool) scale the same way,
+since every job is claimed by rename. As a service the workers sleep until a job appears in
+outgoing/ (watchdog), a retry falls due, or FULL_SCAN seconds pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
+from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
+from mercli.spool import OUTGOING, Spool, Worker, recover
+
+log = logging.getLogger(__name__)
+
+
+class DispatchService:
+    """`mercli dispatch`: N worker threads until done (--once) or until SIGINT/SIGTERM."""
+
+    def __init__(self, spool_root: Path, workers: int) -> None:
+        self.spool = Spool.open(spool_root)
+        self.workers = max(1, workers)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+
+    def run(self, *, once: bool) -> DispatchSummary:
+        recover(self.spool)
+        with Worker(self.spool, "dispatch") as worker:
+            dispatcher = Dispatcher(self.spool, worker, once=once)
+            if once:
+                self._threads(dispatcher, self._drain)
+            else:
+                self._serve(dispatcher)
+            return dispatcher.summary
+
+    def _threads(self, dispatcher: Dispatcher, body: object) -> None:
+        threads = [
+            threading.Thread(target=body, args=(dispatcher,), name=f"dispatch-{n}")  # type: ignore[arg-type]
+            for n in range(self.workers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _drain(self, dispatcher: Dispatcher) -> None:
+        """--once: attempt every job eligible now, each at most once."""
+        while not self.stop.is_set() and (picked := dispatcher.pick()) is not None:
+            dispatcher.attempt(*picked)
+
+    def _serve(self, dispatcher: Dispatcher) -> None:
+        stop_on_signals(self.stop, "finishing the jobs in hand", self.wake)
+        log.info("dispatching from %s with %d worker(s)", self.spool.root, self.workers)
+        recoverer = threading.Thread(target=self._recover_periodically, daemon=True)
+        recoverer.start()
+        with wake_on_changes(self.wake, [self.spool.state_dir(OUTGOING)]):
+            self._threads(dispatcher, self._work)
+
+    def _work(self, dispatcher: Dispatcher) -> None:
+        while not self.stop.is_set():
+            picked = dispatcher.pick()
+            if picked is not None:
+                try:
+                    dispatcher.attempt(*picked)
+                except OSError as exc:  # the spool, not the target: log and go on
+                    log.error("dispatch of %s failed: %s", picked[0].name, exc)
+                continue
+            due = dispatcher.next_due()
+            timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))
+            self.wake.wait(timeout)
+            self.wake.clear()
+
+    def _recover_periodically(self) -> None:
+        while not self.stop.wait(RECOVER_EVERY):
+            recover(self.spool)
+            self.wake.set()

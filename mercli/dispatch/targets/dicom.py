@@ -1,0 +1,82 @@
+"""Delivery to a `dicom` target: C-STORE over one association per job (SPEC §5).
+
+Instances go in InstanceNumber order, and only those `dispatch.json` does not list as
+delivered yet; every response status is checked. A failure status leaves the job to be
+retried; an instance no codec can convert fails the job for good, as does a job with more
+presentation contexts than one association can carry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mercli.dicom.scu.session import (
+    DicomPeer,
+    InstanceNotSendable,
+    PeerRefused,
+    PeerUnreachable,
+    StoreSession,
+    TooManyContexts,
+    status_category,
+)
+from mercli.dispatch.targets.base import Attempt
+from mercli.errors import PeerError
+from mercli.jobs import JobInfo, Progress
+from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
+
+
+def instances_in_order(folder: Path) -> list[Path]:
+    """The job's .dcm files by InstanceNumber (from the sidecars), then by name."""
+    keyed = []
+    for path in folder.glob(f"*{INSTANCE_SUFFIX}"):
+        try:
+            sidecar = json.loads(path.with_suffix(SIDECAR_SUFFIX).read_bytes())
+            number = sidecar.get("InstanceNumber")
+        except (OSError, ValueError):
+            number = None
+        keyed.append((number if isinstance(number, int | float) else float("inf"), path.name, path))
+    return [path for _, _, path in sorted(keyed)]
+
+
+def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
+    """Send the job's instances the peer does not have yet, in order, over one association."""
+    target = job.target
+    assert target.host is not None and target.port is not None and target.called_aet is not None
+    peer = DicomPeer(
+        target.host, target.port, target.called_aet, target.calling_aet, target.timeout
+    )
+    done = set(progress.delivered)
+    pending = [path for path in instances_in_order(folder) if path.stem not in done]
+    if not pending:
+        # Everything is delivered already: an earlier attempt was killed after recording
+        # that in dispatch.json but before moving the job to success/. Opening an association
+        # anyway would propose no presentation context at all, which peers such as DCMTK's
+        # storescp answer with silence (a hang until our timeout, on every retry).
+        return Attempt(0)
+    failures: list[str] = []
+    unsendable: list[str] = []
+    sent = 0
+    try:
+        with StoreSession(peer, pending) as session:
+            for path in pending:
+                try:
+                    status = session.store(path)
+                except InstanceNotSendable as exc:
+                    unsendable.append(f"{path.stem}: {exc.reason}")
+                    continue
+                if status_category(status) == "failure":
+                    failures.append(f"{path.stem}: status 0x{status:04X}")
+                else:
+                    progress.delivered.append(path.stem)
+                    sent += 1
+    except TooManyContexts as exc:
+        return Attempt(sent, str(exc), permanent=True)
+    except PeerError as exc:
+        down = isinstance(exc, PeerUnreachable | PeerRefused) and sent == 0
+        return Attempt(sent, str(exc), unreachable=down)
+    if unsendable:
+        return Attempt(sent, f"cannot send {len(unsendable)}: {'; '.join(unsendable[:5])}", True)
+    if failures:
+        return Attempt(sent, f"{len(failures)} refused: {'; '.join(failures[:5])}")
+    return Attempt(sent)

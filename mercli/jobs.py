@@ -1,0 +1,169 @@
+"""The job file format, in one place: what route writes, dispatch reads, resend rewrites.
+
+A job folder holds its instances (`NAME.dcm` + `NAME.tags`), `job.json` and, once dispatch has
+tried it, `dispatch.json`. `job.json` is written once, inside the transaction that creates the
+job, and never changed: it carries the target's whole definition (`Target.to_json()`), so
+dispatch needs no rules file. `dispatch.json` is rewritten whole by the worker holding the
+job's claim (`Worker.replace_file`), so it never tears.
+
+job.json keys: id, created, series (the incoming/ folder name), the `JOB_KEYS` of the first
+instance, instances, first_received / last_received (ReceivedAt range), rules (that matched),
+reason (why discarded; discard items only), target (jobs only), resent_from (resent jobs).
+status, purge and resend read the same records through `read_json_object`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT
+from mercli.spool import JOB_FILE, Worker
+
+DISPATCH_FILE = "dispatch.json"
+JOB_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "AccessionNumber", "Modality")
+RESEND_RULE = "resend"  # the `rules` of a job that resend made
+
+
+@dataclass(frozen=True)
+class Target:
+    """`[targets.NAME]`: where jobs go and how dispatch retries them (durations in seconds).
+
+    The one place target defaults live. A job carries its target as `to_json()`.
+    `max_attempts` and `max_age` of 0 mean no limit. `path` (folder targets) is absolute.
+    """
+
+    name: str
+    type: str
+    host: str | None = None
+    port: int | None = None
+    called_aet: str | None = None
+    calling_aet: str = DEFAULT_AET
+    ordered: bool = False
+    timeout: float = NETWORK_TIMEOUT
+    path: Path | None = None
+    retry_delay: float = 10.0
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 600.0
+    max_attempts: int = 20
+    max_age: float = 3 * 86400.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (path as a string)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["path"] = None if self.path is None else str(self.path)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Target:
+        """The target `to_json` wrote; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("path") is not None:
+            values["path"] = Path(values["path"])
+        return cls(**values)
+
+
+def job_record(
+    item: str,
+    series: str,
+    sidecars: Sequence[Mapping[str, Any]],
+    rules: Sequence[str],
+    *,
+    target: Mapping[str, Any] | None = None,
+    reason: str = "",
+) -> dict[str, Any]:
+    """job.json of a job (with `target`) or of a discarded item (with `reason`)."""
+    received = sorted(str(s["ReceivedAt"]) for s in sidecars if s.get("ReceivedAt"))
+    first = sidecars[0] if sidecars else {}
+    record: dict[str, Any] = {
+        "id": item,
+        "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "series": series,
+        **{key: first[key] for key in JOB_KEYS if key in first},
+        "instances": len(sidecars),
+        "first_received": received[0] if received else None,
+        "last_received": received[-1] if received else None,
+        "rules": list(rules),
+    }
+    if target is None:
+        record["reason"] = reason
+    else:
+        record["target"] = dict(target)
+    return record
+
+
+def resend_record(
+    job_id: str,
+    series: str,
+    sidecars: Sequence[Mapping[str, Any]],
+    target: Mapping[str, Any],
+    resent_from: str,
+) -> dict[str, Any]:
+    """job.json of a resent job: route's shape, `rules: ["resend"]`, and where it came from."""
+    record = job_record(job_id, series, sidecars, (RESEND_RULE,), target=target)
+    return {**record, "resent_from": resent_from}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What job.json says, as dispatch needs it: read once per job and cached."""
+
+    name: str
+    target: Target
+    study: str
+    first_received: str
+    created: float
+
+    @classmethod
+    def load(cls, name: str, folder: Path) -> JobInfo:
+        """Raises OSError, ValueError, KeyError or TypeError for a missing or bad job.json."""
+        record = json.loads((folder / JOB_FILE).read_bytes())
+        created = datetime.fromisoformat(record["created"]).timestamp()
+        return cls(
+            name=name,
+            target=Target.from_json(record["target"]),
+            study=str(record.get("StudyInstanceUID", "")),
+            first_received=str(record.get("first_received") or ""),
+            created=created,
+        )
+
+
+@dataclass
+class Progress:
+    """dispatch.json: how far a job has got."""
+
+    attempts: int = 0
+    next_attempt: float = 0.0  # wall-clock seconds; 0 = now
+    delivered: list[str] = field(default_factory=list)
+    last_error: str = ""
+    finished: str | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> Progress:
+        try:
+            record = json.loads((folder / DISPATCH_FILE).read_bytes())
+        except FileNotFoundError:
+            return cls()
+        known = {key: record[key] for key in asdict(cls()) if key in record}
+        return cls(**known)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    def save(self, worker: Worker, folder: Path) -> None:
+        """Replace dispatch.json in a claimed job, durably."""
+        worker.replace_file(folder / DISPATCH_FILE, self.to_bytes())

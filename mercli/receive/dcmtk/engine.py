@@ -1,0 +1,242 @@
+"""`mercli receive --engine dcmtk`: DCMTK's storescp on the wire, getdcmtags into the spool.
+
+mercure's proven path, made faster: `storescp --fork` receives (one child process per
+association, every storage SOP class with `-pm`, every transfer syntax with `+xa`, written
+bit for bit with `+B`) into `spool/staging/`, and a few long-lived `getdcmtags --publish
+--stdin` processes move each completed file into `incoming/` with its sidecar, exactly as the
+default engine does. No process is started per image.
+
+When is a staged file complete, and who sent it? storescp says nothing when a file is done, so this
+module reads storescp's log and `mercli.receive.dcmtk.staging` works it out from there;
+`mercli.receive.dcmtk.publisher` runs the getdcmtags processes. Files whose completion the log
+cannot prove (left by a crash, or by a child that died) are picked up when their writer is gone,
+checked element by element (`mercli.receive.dcmtk.completeness`), and published if whole,
+quarantined in `error/` with the reason if not.
+
+The one difference to the default engine: storescp acknowledges an instance when its file is
+written, before getdcmtags has made it durable and written its sidecar (a few milliseconds
+later). A power cut in that window can lose an acknowledged instance; `kill -9` cannot (the
+staged file survives and is published on the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from mercli.dicom.sender import Sender
+from mercli.errors import ConfigError, ListenError, UsageError
+from mercli.receive.dcmtk.completeness import check_complete
+from mercli.receive.dcmtk.publisher import HintBook, Publisher, RetryQueue, find_getdcmtags
+from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
+from mercli.receive.handler import ReceiveConfig
+from mercli.service import ignore_signals, stop_on_signals
+from mercli.spool import Spool, Worker, recover
+
+__all__ = [
+    "StagingTracker",
+    "check_config",
+    "find_getdcmtags",
+    "log_config",
+    "serve_dcmtk",
+    "staged_order",
+]
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0  # seconds between looks for files of children that are gone
+
+
+def check_config(config: ReceiveConfig) -> None:
+    """Refuse what storescp 3.6.7 cannot do, rather than silently not doing it."""
+    if config.allow_aets:
+        raise UsageError(
+            "--allow-aet: storescp cannot restrict calling AE titles; "
+            "use --engine pynetdicom or a firewall"
+        )
+    if config.host not in ("0.0.0.0", "::", ""):
+        raise UsageError("--host: storescp always listens on all addresses; leave --host out")
+    if config.extra_tags:
+        raise UsageError(
+            "--extra-tag: getdcmtags writes the standard sidecar only; use --engine pynetdicom"
+        )
+    if shutil.which("storescp") is None:
+        raise ConfigError("storescp not found: install DCMTK (Debian package dcmtk)")
+
+
+def serve_dcmtk(spool_root: Path, config: ReceiveConfig) -> None:
+    """Receive with storescp until SIGINT/SIGTERM, then let open associations finish."""
+    check_config(config)
+    binary = find_getdcmtags()
+    spool = Spool.open(spool_root)
+    recover(spool)
+    staging = spool.staging
+    staging.mkdir(exist_ok=True)
+    with Worker(spool, "receive-dcmtk") as worker:
+        _Engine(spool, worker, staging, binary, config).run()
+
+
+class _Engine:
+    """The supervisor: storescp's output in, files out to the publishers, until stopped."""
+
+    def __init__(
+        self, spool: Spool, worker: Worker, staging: Path, binary: Path, config: ReceiveConfig
+    ) -> None:
+        self.spool, self.worker, self.staging, self.config = spool, worker, staging, config
+        self.tracker = StagingTracker(staging, config.aet)
+        self.retries = RetryQueue()
+        self.stop = threading.Event()
+        self.storescp: subprocess.Popen[bytes] | None = None
+        self.hints = HintBook(spool, worker)
+        self.publisher = Publisher(binary, spool, config.processes, self.retries, self.hints)
+        self.seen_association = False
+        self.last_problem = ""
+
+    def run(self) -> None:
+        stop_on_signals(self.stop, "finishing open associations")
+        self.storescp = self._start_storescp()
+        started = time.monotonic()
+        try:
+            self._pump(started)
+        finally:
+            if self.storescp.poll() is None:
+                self.storescp.terminate()
+            self._publish_unproven(self.tracker.sweep(everything=True))
+            self.publisher.close()
+            ignore_signals()
+        log.info(
+            "receiver stopped: %d published, %d quarantined, %d publish failures",
+            self.publisher.published,
+            self.publisher.quarantined,
+            self.publisher.failed,
+        )
+
+    def _start_storescp(self) -> subprocess.Popen[bytes]:
+        config_file = self.worker.tmp_path(".log4cplus")
+        config_file.write_text(log_config())
+        command = [
+            "storescp",
+            "--fork",
+            "-lc",
+            str(config_file),
+            "-dhl",
+            "+B",
+            "+xa",
+            "-pm",
+            "+uf",
+            "-od",
+            str(self.staging),
+            "-aet",
+            self.config.aet,
+            "-ts",
+            str(int(self.config.network_timeout)),
+            "-pdu",
+            "131072",
+            str(self.config.port),
+        ]
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            start_new_session=True,  # Ctrl-C must not cut the children's associations
+            preexec_fn=_die_with_parent,
+        )
+        log.info("receiving with storescp on port %d as %s", self.config.port, self.config.aet)
+        return process
+
+    def _pump(self, started: float) -> None:
+        assert self.storescp is not None and self.storescp.stdout is not None
+        fd = self.storescp.stdout.fileno()
+        pending = b""
+        next_sweep = 0.0
+        while True:
+            ready, _, _ = select.select([fd], [], [], SWEEP_INTERVAL / 4)
+            if ready:
+                data = os.read(fd, 1 << 16)
+                if not data:  # storescp and every child of it are gone
+                    self.storescp.wait()
+                    if self.stop.is_set():
+                        return
+                    started = self._check_listener(started)
+                    assert self.storescp.stdout is not None
+                    fd, pending = self.storescp.stdout.fileno(), b""
+                    continue
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._line(line.decode("utf-8", "replace"))
+            if self.stop.is_set() and self.storescp.poll() is None:
+                self.storescp.terminate()  # no new associations; open ones go on
+            started = self._check_listener(started)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+                self._publish_unproven(self.tracker.sweep())
+                for path, sender in self.retries.due():
+                    if path.exists():
+                        self.publisher.submit(path, sender)
+
+    def _line(self, line: str) -> None:
+        pid, _, rest = line.partition(" ")
+        level, _, message = rest.partition(" ")
+        if level in ("WARN", "ERROR", "FATAL") and not message.startswith("Store SCP Failed"):
+            log.warning("storescp[%s]: %s", pid, message)
+            self.last_problem = message
+        if message.startswith("Association Received in child"):
+            self.seen_association = True
+        for path, sender in self.tracker.feed(f"{pid} {message}"):
+            self.publisher.submit(path, sender, int(pid))
+        if self.tracker.ended is not None:
+            self.hints.end(*self.tracker.ended)
+
+    def _check_listener(self, started: float) -> float:
+        """Raise if storescp could not start; restart it if it died later. Its start time."""
+        assert self.storescp is not None
+        code = self.storescp.poll()
+        if code is None or self.stop.is_set():
+            return started
+        if time.monotonic() - started < 3.0 and not self.seen_association:
+            raise ListenError(
+                f"storescp could not listen on port {self.config.port} "
+                f"(exit {code}: {self.last_problem or 'no message'})"
+            )
+        log.error("storescp exited (%s); restarting it", code)
+        self.stop.wait(1.0)
+        self.storescp = self._start_storescp()
+        return time.monotonic()
+
+    def _publish_unproven(self, files: list[tuple[Path, Sender, bool]]) -> None:
+        """Files nobody saw finish: publish the whole ones, quarantine the rest."""
+        for path, sender, _ in files:
+            problem = check_complete(path)
+            if problem is None:
+                self.publisher.submit(path, sender)
+                continue
+            log.warning("staged file %s is %s; quarantined", path.name, problem)
+            try:
+                self.worker.quarantine_files(
+                    {"instance.dcm": path},
+                    problem,
+                    "receive",
+                    SenderAET=sender.calling_aet,
+                    SenderAddress=sender.address,
+                )
+            except FileNotFoundError:
+                pass  # gone meanwhile: nothing to keep
+            except OSError as exc:
+                log.error("cannot quarantine %s (%s); trying again later", path.name, exc)
+            self.tracker.forget(path)
+
+
+def _die_with_parent() -> None:
+    """In storescp's parent before exec: SIGTERM it when mercli dies, however mercli dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -1,0 +1,245 @@
+"""Routing: when a series is complete, which rules it matches, and the jobs that follow.
+
+**Completion.** A series batch in `incoming/<series>/` is complete when either
+- `settle` seconds have passed since the association that sent it ended (receive writes
+  `hints/<series>` then) and no instance arrived after that hint, or
+- `series_timeout` seconds have passed since its last instance arrived.
+
+"Arrived" is the modification time of the series folder: every instance is renamed into it,
+which sets it; a hint's time is its file's. So one `stat` per series and per hint tells a scan
+all it needs: a scan costs one directory listing plus two stats per series, however many
+instances there are or how often it runs.
+
+**Routing a series** claims it (an exclusive lock keeps instances being received out of it:
+they start a new batch of the series, routed in turn), reads the sidecars, applies the rules
+(`mercli.rules.decide`), and in one transaction creates a job in `outgoing/` per target (hard
+links, no copies) or an item in `discard/` with the reason. Killed at any point, the claim is
+rolled back (routed again later) or forward (routed once), never half.
+
+Every item the router creates holds the instances (NAME.dcm + NAME.tags) and a `job.json`; see
+`JobRecord` for its keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mercli.jobs import job_record
+from mercli.names import new_id
+from mercli.rules.config import RouteSettings, RuleSet
+from mercli.rules.decide import Decision, decide
+from mercli.spool import (
+    DISCARD,
+    INCOMING,
+    INSTANCE_SUFFIX,
+    JOB_FILE,
+    OUTGOING,
+    SIDECAR_SUFFIX,
+    Claim,
+    Spool,
+    Worker,
+    write_json,
+)
+from mercli.tags import UnreadableDicom, read_tags
+
+log = logging.getLogger(__name__)
+
+HINT_MAX_AGE = 24 * 3600.0  # hints of series long gone are deleted after this
+
+
+# Sidecar keys copied into job.json, so resend and status can filter without opening files.
+@dataclass(frozen=True)
+class SeriesState:
+    """What one scan saw of a series batch: when it last grew, when its sender ended."""
+
+    name: str
+    arrived: float
+    hint: float | None
+
+    def ready_at(self, settings: RouteSettings) -> float:
+        """The time this batch is complete, unless it grows before then."""
+        if self.hint is not None and self.hint >= self.arrived:
+            return self.hint + settings.settle
+        return self.arrived + settings.series_timeout
+
+
+@dataclass
+class RouteSummary:
+    """What routing did, for the command's output and exit code."""
+
+    series: int = 0
+    instances: int = 0
+    jobs: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+    failed: int = 0
+
+
+def scan(spool: Spool) -> list[SeriesState]:
+    """Every unclaimed series batch in incoming/, with its arrival and hint times."""
+    states = []
+    hints = spool.hints
+    with os.scandir(spool.state_dir(INCOMING)) as entries:
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                arrived = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # claimed meanwhile
+            try:
+                hint: float | None = os.stat(hints / entry.name).st_mtime
+            except FileNotFoundError:
+                hint = None
+            states.append(SeriesState(entry.name, arrived, hint))
+    return states
+
+
+def reap_hints(spool: Spool, active: set[str], max_age: float = HINT_MAX_AGE) -> int:
+    """Delete hints of series that have no batch waiting and are older than `max_age`."""
+    reaped = 0
+    cutoff = time.time() - max_age
+    with os.scandir(spool.hints) as entries:
+        for entry in entries:
+            try:
+                if entry.name not in active and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    reaped += 1
+            except FileNotFoundError:
+                continue
+    return reaped
+
+
+class Router:
+    """Routes complete series batches of one spool by one rule set."""
+
+    def __init__(self, spool: Spool, worker: Worker, rules: RuleSet) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.rules = rules
+
+    def due(self, now: float | None = None) -> tuple[list[SeriesState], float | None]:
+        """Batches complete at `now` (oldest first), and when the next one will be."""
+        now = time.time() if now is None else now
+        ready: list[tuple[float, SeriesState]] = []
+        waiting: list[tuple[float, SeriesState]] = []
+        for state in scan(self.spool):
+            at = state.ready_at(self.rules.settings)
+            (ready if at <= now else waiting).append((at, state))
+        ready.sort(key=lambda pair: pair[0])
+        next_at = min((at for at, _ in waiting), default=None)
+        return [state for _, state in ready], next_at
+
+    def route(self, state: SeriesState, summary: RouteSummary, *, check: bool = True) -> None:
+        """Claim one batch and turn it into jobs or a discard; skip it if it grew or is taken."""
+        claim = self.worker.claim(INCOMING, state.name)
+        if claim is None:
+            return  # another router has it
+        if check and claim.path.stat().st_mtime > state.arrived:
+            claim.release()  # it grew since the scan: not complete after all
+            return
+        try:
+            self._route_claimed(claim, summary)
+        except BaseException:
+            claim.release()
+            raise
+
+    def _route_claimed(self, claim: Claim, summary: RouteSummary) -> None:
+        instances = _read_instances(claim.path)
+        decisions = decide(self.rules, instances, series_label=claim.name) if instances else []
+        transaction = claim.transaction()
+        made: list[tuple[str, str, str, Decision]] = []  # state, item, target, decision
+        for decision in decisions:
+            members = set(decision.instances)
+            tags = [sidecar for name, sidecar in instances if name in members]
+            outputs = (
+                [(DISCARD, "")]
+                if decision.discarded
+                else [(OUTGOING, target) for target in decision.targets]
+            )
+            for state, target_name in outputs:
+                item = new_id()
+                folder = transaction.new_item(state, item)
+                self._fill(folder, claim.path, decision.instances)
+                target = self.rules.targets[target_name].to_json() if target_name else None
+                record = job_record(
+                    item, claim.name, tags, decision.rules, target=target, reason=decision.reason
+                )
+                write_json(folder / JOB_FILE, record)
+                made.append((state, item, target_name, decision))
+        transaction.commit()
+        self._account(claim.name, len(instances), made, summary)
+
+    def _fill(self, folder: Path, source: Path, members: Sequence[str]) -> None:
+        """Hard-link the members' .dcm and .tags; rebuild a sidecar that is missing."""
+        for name in members:
+            os.link(source / f"{name}{INSTANCE_SUFFIX}", folder / f"{name}{INSTANCE_SUFFIX}")
+            sidecar = source / f"{name}{SIDECAR_SUFFIX}"
+            if sidecar.exists():
+                os.link(sidecar, folder / f"{name}{SIDECAR_SUFFIX}")
+            else:
+                rebuilt = read_tags(source / f"{name}{INSTANCE_SUFFIX}")
+                write_json(folder / f"{name}{SIDECAR_SUFFIX}", rebuilt)
+
+    def _account(
+        self,
+        series: str,
+        count: int,
+        made: list[tuple[str, str, str, Decision]],
+        summary: RouteSummary,
+    ) -> None:
+        summary.series += 1
+        summary.instances += count
+        for state, item, target, decision in made:
+            fields: dict[str, Any] = {
+                "item": item,
+                "series": series,
+                "instances": len(decision.instances),
+                "rules": list(decision.rules),
+            }
+            if state == OUTGOING:
+                summary.jobs.append(item)
+                self.spool.log("routed", **fields, target=target)
+            else:
+                summary.discarded.append(item)
+                self.spool.log("discarded", **fields, reason=decision.reason)
+        targets = sorted({target for state, _, target, _ in made if state == OUTGOING})
+        discards = sum(state != OUTGOING for state, _, _, _ in made)
+        log.info(
+            "series %s: %d instance(s) -> %s%s",
+            series,
+            count,
+            ", ".join(targets) or "no target",
+            f", {discards} batch(es) discarded" if discards else "",
+        )
+        for warning in {w for _, _, _, decision in made for w in decision.warnings}:
+            log.warning("%s", warning)
+        if not made:
+            log.info("series %s held no instances; removed", series)
+
+
+def _read_instances(folder: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """(name, sidecar) of every instance in a batch; a missing sidecar is rebuilt from the file."""
+    found = []
+    with os.scandir(folder) as entries:
+        names = sorted(
+            entry.name[: -len(INSTANCE_SUFFIX)]
+            for entry in entries
+            if entry.name.endswith(INSTANCE_SUFFIX)
+        )
+    for name in names:
+        try:
+            sidecar = json.loads((folder / f"{name}{SIDECAR_SUFFIX}").read_bytes())
+        except (FileNotFoundError, ValueError):
+            try:
+                sidecar = read_tags(folder / f"{name}{INSTANCE_SUFFIX}")
+            except UnreadableDicom:
+                sidecar = {}
+        found.append((name, sidecar))
+    return found

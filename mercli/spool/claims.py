@@ -1,0 +1,235 @@
+"""Ownership that survives `kill -9`: workers, their leases, claims and transactions.
+
+Protocol steps 3 and 4 of `mercli.spool`. A `Worker` is one live process on the spool: it
+holds a locked lease and owns a scratch folder in tmp/ and a claims folder. It takes an item
+by renaming it into its claims folder (`Claim`), and ends the claim by releasing it, moving it
+to another state, or committing a `Transaction` of prepared outputs with one rename. Whatever
+a worker leaves behind when it dies is finished or undone by `mercli.spool.recovery`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from mercli.fsutil import fsync_dir, remove_tree, rename_noreplace, unlink_quietly, write_new
+from mercli.names import new_id, owner_id
+from mercli.spool.items import (
+    ERROR,
+    ERROR_FILE,
+    GROUP_STATES,
+    ITEM,
+    KEY_SEPARATOR,
+    LEASE_BIRTH_PREFIX,
+    OUT,
+    OUT_TMP,
+    Item,
+    error_record,
+    fsync_tree,
+    json_bytes,
+    list_subdirs,
+    locked_dir,
+    now_iso,
+    replace_file,
+)
+from mercli.spool.recovery import roll_forward, settle_claim
+from mercli.spool.store import Spool
+
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """One live process on the spool: its lease, its scratch folder in tmp/, its claims.
+
+    Use as a context manager. Create it after any fork: a forked child shares its parent's
+    lock, so it must have its own Worker.
+    """
+
+    def __init__(self, spool: Spool, role: str) -> None:
+        self.spool = spool
+        self.id = owner_id(role)
+        self.role = role
+        self.scratch = spool.tmp / self.id
+        self.claims_dir = spool.claims / self.id
+        self._lease_fd: int | None = None
+        self._tmp_counter = 0
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Take a lease (locked before anyone can see it), then make scratch and claims dirs."""
+        born = self.spool.tmp / f"{LEASE_BIRTH_PREFIX}{self.id}"
+        fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            info = {"role": self.role, "host": os.uname().nodename, "pid": os.getpid()}
+            os.write(fd, json.dumps({**info, "started": now_iso()}).encode())
+            os.fsync(fd)
+            rename_noreplace(born, self.spool.leases / self.id)
+            fsync_dir(self.spool.leases)
+            self.scratch.mkdir()
+            self.claims_dir.mkdir()
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(born)
+            raise
+        self._lease_fd = fd
+
+    def stop(self) -> None:
+        """Release what is still claimed, remove scratch and claims dirs, then the lease."""
+        if self._lease_fd is None:
+            return
+        for key_dir in list_subdirs(self.claims_dir):
+            settle_claim(self.spool, key_dir)
+        remove_tree(self.scratch)
+        remove_tree(self.claims_dir)
+        unlink_quietly(self.spool.leases / self.id)
+        os.close(self._lease_fd)
+        self._lease_fd = None
+
+    def tmp_path(self, suffix: str = "") -> Path:
+        """A fresh, unused path in this worker's scratch folder."""
+        self._tmp_counter += 1
+        return self.scratch / f"{self._tmp_counter}.{new_id()}{suffix}"
+
+    def quarantine_files(
+        self, files: dict[str, Path], reason: str, origin: str, **detail: Any
+    ) -> Item:
+        """Keep loose files (not a claimed item) as a new error/<id>/ with an error.json.
+
+        The files are moved (renamed) into a folder built in this worker's scratch, which is
+        published whole; if anything fails, the folder and the files in it are removed.
+        """
+        folder = self.tmp_path()
+        folder.mkdir()
+        try:
+            for name, source in files.items():
+                os.rename(source, folder / name)
+            record = error_record(reason, origin, detail)
+            write_new(folder / ERROR_FILE, json_bytes(record))
+            return self.spool.publish_item(folder, ERROR, new_id())
+        except BaseException:
+            remove_tree(folder)
+            raise
+
+    def write_hint(self, series: str, record: dict[str, Any]) -> None:
+        """Say that an association carrying `series` has ended (advisory; see `hints/`)."""
+        record = {"at": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
+        try:
+            self.replace_file(self.spool.hints / series, json_bytes(record))
+        except OSError as exc:  # a lost hint only delays routing until the series timeout
+            log.warning("cannot write completion hint for series %s: %s", series, exc)
+
+    def replace_file(self, path: Path, data: bytes) -> None:
+        """Write a whole new version of `path` through this worker's scratch, durably."""
+        replace_file(self.tmp_path(), path, data)
+
+    def claim(self, state: str, name: str) -> Claim | None:
+        """Take `<state>/<name>` for this worker alone; None if someone else has it."""
+        source = self.spool.state_dir(state) / name
+        key_dir = self.claims_dir / f"{state}{KEY_SEPARATOR}{name}"
+        try:
+            key_dir.mkdir()
+        except FileExistsError:
+            return None  # this worker already holds it
+        try:
+            if state in GROUP_STATES:
+                with locked_dir(source, fcntl.LOCK_EX) as fd:
+                    if fd is None:
+                        key_dir.rmdir()
+                        return None
+                    rename_noreplace(source, key_dir / ITEM)
+            else:
+                rename_noreplace(source, key_dir / ITEM)
+        except FileNotFoundError:
+            key_dir.rmdir()
+            return None
+        except BaseException:
+            if not (key_dir / ITEM).exists():
+                remove_tree(key_dir)
+            raise
+        return Claim(self, state, name, key_dir)
+
+
+class Claim:
+    """An item one worker owns; end it with release(), move_to() or a Transaction."""
+
+    def __init__(self, worker: Worker, state: str, name: str, key_dir: Path) -> None:
+        self.worker = worker
+        self.spool = worker.spool
+        self.state = state
+        self.name = name
+        self.key_dir = key_dir
+        self.path = key_dir / ITEM
+
+    def __repr__(self) -> str:
+        return f"Claim({self.state}/{self.name} by {self.worker.id})"
+
+    def release(self) -> Item:
+        """Give the item back to its state unchanged, for someone to take again."""
+        item = self.spool.place(self.path, self.state, self.name)
+        remove_tree(self.key_dir)
+        return item
+
+    def move_to(self, state: str, name: str | None = None) -> Item:
+        """End the claim by moving the item, in one rename, to another state."""
+        item = self.spool.place(self.path, state, name or self.name)
+        remove_tree(self.key_dir)
+        return item
+
+    def quarantine(self, reason: str, *, name: str | None = None, **detail: Any) -> Item:
+        """Move the item to error/ with an error.json that says why, for resend or a human."""
+        record = error_record(reason, self.state, detail)
+        self.worker.replace_file(self.path / ERROR_FILE, json_bytes(record))
+        return self.move_to(ERROR, name)
+
+    def transaction(self) -> Transaction:
+        """Start preparing outputs that will be published together (protocol step 3)."""
+        return Transaction(self)
+
+
+class Transaction:
+    """Outputs of a claim, prepared under out.tmp/ and published all together or not at all."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.root = claim.key_dir / OUT_TMP
+        remove_tree(self.root)  # a previous attempt of this very worker that was abandoned
+        self.root.mkdir()
+        self._made: list[Path] = []
+
+    def new_item(self, state: str, name: str) -> Path:
+        """A new, empty item folder that will become `<state>/<name>` on commit."""
+        self.claim.spool.state_dir(state)
+        state_dir = self.root / state
+        state_dir.mkdir(exist_ok=True)
+        path = state_dir / name
+        path.mkdir()
+        self._made.append(path)
+        return path
+
+    def commit(self) -> list[Item]:
+        """Make everything durable, then commit by one rename, then publish each output."""
+        for path in self._made:
+            fsync_tree(path)
+        for state_dir in list_subdirs(self.root):
+            fsync_dir(state_dir)
+        fsync_dir(self.root)
+        os.rename(self.root, self.claim.key_dir / OUT)
+        fsync_dir(self.claim.key_dir)
+        return roll_forward(self.claim.spool, self.claim.key_dir)
+
+    def abort(self) -> None:
+        """Drop everything prepared; the claim stays held."""
+        remove_tree(self.root)
