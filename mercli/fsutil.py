@@ -3,6 +3,12 @@
 Everything here is about what survives a crash or a power cut: data is fsync'ed before it is
 renamed into view, and the directory is fsync'ed after, so a rename that a reader has seen is
 also one the disk will still show after a reboot.
+
+And about who may read it (SPEC §9): the spool holds patient data, so files are created
+`FILE_MODE` (0640) and folders `DIR_MODE` (0750), whatever the umask: a umask only narrows
+the mode given to open(2)/mkdir(2), and where it narrowed these (umask 077) the mode is set
+back, so the spool's group can always read. A folder made in a setgid folder keeps the setgid
+bit (and the group) it inherits, which is how a spool is shared with a group.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+FILE_MODE = 0o640  # owner writes, the spool's group reads, others nothing
+DIR_MODE = 0o750
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -58,7 +68,7 @@ def _rename_noreplace_fallback(
             raise FileExistsError(errno.EEXIST, "File exists", os.fspath(dst))
         os.rename(src, dst)
     else:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
         os.unlink(src)
 
 
@@ -72,8 +82,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def write_new(path: Path, data: bytes) -> None:
-    """Create `path` exclusively, write and fsync it. Unlinks it again if anything fails."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Create `path` exclusively (FILE_MODE), write and fsync it. Unlinks it if anything fails."""
+    fd = open_new(path)
     try:
         write_fd(fd, data)
     except BaseException:
@@ -81,15 +91,64 @@ def write_new(path: Path, data: bytes) -> None:
         raise
 
 
-def write_fd(fd: int, data: bytes) -> None:
-    """Write all of `data` to a fresh descriptor, fsync it and close it (closed on error too)."""
+def open_new(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
+    """Create a file exclusively with FILE_MODE (whatever the umask); its descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
+        set_file_mode(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    return fd
+
+
+def set_file_mode(fd: int) -> None:
+    """Give an open file exactly FILE_MODE (an fstat only, when it has it already)."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+        os.fchmod(fd, FILE_MODE)
+
+
+def give_file_mode(path: str | os.PathLike[str]) -> None:
+    """FILE_MODE for a file made elsewhere (receive's dataset, storescp's), before publishing."""
+    if stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode) != FILE_MODE:
+        os.chmod(path, FILE_MODE)
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    """Write all of `data` to a fresh descriptor, fsync it and close it (closed on error too).
+
+    The file gets FILE_MODE first, however it was created (receive opens its own files).
+    """
+    try:
+        set_file_mode(fd)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dir(path: str | os.PathLike[str], *, exist_ok: bool = False) -> bool:
+    """Create a folder with DIR_MODE (plus the setgid bit it inherits); True if created."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        # a folder (or one that was there and has been renamed away since) is fine
+        if exist_ok and (os.path.isdir(path) or not os.path.lexists(path)):
+            return False
+        raise
+    with suppress(FileNotFoundError):  # renamed away already (a claim): the umask only narrowed
+        set_dir_mode(path)
+    return True
+
+
+def set_dir_mode(path: str | os.PathLike[str]) -> None:
+    """Give a folder exactly DIR_MODE, keeping its setgid bit (a stat only, when it has it)."""
+    mode = os.stat(path, follow_symlinks=False).st_mode
+    if stat.S_IMODE(mode) & 0o777 != DIR_MODE:
+        os.chmod(path, DIR_MODE | (mode & stat.S_ISGID))
 
 
 def unlink_quietly(path: str | os.PathLike[str]) -> None:
@@ -112,3 +171,17 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 def _ignore_missing(func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
     if not isinstance(exc_info[1], FileNotFoundError):
         raise exc_info[1]
+
+
+def open_plain_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading, never through a symlink (ELOOP), never waiting on a
+    FIFO; anything but a regular file raises OSError(EINVAL).
+
+    For code outside the spool package that sends item files (the DICOM SCU): a symlink
+    planted in a job must not make it read a file the job never held.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return os.fdopen(fd, "rb")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT
-from mercli.spool import JOB_FILE, Worker
+from mercli.spool import JOB_FILE, NotRegularFile, Worker, read_regular
 
 DISPATCH_FILE = "dispatch.json"
 JOB_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "AccessionNumber", "Modality")
@@ -35,6 +35,10 @@ class Target:
 
     The one place target defaults live. A job carries its target as `to_json()`.
     `max_attempts` and `max_age` of 0 mean no limit. `path` (folder targets) is absolute.
+    `link` (folder targets): hard-link the spool's files into `path` when it is on the
+    spool's filesystem, instead of copying them. Off by default: a linked file is the spool's
+    own (and every other target's) copy, so a consumer editing it in place would edit those
+    too. A job without the key (written before it existed) copies.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Target:
     retry_max_delay: float = 600.0
     max_attempts: int = 20
     max_age: float = 3 * 86400.0
+    link: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (path as a string)."""
@@ -110,9 +115,9 @@ def resend_record(
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; {} if it is missing, unreadable or not an object."""
+    """A JSON object from a file; {} if it is missing, unreadable, a symlink or not an object."""
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(read_regular(path))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -130,8 +135,9 @@ class JobInfo:
 
     @classmethod
     def load(cls, name: str, folder: Path) -> JobInfo:
-        """Raises OSError, ValueError, KeyError or TypeError for a missing or bad job.json."""
-        record = json.loads((folder / JOB_FILE).read_bytes())
+        """Raises OSError, ValueError, KeyError or TypeError for a missing or bad job.json
+        (NotRegularFile, an OSError, for one that is a symlink or not a regular file)."""
+        record = json.loads(read_regular(folder / JOB_FILE))
         created = datetime.fromisoformat(record["created"]).timestamp()
         return cls(
             name=name,
@@ -155,8 +161,8 @@ class Progress:
     @classmethod
     def load(cls, folder: Path) -> Progress:
         try:
-            record = json.loads((folder / DISPATCH_FILE).read_bytes())
-        except FileNotFoundError:
+            record = json.loads(read_regular(folder / DISPATCH_FILE))
+        except (FileNotFoundError, NotRegularFile):  # dispatch fails a job holding a symlink
             return cls()
         known = {key: record[key] for key in asdict(cls()) if key in record}
         return cls(**known)

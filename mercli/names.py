@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _MAX_UID = 64
+# C0 controls, DEL and C1 controls (ESC starts ANSI sequences; CSI 0x9B is one byte on its
+# own), and the Unicode line separators and bidirectional controls that reorder or break lines
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def is_safe_uid(value: str) -> bool:
@@ -30,6 +33,21 @@ def safe_name(value: str | bytes | None) -> str:
         return value
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value or b""
     return "x" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def printable(value: object, limit: int = 64) -> str:
+    """An untrusted value as it may appear in a log line or a terminal table.
+
+    Control characters (newlines that would forge log lines, ANSI escapes that would act on a
+    terminal) become `\\xNN`; text past `limit` characters is cut with `...` (0: no limit).
+    """
+    text = _CONTROL.sub(_escape, str(value))
+    return text if not limit or len(text) <= limit else text[:limit] + "..."
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def new_id(now: datetime | None = None) -> str:

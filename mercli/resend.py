@@ -293,7 +293,7 @@ def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
         state, name = OUTGOING, new_id()
     folder = transaction.new_item(state, name)
     for source, destination in plan.links:
-        os.link(claim.path / source, folder / destination)
+        os.link(claim.path / source, folder / destination, follow_symlinks=False)
     for sidecar_name, sidecar in plan.sidecars.items():
         write_json(folder / sidecar_name, sidecar)
     if plan.target is not None:

@@ -23,7 +23,7 @@ from mercli.spool import (
     STATES,
     Item,
     Spool,
-    lease_is_held,
+    lease_state,
 )
 
 RECENT_ERRORS = 5
@@ -118,7 +118,14 @@ def _recent_errors(spool: Spool) -> list[dict[str, Any]]:
 
 
 def _workers(spool: Spool) -> dict[str, int]:
-    """Live and dead (not yet recovered) workers, by trying each lease's lock."""
-    live = sum(1 for lease in spool.leases.glob("*") if lease_is_held(lease))
-    total = sum(1 for _ in spool.leases.glob("*"))
-    return {"live": live, "dead": max(0, total - live)}
+    """Live and dead (not yet recovered) workers, by the lock test recovery itself makes.
+
+    `live` counts every lease recovery would leave alone. `stuck`, present only when there
+    are any, counts those of them whose owner is gone from this host while another process
+    holds the lock: their claims wait until it is dropped (see `mercli.spool.recovery`).
+    """
+    states = Counter(lease_state(lease) for lease in spool.leases.glob("*"))
+    workers = {"live": states["live"] + states["stuck"], "dead": states["dead"]}
+    if states["stuck"]:
+        workers["stuck"] = states["stuck"]
+    return workers

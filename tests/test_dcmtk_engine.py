@@ -13,13 +13,16 @@ import pytest
 from pydicom import dcmread
 
 from mercli.dicom.sender import Sender
+from mercli.errors import ConfigError
 from mercli.names import safe_name
+from mercli.receive.dcmtk import engine
 from mercli.receive.dcmtk.completeness import check_complete
+from mercli.receive.dcmtk.engine import STORESCP_ENV, find_storescp
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
 from mercli.spool import Spool
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
 from tests.kit import CT
-from tests.netkit import Receiver, dcmtk, free_port, receiver, storescu, wait_until
+from tests.netkit import DCMTK_ENV, Receiver, dcmtk, free_port, receiver, storescu, wait_until
 from tests.test_receive import associate, stored
 
 DCMTK = ("--engine", "dcmtk")
@@ -282,6 +285,8 @@ def test_sigterm_lets_the_open_association_finish(tmp_path: Path) -> None:
         (("--allow-aet", "CT1"), "--allow-aet"),
         (("--host", "127.0.0.1"), "--host"),
         (("--extra-tag", "PatientWeight"), "--extra-tag"),
+        (("--max-associations", "4"), "--max-associations"),  # storescp forks for every one
+        (("--max-associations", "32"), "--max-associations"),  # the default, said explicitly
     ],
 )
 def test_what_storescp_cannot_do_is_refused(
@@ -325,3 +330,86 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         blocker.wait()
     assert result.returncode == 3, result.stderr
     assert f"port {port}" in result.stderr
+
+
+# -- which storescp: DCMTK's, not pynetdicom's app of the same name -------------------------------
+
+
+def fake_storescp(folder: Path) -> Path:
+    """A `storescp` that answers like pynetdicom's app (usage, exit 2) and notes each call."""
+    folder.mkdir()
+    path = folder / "storescp"
+    calls = folder / "calls"
+    path.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'echo "usage: storescp [options] port" >&2\n'
+        'echo "storescp: error: the following arguments are required: port" >&2\n'
+        "exit 2\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def fake_calls(fake: Path) -> list[str]:
+    calls = fake.parent / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_a_foreign_storescp_first_on_path_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A venv's bin/ first on PATH holds pynetdicom's `storescp`: DCMTK's is used all the same."""
+    fake = fake_storescp(tmp_path / "venv-bin")
+    monkeypatch.setitem(DCMTK_ENV, "PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delitem(DCMTK_ENV, STORESCP_ENV, raising=False)
+    source = tmp_path / "source"
+    source.mkdir()
+    path = make_instance(source, series="1.2.12")
+    spool = tmp_path / "spool"
+    with receiver(spool, *DCMTK, host=None) as running:
+        assert storescu(running.port, [path]).returncode == 0
+        wait_until(lambda: count_stored(spool) == 1, what="publish")
+    assert fake_calls(fake) == ["--version"]  # asked what it is, never started
+
+
+def test_only_a_foreign_storescp_is_refused_naming_it_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_storescp(tmp_path / "bin")
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.delenv(STORESCP_ENV, raising=False)
+    monkeypatch.setattr(engine, "DEBIAN_STORESCP", tmp_path / "nowhere" / "storescp")
+    with pytest.raises(ConfigError) as caught:
+        find_storescp()
+    assert caught.value.exit_code == 3
+    message = str(caught.value)
+    assert message.startswith(f"no DCMTK storescp found, only {fake} (`--version` exited 2 ")
+    assert "and printed 'usage: storescp [options] port')" in message
+    assert STORESCP_ENV in message and "dcmtk" in message
+    monkeypatch.setattr(engine, "DEBIAN_STORESCP", tmp_path / "nowhere" / "either")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"^storescp not found: install DCMTK"):
+        find_storescp()
+
+
+def test_storescp_from_the_environment_is_checked_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = engine.DEBIAN_STORESCP
+    monkeypatch.setenv(STORESCP_ENV, str(real))
+    path, version = find_storescp()
+    assert path == real and version.startswith("3.")
+    fake = fake_storescp(tmp_path / "bin")
+    result = subprocess.run(
+        [sys.executable, "-m", "mercli", "receive", "--spool", str(tmp_path / "s"), *DCMTK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**DCMTK_ENV, STORESCP_ENV: str(fake)},
+    )
+    assert result.returncode == 3, result.stderr
+    assert f"Error: ${STORESCP_ENV}={fake} is not DCMTK's storescp (`--version` exited 2" in (
+        result.stderr
+    )
+    assert fake_calls(fake) == ["--version"]

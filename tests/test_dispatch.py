@@ -304,3 +304,67 @@ def test_a_job_waiting_for_its_retry_is_not_picked(tmp_path: Path, spool: Spool)
         dispatcher.busy.clear()
         assert dispatcher.pick() is None
         assert dispatcher.next_due() is not None
+
+
+# -- targets never share files, jobs never reach outside the spool ---------------------------------
+
+
+def folder_targets(tmp_path: Path, *names: str, link: str = "") -> Path:
+    blocks = "".join(
+        f'[targets.{name}]\ntype = "folder"\npath = "{tmp_path / name}"\n{link}\n' for name in names
+    )
+    return rules_for(tmp_path, blocks, ", ".join(f'"{name}"' for name in names))
+
+
+def test_fanned_out_folder_targets_get_their_own_copies(tmp_path: Path, spool: Spool) -> None:
+    """A consumer editing a delivered file in place changes neither the other target's copy
+    nor the spool's (success/): folder targets copy unless `link = true`."""
+    routed(tmp_path, spool, folder_targets(tmp_path, "a", "b"), {"1.2.70": 2})
+    assert dispatch_once(spool).returncode == 0
+    edited = sorted((tmp_path / "a").glob("*/*.dcm"))[0]
+    original = edited.read_bytes()
+    with edited.open("r+b") as fh:  # in place, as a viewer that "fixes" a tag would
+        fh.seek(200)
+        fh.write(b"EDITED-IN-PLACE")
+    assert edited.stat().st_nlink == 1
+    others = list((tmp_path / "b").glob(f"*/{edited.name}"))
+    others += [item.path / edited.name for item in spool.items(SUCCESS)]
+    assert len(others) == 3  # b's copy, and both jobs' copies in success/
+    for other in others:
+        assert other.read_bytes() == original, other
+
+
+def test_link_true_hard_links_into_the_folder_target(tmp_path: Path, spool: Spool) -> None:
+    routed(tmp_path, spool, folder_targets(tmp_path, "a", link="link = true"), {"1.2.71": 2})
+    assert dispatch_once(spool).returncode == 0
+    (done,) = spool.items(SUCCESS)
+    for delivered in (tmp_path / "a").glob("*/*.dcm"):
+        assert delivered.stat().st_ino == (done.path / delivered.name).stat().st_ino
+
+
+@pytest.mark.parametrize("kind", ["folder", "dicom"])
+def test_a_symlink_in_a_job_fails_it_with_the_reason(
+    tmp_path: Path, spool: Spool, scp: Any, kind: str
+) -> None:
+    secret = tmp_path / "root-only.dcm"
+    secret.write_bytes(b"SECRET-ROOT-ONLY-CONTENT")
+    secret.chmod(0o600)
+    server = scp()
+    target = (
+        folder_targets(tmp_path, "dest")
+        if kind == "folder"
+        else rules_for(tmp_path, dicom_target("dest", server.port), '"dest"')
+    )
+    routed(tmp_path, spool, target, {"1.2.72": 3})
+    (job,) = spool.items(OUTGOING)
+    victim = sorted(job.path.glob("*.dcm"))[1]
+    victim.unlink()
+    victim.symlink_to(secret)
+    assert dispatch_once(spool).returncode == 1
+    (failed,) = spool.items(ERROR)
+    reason = json.loads((failed.path / "error.json").read_text())["reason"]
+    assert reason == f"job file {victim.name}: not a regular file (a symlink), refused"
+    assert (failed.path / victim.name).is_symlink()  # kept as it was, for a human to see
+    assert server.received == []
+    delivered = [p.read_bytes() for p in (tmp_path / "dest").rglob("*") if p.is_file()]
+    assert all(b"SECRET" not in data for data in delivered) and delivered == []

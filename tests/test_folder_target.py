@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from mercli.dispatch.targets.folder import TargetError, deliver_to_folder
+from mercli.errors import ConfigError
+from mercli.rules.config import load_rules
+from mercli.spool import NotRegularFile
 
 
 def job_files(folder: Path, count: int = 3, size: int = 5000) -> list[Path]:
@@ -27,7 +30,7 @@ def job_files(folder: Path, count: int = 3, size: int = 5000) -> list[Path]:
 def test_job_lands_complete_with_hard_links(tmp_path: Path) -> None:
     files = job_files(tmp_path / "spool")
     dest = tmp_path / "archive" / "deep"  # created on demand
-    final = deliver_to_folder(files, dest, "job-1")
+    final = deliver_to_folder(files, dest, "job-1", link=True)
     assert final == dest / "job-1"
     assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in files)
     for source in files:
@@ -36,9 +39,9 @@ def test_job_lands_complete_with_hard_links(tmp_path: Path) -> None:
     assert os.listdir(dest) == ["job-1"]  # no temporary left
 
 
-def test_forced_copy_makes_independent_files(tmp_path: Path) -> None:
+def test_copies_by_default_make_independent_files(tmp_path: Path) -> None:
     files = job_files(tmp_path / "spool")
-    final = deliver_to_folder(files, tmp_path / "dest", "job-2", link=False)
+    final = deliver_to_folder(files, tmp_path / "dest", "job-2")
     for source in files:
         copy = final / source.name
         assert copy.read_bytes() == source.read_bytes()
@@ -56,6 +59,36 @@ def test_leftovers_of_a_crashed_attempt_are_removed(tmp_path: Path) -> None:
     final = deliver_to_folder(files, dest, "job-3")
     assert sorted(os.listdir(dest)) == [".job-30.tmp-cafe", "job-3"]
     assert (final / "0.dcm").read_bytes() == files[0].read_bytes()
+
+
+def test_delivered_files_and_folders_get_the_spools_modes(tmp_path: Path) -> None:
+    files = job_files(tmp_path / "spool")
+    old = os.umask(0)
+    try:
+        final = deliver_to_folder(files, tmp_path / "dest", "job-m")
+    finally:
+        os.umask(old)
+    assert final.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in final.iterdir()} == {0o640}
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_a_symlink_in_a_job_is_refused_never_followed(tmp_path: Path, link: bool) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"SECRET-ROOT-ONLY-CONTENT")
+    secret.chmod(0o600)
+    files = job_files(tmp_path / "spool", count=2)
+    files[2].unlink()
+    files[2].symlink_to(secret)  # 1.dcm -> a file outside the spool
+    dest = tmp_path / "dest"
+    with pytest.raises(NotRegularFile, match="symlink") as info:
+        deliver_to_folder(files, dest, "job-s", link=link)
+    assert info.value.filename == str(files[2])
+    assert os.listdir(dest) == []  # no job, no temporary, nothing of the secret
+    os.mkfifo(tmp_path / "spool" / "2.dcm")  # a FIFO must not hang the dispatcher either
+    with pytest.raises(NotRegularFile, match="FIFO"):
+        deliver_to_folder([tmp_path / "spool" / "2.dcm"], dest, "job-f", link=link)
+    assert os.listdir(dest) == []
 
 
 def test_existing_final_folder_counts_as_delivered(tmp_path: Path) -> None:
@@ -127,3 +160,33 @@ def test_cross_filesystem_copy_and_full_disk(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "ERROR cannot deliver to folder target: no space left" in result.stdout
     assert "LISTING ['small-job']" in result.stdout  # no big-job, no temporary
+
+
+FOLDER_RULES = """
+[targets.archive]
+type = "folder"
+path = "archive"
+{link}
+[[rules]]
+name = "all"
+targets = ["archive"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("line", "value"), [("", False), ("link = true", True), ("link = false", False)]
+)
+def test_rules_accept_link_on_folder_targets(tmp_path: Path, line: str, value: bool) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(FOLDER_RULES.format(link=line))
+    target = load_rules(path).targets["archive"]
+    assert target.link is value and target.to_json()["link"] is value
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "[true]"])
+def test_rules_refuse_a_link_that_is_not_a_boolean(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(FOLDER_RULES.format(link=f"link = {value}"))
+    with pytest.raises(ConfigError) as info:
+        load_rules(path)
+    assert str(info.value).startswith(f'{path}:5: target "archive": "link" must be true or false')

@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 
 from tests.dicomfiles import CORPUS, make_instance
+from tests.reliability.hostile import many_elements, many_items
 
 ERROR_LINE = re.compile(r"^Error: .+ \(.+\)$")
 
@@ -192,6 +193,31 @@ def test_edge_case_parity(getdcmtags: Path, tmp_path: Path, monkeypatch: Any) ->
     files = [write_edge_case(tmp_path, name) for name in EDGE_CASES]
     cpp = assert_parity(files, getdcmtags)
     assert all(cpp.values()), "every edge case file is readable"
+
+
+def test_many_elements_parity(getdcmtags: Path, tmp_path: Path) -> None:
+    """300 000 small private elements (3.6 MB), 200 000 items in one sequence (5.6 MB): the
+    same JSON from both tools. getdcmtags once reached DCMTK's elements and items by index,
+    which walks a linked list each time: a minute for such a file, past run()'s timeout."""
+    sop = "1.2.826.0.1.3680043.9.78.1"
+    files = {"elements": many_elements(sop, 300_000), "items": many_items(f"{sop}.1", 200_000)}
+    paths = []
+    for name, data in files.items():
+        paths.append(tmp_path / f"many_{name}.dcm")
+        paths[-1].write_bytes(data)
+    cpp = assert_parity(paths, getdcmtags)
+    assert all(cpp[path] and cpp[path]["InstanceNumber"] == 7 for path in paths)
+
+
+def test_header_split_between_elements_at_first_read_parity(
+    getdcmtags: Path, tmp_path: Path
+) -> None:
+    """A first read (64 KiB) that ends exactly between two elements is the end of the
+    buffer, not of the data set: read_tags once dropped every element after it."""
+    path = tmp_path / "split.dcm"
+    path.write_bytes(many_elements("1.2.826.0.1.3680043.9.78.2", 10_000, between=True))
+    cpp = assert_parity([path], getdcmtags)
+    assert cpp[path] and cpp[path]["SeriesInstanceUID"] and cpp[path]["InstanceNumber"] == 7
 
 
 def test_unreadable_file_is_reported_and_the_others_printed(

@@ -8,7 +8,9 @@ crash point (`--inject-error N`) is checked to leave nothing half-visible and no
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -392,3 +394,26 @@ def test_stdin_lines_carry_their_own_sender(getdcmtags: Path, spool: Spool, stag
     # Files on the command line still need the sender options.
     bare = [str(GETDCMTAGS), "--publish", "--spool", str(spool.root), str(files[2])]
     assert subprocess.run(bare, capture_output=True, timeout=60).returncode == 2
+
+
+def test_a_series_locked_past_the_deadline_fails_in_time_and_keeps_the_file(
+    getdcmtags: Path, spool: Spool, staging: Path
+) -> None:
+    """A group lock held forever (a hung or hostile process) must not stall the dcmtk
+    engine's publisher: the file fails after the deadline and stays where it was, whole."""
+    path = make_instance(staging)
+    original = path.read_bytes()
+    series = spool.root / "incoming" / safe_name(str(read_tags(path)["SeriesInstanceUID"]))
+    series.mkdir()
+    fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = publish(spool, path)  # a hang would hit publish()'s 60 s timeout
+    finally:
+        os.close(fd)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("fail ") and "timed out" in result.stdout + result.stderr
+    assert path.read_bytes() == original
+    assert list(series.iterdir()) == []
+    assert_spool_clean(spool)
+    assert publish(spool, path).returncode == 0  # once the lock is gone, it publishes

@@ -268,8 +268,13 @@ def test_hostile_uids_never_escape_the_spool(
 ) -> None:
     source = tmp_path / "source"
     source.mkdir()
-    sop = hostile + ".1" if len(hostile) < 60 else "1.2.3.4"  # SCUs refuse long command UIDs
+    sop = hostile + ".1"
     path = make_instance(source, series=hostile, sop=sop, study=hostile, filename="h.dcm")
+    # Hostile in the data set only: a command carrying such a UID is refused with 0xC213
+    # (tests/reliability/test_hostile_load.py); pynetdicom takes the command's from file meta.
+    ds = dcmread(path)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(path)
     spool = tmp_path / "spool"
     before = set(tmp_path.parent.rglob("*escape*"))
     with receiver(spool, "--processes", "1") as running:

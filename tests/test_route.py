@@ -181,6 +181,27 @@ def test_fan_out_hard_links_and_carries_the_target(tmp_path: Path, spool: Spool)
     assert all(e["rules"] and e["series"] == "1.2.10" for e in events)
 
 
+def test_a_symlink_in_incoming_is_never_followed_into_a_job(tmp_path: Path, spool: Spool) -> None:
+    """os.link's default is to follow symlinks (Python 3.11 on Linux happens not to): a link
+    planted in incoming/ must never put the file it points to into a job."""
+    files = series_files(tmp_path / "src", "1.2.11", 2, StudyDescription="Chest CT")
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(b"not for any target")
+    with Worker(spool, "receive") as worker:
+        for path in files:
+            receive_file(worker, path)
+    series = spool.state_dir(INCOMING) / "1.2.11"
+    victim = next(series.glob("*.dcm"))
+    victim.unlink()
+    victim.symlink_to(secret)
+    route_all(spool, write_rules(tmp_path))
+    carried = [p for item in spool.items(OUTGOING) for p in item.path.glob("*.dcm")]
+    assert carried and all(
+        p.is_symlink() or p.stat().st_ino != secret.stat().st_ino for p in carried
+    )
+    assert secret.stat().st_nlink == 1  # never hard-linked into the spool
+
+
 def test_discard_rule_and_no_match_keep_the_reason(tmp_path: Path, spool: Spool) -> None:
     scouts = series_files(tmp_path / "a", "1.2.20", 2, ImageType=["ORIGINAL", "LOCALIZER"])
     other = series_files(tmp_path / "b", "1.2.21", 2, Modality="US")

@@ -153,9 +153,14 @@ ERRORS = [
         '[route]: "series_timeout" must be more than 0',
     ),
     (
+        '[route]\nrule_timeout = "0s"\n' + DICOM + RULE,
+        2,
+        '[route]: "rule_timeout" must be more than 0',
+    ),
+    (
         "[route]\ntimeout = 1\n" + DICOM + RULE,
         2,
-        '[route]: unknown key "timeout" (did you mean "study_timeout"? allowed: series_timeout, settle, study_timeout)',
+        '[route]: unknown key "timeout" (did you mean "rule_timeout"? allowed: series_timeout, settle, study_timeout, rule_timeout)',
     ),
     (DICOM, None, "no [[rules]]: every series would be discarded"),
     (DICOM + '[[rules]]\ntargets = ["pacs"]\n', 6, 'rule #1: missing key "name"'),
@@ -296,7 +301,7 @@ ERRORS = [
     (
         '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,
         4,
-        'target "pacs": unknown key "host" (allowed: type, path, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
+        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
     ),
     (
         '[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE,

@@ -6,6 +6,8 @@ import ast
 import builtins
 import contextlib
 import math
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mercli.errors import ConfigError
-from mercli.rules.expr import EvalError, ExpressionError, compile_expression
+from mercli.rules.expr import EvalError, EvalTimeout, ExpressionError, compile_expression
 
 CT = {
     "Modality": "CT",
@@ -133,6 +135,13 @@ def test_integer_and_float_sidecar_values_stay_apart() -> None:
         ("float", "float is a function: call it, as in float(Modality)", 1),
         ("tags", "'tags' must be followed by a keyword, as in tags.Modality", 1),
         ("re('(', Modality)", "bad regular expression: missing ), unterminated subpattern", 4),
+        ("re(Modality, 'x')", "the pattern of re() must be a string literal", 4),
+        # where `re` and the `regex` engine would read a pattern differently: refused
+        ("re('[[:alpha:]]', Modality)", "bad regular expression: possible nested set at", 4),
+        ("re('[A--Z]', Modality)", "bad regular expression: possible set difference at", 4),
+        ("re('C{e<=1}', Modality)", "bad regular expression: {e<=1} at position 1 reads as a", 4),
+        ("re('x'.lower(), Modality)", "the pattern of re() must be a string literal", 4),
+        ("re(1, Modality)", "the pattern of re() must be a string literal", 4),
         ("len(Modality, 1)", "len() takes 1 argument(s), got 2", 1),
         ("Modality.startswith()", "startswith() takes 1 argument(s), got 0", 1),
         ("b'CT' == Modality", "bytes literal is not allowed", 1),
@@ -176,8 +185,6 @@ def test_too_long_and_too_deep() -> None:
         ("Modality < 3", {"Modality": "CT"}, "cannot order text and number 3"),
         ("Modality > None", {"Modality": "CT"}, "cannot order text and None"),
         ("len(SeriesNumber)", {"SeriesNumber": 3}, "len() needs text or a list"),
-        ("re(Modality, 'x')", {"Modality": "("}, "bad regular expression"),
-        ("re(SeriesNumber, 'x')", {"SeriesNumber": 1}, "re() needs a text pattern"),
         ("Modality.startswith(1)", {"Modality": "CT"}, "startswith() needs text"),
         ("'a' in True", {}, "'in' needs text or a list on the right"),
         ("int(float('1e999')) > 1", {}, "int() of inf"),
@@ -188,6 +195,48 @@ def test_evaluation_errors(text: str, tags: dict[str, Any], message: str) -> Non
         compile_expression(text).evaluate(tags)
     assert message in str(info.value)
     assert "Doe" not in str(info.value)  # evaluation errors never quote values
+
+
+# `re()` searches with the `regex` engine (it can be stopped); for what `re` accepts it must
+# find exactly what `re.search` finds.
+RE_CASES = [
+    ("^T[12]", ["T1 axial", "t1", "xT2"]),
+    ("(?i)chest", ["Chest CT", "CHEST", "thorax"]),
+    (r"\bCT\b", ["CT", "CTA", "a CT b"]),
+    (r"\d{3,}", ["12", "1234", "٣٣٣"]),  # Unicode digits, as in `re`
+    (r"^\w+$", ["été", "a b", "_x9"]),  # Unicode word characters
+    ("a$", ["a\n", "a\n\n", "ba"]),  # `$` also before a final newline
+    (r"^(?=.*T1)(?!.*FLAIR)", ["T1 axial", "T1 FLAIR", "T2"]),  # lookarounds
+    (r"(\w)\1", ["aa", "ab", "xyzz"]),  # backreferences
+    (r"(?P<n>x)(?P=n)", ["xx", "x"]),
+    ("[^\\\\]+$", ["A\\B", "A\\"]),
+    ("", ["", "x"]),
+    (r"(?s)a.b", ["a\nb", "ab"]),
+    (r"ß", ["SS", "ß"]),
+    (r"(?i)ß", ["SS", "ẞ"]),  # simple case folding only, as in `re`
+    (r"a++b|c*+", ["aab", "ccc", ""]),  # possessive quantifiers (Python 3.11)
+    (r"C\{e<=1\}|a{x}|b{2}", ["C{e<=1}", "C", "a{x}", "bb"]),  # escaped: braces are text
+    (r"[\[:alpha:\]]", ["a", "[", "b"]),
+]
+
+
+@pytest.mark.parametrize(("pattern", "values"), RE_CASES)
+def test_re_finds_what_python_re_finds(pattern: str, values: list[str]) -> None:
+    expression = compile_expression(f"re({pattern!r}, StudyDescription)")
+    for value in values:
+        expected = re.search(pattern, value) is not None
+        assert expression.evaluate({"StudyDescription": value}) is expected, (pattern, value)
+
+
+def test_re_stops_at_the_deadline() -> None:
+    expression = compile_expression('Modality == "CT" and re("(a|aa)+$", StudyDescription)')
+    hostile = {"Modality": "CT", "StudyDescription": "a" * 60 + "!"}  # hours of backtracking
+    with pytest.raises(EvalTimeout):
+        expression.evaluate(hostile, time.monotonic() + 0.2)
+    with pytest.raises(EvalTimeout):  # a deadline already passed stops before searching
+        expression.evaluate({**hostile, "StudyDescription": "aa"}, time.monotonic() - 1)
+    assert expression.evaluate({**hostile, "StudyDescription": "aa"}, time.monotonic() + 60)
+    assert not issubclass(EvalTimeout, EvalError | OSError)  # never "false", never "retry"
 
 
 # --- safety properties -------------------------------------------------------------------------
@@ -319,7 +368,9 @@ def sandbox() -> Iterator[None]:
     builtins.__dict__.update({name: forbidden(name) for name in names})
 
     def parser_import(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name != "unicodedata":  # CPython's parser normalizes non-ASCII names with it
+        # CPython's parser normalizes non-ASCII names with unicodedata; the regex engine reads
+        # its DEFAULT_VERSION with `from regex import` on every compile. Nothing else.
+        if name not in ("unicodedata", "regex"):
             raise Forbidden(f"__import__ {name}")
         return saved["__import__"](name, *args, **kwargs)
 
@@ -365,6 +416,9 @@ LEAVES = st.sampled_from(
 )
 
 
+PATTERNS = st.sampled_from(["''", "'C'", "'^T[12]'", "'(?i)ct$'", "'a\\\\b'", "'[^x]+'"])
+
+
 def _grow(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     ops = st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "in", "not in", "and", "or"])
     funcs = st.sampled_from(["float", "int", "str", "len", "(not "])
@@ -373,7 +427,7 @@ def _grow(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         st.tuples(inner, ops, inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
         st.tuples(funcs, inner).map(lambda t: f"{t[0]}({t[1]})" + ")" * t[0].startswith("(")),
         st.tuples(inner, methods).map(lambda t: f"({t[0]}){t[1]}"),
-        st.tuples(inner, inner).map(lambda t: f"re({t[0]}, {t[1]})"),
+        st.tuples(PATTERNS, inner).map(lambda t: f"re({t[0]}, {t[1]})"),
     )
 
 

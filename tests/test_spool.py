@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
+import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,18 @@ from mercli.spool import (
     INCOMING,
     OUTGOING,
     STATES,
+    LockTimeout,
+    NotRegularFile,
     Spool,
     Worker,
+    lease_is_held,
+    lease_state,
     link_instances,
     recover,
     write_json,
 )
+from mercli.spool import items as spool_items
+from mercli.status import collect_status
 from tests.spoolkit import assert_whole_instances, payload, receive_instance
 
 
@@ -277,3 +286,219 @@ def test_instances_arriving_during_claims_are_never_split_or_lost(spool: Spool) 
         seen += stems
     assert sorted(seen) == sorted(f"1.9.{s}.{n}" for s in range(2) for n in range(400))
     assert batches > 1, "the test should exercise claims racing with publishers"
+
+
+# -- who may read the spool (SPEC §9) -------------------------------------------------------------
+
+
+def loose_modes(root: Path) -> list[str]:
+    """Everything under (and including) root that is not exactly 0640 (files) or 0750 (folders)."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        mode = path.lstat().st_mode
+        want = 0o750 if stat.S_ISDIR(mode) else 0o640
+        if stat.S_IMODE(mode) & 0o777 != want:
+            found.append(f"{oct(stat.S_IMODE(mode))} {path.relative_to(root)}")
+    return found
+
+
+def exercise(spool: Spool) -> None:
+    """Every kind of write the spool makes: publish (as receive, and as receive's own 0644
+    dataset file), hints, events, claims and transactions, quarantine, dispatch.json."""
+    with Worker(spool, "receive") as receiver:
+        receive_instance(receiver, "1.2", "1.2.1")
+        dcm = receiver.tmp_path()
+        os.close(os.open(dcm, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # as receive does
+        tags = receiver.tmp_path()
+        write_new(tags, payload("1.2.2.tags", 200))
+        spool.publish_to_group(INCOMING, "1.2", [(dcm, "1.2.2.dcm"), (tags, "1.2.2.tags")])
+        receiver.write_hint("1.2", {"sender": "CT"})
+        bad = receiver.tmp_path()
+        os.close(os.open(bad, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        receiver.quarantine_files({"instance.dcm": bad}, "unreadable", "receive")
+    with Worker(spool, "route") as router:
+        assert loose_modes(spool.root) == []  # the live lease, scratch and claims folders too
+        claim = router.claim(INCOMING, "1.2")
+        assert claim is not None
+        transaction = claim.transaction()
+        job = transaction.new_item(OUTGOING, "job-1")
+        link_instances(claim.path, job)
+        write_json(job / "job.json", {"id": "job-1"})
+        transaction.commit()
+        job_claim = router.claim(OUTGOING, "job-1")
+        assert job_claim is not None
+        router.replace_file(job_claim.path / "dispatch.json", b"{}")
+        job_claim.quarantine("refused", target="pacs")
+
+
+@pytest.fixture
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+@pytest.mark.parametrize(
+    "umask", [0o022, 0o077, 0o000, 0o002], ids=["022", "077", "000", "002"], indirect=True
+)
+def test_files_are_0640_and_folders_0750_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    exercise(spool)
+    assert len(spool.items(ERROR)) == 2 and spool.events.read()
+    assert loose_modes(spool.root) == []
+
+
+def test_a_setgid_spool_gives_its_group_to_everything(tmp_path: Path) -> None:
+    group = _foreign_group()
+    root = tmp_path / "spool"
+    root.mkdir()
+    os.chown(root, -1, group)
+    os.chmod(root, 0o2750)
+    spool = Spool.open(root)
+    exercise(spool)
+    for path in [root, *root.rglob("*")]:
+        info = path.lstat()
+        assert info.st_gid == group, path
+        if stat.S_ISDIR(info.st_mode):
+            assert info.st_mode & stat.S_ISGID, f"{path} lost the setgid bit"
+    assert loose_modes(root) == []
+
+
+def test_open_with_group_makes_an_existing_spool_setgid(tmp_path: Path) -> None:
+    group = _foreign_group()
+    Spool.open(tmp_path / "spool")  # made before, without a group
+    spool = Spool.open(tmp_path / "spool", group=group)
+    for folder in spool.layout():
+        assert folder.stat().st_gid == group and folder.stat().st_mode & stat.S_ISGID, folder
+    with Worker(spool, "receive") as worker:
+        receive_instance(worker, "1.2", "1.2.1")
+    assert {p.stat().st_gid for p in (spool.root / INCOMING).rglob("*")} == {group}
+    with pytest.raises(SpoolError, match="no such group"):
+        Spool.open(spool.root, group="no-such-group-mercli")
+
+
+def test_open_takes_others_access_from_an_older_spools_folders(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    Spool.open(root)
+    for name in ("incoming", "events"):
+        os.chmod(root / name, 0o755)  # as an older mercli made them
+    Spool.open(root)
+    assert loose_modes(root) == []
+
+
+def _foreign_group() -> int:
+    """A group other than ours, that we may give files to."""
+    if os.geteuid() == 0:
+        return 65534
+    others = [g for g in os.getgroups() if g != os.getegid()]
+    if not others:
+        pytest.skip("needs root or a supplementary group")
+    return others[0]
+
+
+# -- locks have deadlines (SPEC §9) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def short_deadline(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(spool_items, "LOCK_DEADLINE", 0.5)
+    return 0.5
+
+
+def hold_lock(path: Path, operation: int = fcntl.LOCK_EX) -> int:
+    """Another open file description holding a flock, as another process would."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_series_locked_past_the_deadline_fails_publish_and_claim_in_time(
+    spool: Spool, short_deadline: float
+) -> None:
+    with Worker(spool, "receive") as receiver, Worker(spool, "route") as router:
+        receive_instance(receiver, "1.2", "1.2.1")
+        blocker = hold_lock(spool.root / INCOMING / "1.2")
+        try:
+            started = time.monotonic()
+            with pytest.raises(LockTimeout) as info:
+                receive_instance(receiver, "1.2", "1.2.2")
+            assert short_deadline <= time.monotonic() - started < short_deadline + 1
+            assert isinstance(info.value, OSError)  # receive answers 0xA700 for any OSError
+            started = time.monotonic()
+            with pytest.raises(LockTimeout):
+                router.claim(INCOMING, "1.2")
+            assert time.monotonic() - started < short_deadline + 1
+            assert spool.claimed() == [] and list(router.claims_dir.iterdir()) == []
+        finally:
+            os.close(blocker)
+        receive_instance(receiver, "1.2", "1.2.2")  # the lock is gone: all is well again
+        assert router.claim(INCOMING, "1.2") is not None
+    assert assert_whole_instances(spool.root / INCOMING / "1.2") == {"1.2.1", "1.2.2"}
+
+
+def test_a_release_blocked_past_the_deadline_is_left_to_recovery(
+    spool: Spool, short_deadline: float
+) -> None:
+    with Worker(spool, "receive") as receiver:
+        receive_instance(receiver, "1.2", "1.2.1")
+        router = Worker(spool, "route")
+        router.start()
+        claim = router.claim(INCOMING, "1.2")
+        assert claim is not None
+        receive_instance(receiver, "1.2", "1.2.2")  # a newer group the claim must merge into
+    blocker = hold_lock(spool.root / INCOMING / "1.2")
+    try:
+        with pytest.raises(LockTimeout):
+            claim.release()
+        router.stop()  # does not hang, does not raise: the claim waits for recovery
+        assert recover(spool).released == []  # still locked: tried again next pass
+        assert len(spool.claimed()) == 1
+    finally:
+        os.close(blocker)
+    assert recover(spool).released == [(INCOMING, "1.2")]
+    assert assert_whole_instances(spool.root / INCOMING / "1.2") == {"1.2.1", "1.2.2"}
+    assert list(spool.leases.iterdir()) == [] and list(spool.claims.iterdir()) == []
+
+
+@pytest.mark.parametrize("operation", [fcntl.LOCK_SH, fcntl.LOCK_EX], ids=["shared", "exclusive"])
+def test_a_dead_workers_lease_locked_by_someone_else_is_live_for_recovery_and_status(
+    spool: Spool, operation: int
+) -> None:
+    with Worker(spool, "receive") as receiver:
+        receive_instance(receiver, "1.2", "1.2.1")
+    process = multiprocessing.get_context("fork").Process(
+        target=_claim_and_die, args=(str(spool.root), INCOMING, "1.2")
+    )
+    process.start()
+    process.join()
+    (lease,) = spool.leases.iterdir()
+    blocker = hold_lock(lease, operation)
+    try:
+        assert recover(spool).released == []  # recovery cannot lock it: alive
+        assert lease_is_held(lease) and lease_state(lease) == "stuck"
+        assert collect_status(spool)["workers"] == {"live": 1, "dead": 0, "stuck": 1}
+    finally:
+        os.close(blocker)
+    assert not lease_is_held(lease) and lease_state(lease) == "dead"
+    assert collect_status(spool)["workers"] == {"live": 0, "dead": 1}
+    assert recover(spool).released == [(INCOMING, "1.2")]
+    with Worker(spool, "live") as worker:
+        assert lease_state(spool.leases / worker.id) == "live"
+        assert collect_status(spool)["workers"] == {"live": 1, "dead": 0}
+
+
+# -- item files are plain files -------------------------------------------------------------------
+
+
+def test_link_instances_refuses_symlinks(spool: Spool, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only")
+    secret.chmod(0o600)
+    source, destination = tmp_path / "item", tmp_path / "copy"
+    source.mkdir()
+    destination.mkdir()
+    (source / "a.dcm").write_bytes(b"dicom")
+    (source / "b.dcm").symlink_to(secret)
+    with pytest.raises(NotRegularFile, match="symlink"):
+        link_instances(source, destination)
+    assert not (destination / "b.dcm").exists() and not (destination / "b.dcm").is_symlink()

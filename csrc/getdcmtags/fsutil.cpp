@@ -4,7 +4,9 @@
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -24,6 +26,22 @@ void crashPoint(int n) {
 
 void fail(const std::string &path) {
     throw SysError(std::string(std::strerror(errno)) + " (" + path + ")");
+}
+
+void flockWithDeadline(int fd, int operation, double seconds, const std::string &path) {
+    struct timespec start, now, pause = {0, 10 * 1000 * 1000};  // poll every 10 ms
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    while (flock(fd, operation | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK && errno != EINTR) fail(path);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double waited =
+            double(now.tv_sec - start.tv_sec) + 1e-9 * double(now.tv_nsec - start.tv_nsec);
+        if (waited >= seconds) {
+            errno = ETIMEDOUT;
+            fail(path);
+        }
+        nanosleep(&pause, nullptr);
+    }
 }
 
 void fsyncPath(const std::string &path, bool directory) {
@@ -50,11 +68,16 @@ void writeAll(int fd, const std::string &data, const std::string &path) {
     }
 }
 
-// mercli.fsutil.write_new: create exclusively, write, fsync; unlinked again on failure.
+// mercli.fsutil.write_new: create exclusively (0640, whatever the umask: SPEC §9), write,
+// fsync; unlinked again on failure.
 void writeNew(const std::string &path, const std::string &data, bool sync) {
-    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    const mode_t fileMode = 0640;  // mercli.fsutil.FILE_MODE
+    int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, fileMode);
     if (fd < 0) fail(path);
     try {
+        struct stat info;
+        if (fstat(fd, &info) != 0) fail(path);
+        if ((info.st_mode & 07777) != fileMode && fchmod(fd, fileMode) != 0) fail(path);
         writeAll(fd, data, path);
         if (sync && fsync(fd) != 0) fail(path);
     } catch (...) {

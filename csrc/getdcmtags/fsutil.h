@@ -20,6 +20,9 @@ class SysError : public std::runtime_error {
 // Throws SysError for errno and `path`.
 [[noreturn]] void fail(const std::string &path);
 
+// mercli.spool.items.locked_dir's deadline: flock `fd`, polling without blocking; after
+// `seconds` fail with ETIMEDOUT, so a lock held forever by another process stalls nothing.
+void flockWithDeadline(int fd, int operation, double seconds, const std::string &path);
 void fsyncPath(const std::string &path, bool directory);
 void writeAll(int fd, const std::string &data, const std::string &path);
 // mercli.fsutil.write_new: create exclusively, write, fsync; unlinked again on failure.

@@ -291,19 +291,22 @@ std::string elementJson(DcmElement &element, TextDecoder &text) {
 const int kMaxDepth = 64;
 
 // How deep undefined-length sequences nest in `item` (through undefined-length items).
+//
+// Elements and items are walked with nextInContainer, which steps from the list's current
+// position: linear. getElement(i) and getItem(k) walk the list from its start each time, which
+// made a file of many small elements quadratic (a 3 MB header took a minute).
 int undefinedDepth(DcmItem &item) {
     int deepest = 0;
-    for (unsigned long i = 0; i < item.card(); ++i) {
-        DcmElement *element = item.getElement(i);
-        if (element == nullptr || element->ident() != EVR_SQ ||
-            element->getLengthField() != DCM_UndefinedLength)
+    for (DcmObject *element = item.nextInContainer(nullptr); element != nullptr;
+         element = item.nextInContainer(element)) {
+        if (element->ident() != EVR_SQ || element->getLengthField() != DCM_UndefinedLength)
             continue;
-        DcmSequenceOfItems *sequence = static_cast<DcmSequenceOfItems *>(element);
+        DcmSequenceOfItems &sequence = *static_cast<DcmSequenceOfItems *>(element);
         int depth = 1;
-        for (unsigned long k = 0; k < sequence->card(); ++k) {
-            DcmItem *child = sequence->getItem(k);
-            if (child != nullptr && child->getLengthField() == DCM_UndefinedLength)
-                depth = std::max(depth, 1 + undefinedDepth(*child));
+        for (DcmObject *child = sequence.nextInContainer(nullptr); child != nullptr;
+             child = sequence.nextInContainer(child)) {
+            if (child->getLengthField() == DCM_UndefinedLength)  // an item: a DcmItem
+                depth = std::max(depth, 1 + undefinedDepth(*static_cast<DcmItem *>(child)));
         }
         deepest = std::max(deepest, depth);
         if (deepest > kMaxDepth) break;

@@ -19,6 +19,33 @@
 
 namespace getdcmtags {
 
+// Seconds a group lock may be waited for (LOCK_DEADLINE in mercli/spool/items.py).
+constexpr double kLockDeadline = 3.0;
+
+namespace {
+
+// SPEC §9, as mercli.fsutil: files 0640, folders 0750 (plus the setgid bit a folder inherits
+// from a setgid spool), whatever the umask; a umask only narrows, so set back what it took.
+const mode_t kFileMode = 0640;
+const mode_t kDirMode = 0750;
+
+void giveFileMode(int fd, const std::string &path) {
+    struct stat info;
+    if (fstat(fd, &info) != 0) fail(path);
+    if ((info.st_mode & 07777) != kFileMode && fchmod(fd, kFileMode) != 0) fail(path);
+}
+
+// mkdir with kDirMode; false (errno set) if it failed. A folder renamed away at once is fine.
+bool makeDir(const std::string &path) {
+    if (mkdir(path.c_str(), kDirMode) != 0) return false;
+    struct stat info;
+    if (lstat(path.c_str(), &info) == 0 && (info.st_mode & 0777) != kDirMode)
+        chmod(path.c_str(), kDirMode | (info.st_mode & S_ISGID));
+    return true;
+}
+
+}  // namespace
+
 void Spool::open() {
     if (!isDir(root_)) {
         errno = ENOTDIR;
@@ -30,7 +57,7 @@ void Spool::open() {
     for (const char *name : folders) {
         std::string folder = root_ + "/" + name;
         if (!isDir(folder)) {
-            if (mkdir(folder.c_str(), 0755) != 0 && errno != EEXIST) fail(folder);
+            if (!makeDir(folder) && errno != EEXIST) fail(folder);
             fsyncPath(root_, true);
         }
         struct stat info;
@@ -152,10 +179,12 @@ std::string Spool::tmpPath() {
 void Spool::startLease() {
     owner_ = ownerId();
     std::string born = root_ + "/tmp/lease." + owner_;
-    int fd = ::open(born.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    // Born 0600: no one else can open it, let alone lock it, before it is locked here.
+    int fd = ::open(born.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) fail(born);
     try {
         if (flock(fd, LOCK_EX) != 0) fail(born);
+        giveFileMode(fd, born);
         std::string record = "{\"role\": \"getdcmtags\", \"host\": " + jsonAscii(nodename()) +
                              ", \"pid\": " + std::to_string(getpid()) + ", \"started\": \"" +
                              isoformat(now(), 0) + "\"}";
@@ -165,9 +194,9 @@ void Spool::startLease() {
         renameNoReplace(born, root_ + "/leases/" + owner_);
         fsyncPath(root_ + "/leases", true);
         scratch_ = root_ + "/tmp/" + owner_;
-        if (mkdir(scratch_.c_str(), 0755) != 0) fail(scratch_);
+        if (!makeDir(scratch_)) fail(scratch_);
         std::string claims = root_ + "/claims/" + owner_;
-        if (mkdir(claims.c_str(), 0755) != 0) fail(claims);
+        if (!makeDir(claims)) fail(claims);
     } catch (...) {
         ::close(fd);
         unlink(born.c_str());
@@ -189,7 +218,11 @@ void Spool::logEvent(const std::string &body) {
     std::strftime(day, sizeof day, "%Y-%m-%d", &clock.utc);
     std::string line = "{\"at\":\"" + isoformat(clock, 6) + "\"," + body + "}\n";
     std::string file = root_ + "/events/" + day + ".ndjson";
-    int fd = ::open(file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    int flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC;
+    int fd = ::open(file.c_str(), flags, kFileMode);
+    struct stat info;
+    if (fd >= 0 && fstat(fd, &info) == 0 && (info.st_mode & 07777) != kFileMode)
+        fchmod(fd, kFileMode);
     if (fd < 0 || write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size()))
         std::cerr << "Warning: event log unwritable (" << std::strerror(errno) << ")\n";
     if (fd >= 0) ::close(fd);
@@ -199,8 +232,14 @@ bool Spool::publishToGroup(const std::string &group,
                     const std::vector<std::pair<std::string, std::string>> &files) {
     std::string incoming = root_ + "/incoming";
     std::string directory = incoming + "/" + group;
+    for (const auto &file : files) {  // storescp made the dataset file, with its own mode
+        struct stat info;
+        if (lstat(file.first.c_str(), &info) != 0) fail(file.first);
+        if ((info.st_mode & 07777) != kFileMode && chmod(file.first.c_str(), kFileMode) != 0)
+            fail(file.first);
+    }
     for (;;) {
-        if (mkdir(directory.c_str(), 0755) == 0) {
+        if (makeDir(directory)) {
             fsyncPath(incoming, true);
         } else if (errno != EEXIST) {
             fail(directory);
@@ -211,7 +250,7 @@ bool Spool::publishToGroup(const std::string &group,
             fail(directory);
         }
         try {
-            if (flock(fd, LOCK_SH) != 0) fail(directory);
+            flockWithDeadline(fd, LOCK_SH, kLockDeadline, directory);
             struct stat current, mine;
             if (lstat(directory.c_str(), &current) != 0 || fstat(fd, &mine) != 0 ||
                 current.st_ino != mine.st_ino || current.st_dev != mine.st_dev) {
@@ -241,12 +280,13 @@ std::string Spool::quarantine(const std::string &path, const std::string &reason
                        const Sender &info) {
     std::string item = newId();
     std::string folder = tmpPath();
-    if (mkdir(folder.c_str(), 0755) != 0) fail(folder);
+    if (!makeDir(folder)) fail(folder);
     std::string instance = folder + "/instance.dcm";
     bool moved = false;
     try {
         if (rename(path.c_str(), instance.c_str()) != 0) fail(path);
         moved = true;
+        if (chmod(instance.c_str(), kFileMode) != 0) fail(instance);
         char code[16];
         std::snprintf(code, sizeof code, "0x%04X", status);
         std::string record = "{\n \"reason\": " + jsonAscii(reason) + ",\n \"at\": \"" +

@@ -5,12 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from mercli.commands.options import check_extra_tags, common_options
+from mercli.commands.options import check_extra_tags, common_options, duration
 from mercli.receive.handler import ReceiveConfig
 from mercli.receive.service import serve
 
 _DEFAULTS = ReceiveConfig()
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """Click callback: a duration (`30s`, `2m`, seconds) that is more than 0."""
+    seconds = duration(ctx, param, value)
+    if not seconds:
+        raise click.BadParameter("must be more than 0", ctx=ctx, param=param)
+    return seconds
 
 
 @click.command()
@@ -53,6 +62,27 @@ _DEFAULTS = ReceiveConfig()
     help="Also write this tag into sidecars: a keyword or (gggg,eeee) (repeatable).",
 )
 @click.option(
+    "--acse-timeout",
+    default=f"{_DEFAULTS.acse_timeout:g}s",
+    show_default=True,
+    callback=_positive,
+    help="Time a connection has to send its whole association request.",
+)
+@click.option(
+    "--network-timeout",
+    default=f"{_DEFAULTS.network_timeout:g}s",
+    show_default=True,
+    callback=_positive,
+    help="Silence allowed between PDUs, and the time one PDU may take to arrive.",
+)
+@click.option(
+    "--shutdown-grace",
+    default=f"{_DEFAULTS.shutdown_grace:g}s",
+    show_default=True,
+    callback=duration,
+    help="On SIGINT/SIGTERM, time open associations get before they are aborted.",
+)
+@click.option(
     "--engine",
     type=click.Choice(["pynetdicom", "dcmtk"]),
     default=_DEFAULTS.engine,
@@ -69,6 +99,9 @@ def receive(
     max_associations: int,
     processes: int,
     extra_tags: tuple[str, ...],
+    acse_timeout: float,
+    network_timeout: float,
+    shutdown_grace: float,
     engine: str,
 ) -> None:
     """Receive DICOM instances (C-STORE, C-ECHO) into spool/incoming/.
@@ -80,12 +113,21 @@ def receive(
     listener keeps serving; an instance without readable UIDs answers 0xC210/0xC212 and is
     quarantined in spool/error/ with the reason.
 
-    Runs until SIGINT or SIGTERM, then finishes open associations and exits 0.
+    Runs until SIGINT or SIGTERM, then finishes open associations and exits 0; those still
+    open after --shutdown-grace are aborted (A-ABORT, their unfinished instance discarded).
+
+    Hostile peers: connections that have not yet sent their association request are capped
+    at twice --max-associations (the longest waiting is closed first) and must send it within
+    --acse-timeout; a request with invalid AE titles, more than 128 presentation contexts or
+    a context id twice is rejected; PDUs are capped at 1 MiB, command sets at 64 KiB; a
+    C-STORE whose command carries an invalid UID is answered 0xC213 and nothing is stored.
 
     --engine dcmtk runs DCMTK's storescp (one process per association) into
     spool/staging/ and publishes each finished file with getdcmtags (`make build`). The
     spool ends the same, but storescp acknowledges before the sidecar is written, accepts any
-    called AE title, and cannot apply --allow-aet, --host or --extra-tag (refused, exit 2).
+    called AE title, and cannot apply --allow-aet, --host, --extra-tag or --max-associations
+    (refused, exit 2);
+    --acse-timeout and --shutdown-grace apply to the default engine only.
 
     \b
     Examples:
@@ -93,6 +135,14 @@ def receive(
       mercli receive --allow-aet CT1 --allow-aet MR2     # only these senders
       TCP_NODELAY=1 storescu -aec MERCLI localhost 11112 *.dcm
     """
+    given = click.get_current_context().get_parameter_source("max_associations")
+    if engine == "dcmtk" and given is ParameterSource.COMMANDLINE:
+        # the engine refuses a non-default value itself; an explicit default is refused too
+        raise click.UsageError(
+            "--max-associations: storescp serves every association it is offered "
+            "(one process each) and cannot limit them; use --engine pynetdicom or a "
+            "firewall's connection limit"
+        )
     config = ReceiveConfig(
         host=host,
         port=port,
@@ -102,6 +152,9 @@ def receive(
         max_associations=max_associations,
         processes=processes,
         extra_tags=extra_tags,
+        network_timeout=network_timeout,
+        acse_timeout=acse_timeout,
+        shutdown_grace=shutdown_grace,
         engine=engine,
     )
     serve(spool, config)

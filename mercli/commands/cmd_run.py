@@ -32,6 +32,8 @@ _DEFAULTS = ReceiveConfig()
 @click.option("--engine", type=click.Choice(["pynetdicom", "dcmtk"]), default="pynetdicom")
 @click.option("--processes", type=click.IntRange(1, 64), default=None, help="Receiving processes.")
 @click.option("--extra-tag", "extra_tags", multiple=True, metavar="TAG", callback=check_extra_tags)
+@click.option("--network-timeout", callback=duration, help="See `mercli receive --help`.")
+@click.option("--shutdown-grace", callback=duration, help="See `mercli receive --help`.")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option(
     "--purge-every",
@@ -51,6 +53,8 @@ def run(
     engine: str,
     processes: int | None,
     extra_tags: tuple[str, ...],
+    network_timeout: float | None,
+    shutdown_grace: float | None,
     workers: int,
     purge_every: float,
 ) -> None:
@@ -76,6 +80,8 @@ def run(
     receive_args += ["--any-called-aet"] if any_called_aet else []
     receive_args += ["--processes", str(processes)] if processes else []
     receive_args += [arg for tag in extra_tags for arg in ("--extra-tag", tag)]
+    receive_args += [] if network_timeout is None else ["--network-timeout", f"{network_timeout}"]
+    receive_args += [] if shutdown_grace is None else ["--shutdown-grace", f"{shutdown_grace}"]
     verbosity = _verbosity()
     config = RunConfig(spool, rules_path.resolve(), tuple(receive_args), workers, purge_every)
     Supervisor(config, verbosity).run()

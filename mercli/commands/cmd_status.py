@@ -10,10 +10,12 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mercli.commands.options import common_options
 from mercli.durations import format_duration
 from mercli.errors import SpoolError
+from mercli.names import printable
 from mercli.spool import INCOMING, Spool
 from mercli.status import collect_status
 
@@ -45,16 +47,18 @@ def status(spool: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
-    console = Console(file=sys.stdout if sys.stdout.isatty() else sys.stderr)
+    # markup off and every value escaped: target names, ids and error reasons can carry text
+    # from the network (a UID in a reason), which must never act on the terminal
+    console = Console(file=sys.stdout if sys.stdout.isatty() else sys.stderr, markup=False)
     console.print(_table(document))
     if document["recent_errors"]:
-        console.print("[bold]Recent errors[/bold]")
+        console.print(Text("Recent errors", style="bold"))
         for error in document["recent_errors"]:
-            console.print(f"  {error['id']}: {error['reason']}")
+            console.print(Text(f"  {printable(error['id'])}: {printable(error['reason'], 300)}"))
 
 
 def _table(document: dict[str, Any]) -> Table:
-    table = Table(title=f"spool {document['spool']}")
+    table = Table(title=Text(f"spool {printable(document['spool'], 0)}"))
     for column in ("state", "items", "instances", "size", "claimed", "oldest"):
         table.add_column(column, justify="left" if column == "state" else "right")
     for state, counts in document["states"].items():
@@ -67,9 +71,13 @@ def _table(document: dict[str, Any]) -> Table:
             format_duration(counts["oldest_age_s"]),
         )
     for target, backlog in document["targets"].items():
-        table.add_row(f"  -> {target}", str(backlog["jobs"]), "", "", "", "", style="dim")
+        name = Text(f"  -> {printable(target)}")
+        table.add_row(name, str(backlog["jobs"]), "", "", "", "", style="dim")
     workers = document["workers"]
-    table.caption = f"workers: {workers['live']} live, {workers['dead']} awaiting recovery"
+    caption = f"workers: {workers['live']} live, {workers['dead']} awaiting recovery"
+    if workers.get("stuck"):
+        caption += f", {workers['stuck']} stuck (lease locked by another process)"
+    table.caption = caption
     return table
 
 

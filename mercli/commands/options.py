@@ -1,4 +1,4 @@
-"""Options every command shares: --spool, -v/--verbose, -q/--quiet, and logging setup."""
+"""Options every command shares: --spool, --group, -v/--verbose, -q/--quiet, and logging setup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,23 @@ from typing import Any, TypeVar
 
 import click
 
+from mercli.names import printable
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log lines with every control character of the message escaped (SPEC §9).
+
+    Messages carry values from the network (AE titles, UIDs, descriptions): a newline in one
+    would forge a log line, an ANSI escape would act on the admin's terminal. Modules escape
+    what they log themselves (`mercli.names.printable`); this is the second line of defence,
+    for every message of every module. Tracebacks (`-v`) are ours and stay as they are.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message, limit=0)
+        return super().formatMessage(record)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -19,14 +35,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
     if not any(getattr(h, "_mercli", False) for h in root.handlers):
         handler = logging.StreamHandler()  # stderr: stdout is for results
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         handler._mercli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
 
 
 def common_options(func: F) -> F:
-    """Adds --spool, -v and -q; the wrapped command receives `spool: Path`."""
+    """Adds --spool, --group, -v and -q; the wrapped command receives `spool: Path`."""
 
     @click.option(
         "--spool",
@@ -36,14 +52,37 @@ def common_options(func: F) -> F:
         show_default="$MERCLI_SPOOL, else ./spool",
         help="Spool directory; created with its layout if missing.",
     )
+    @click.option(
+        "--group",
+        envvar="MERCLI_GROUP",
+        metavar="NAME",
+        callback=_check_group,
+        help="Give the spool to this group (setgid): what is created in it is group-readable.",
+    )
     @click.option("-v", "--verbose", count=True, help="More log detail (tracebacks included).")
     @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
     @functools.wraps(func)
-    def wrapper(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, verbose: int, quiet: bool, group: int | None, **kwargs: Any) -> Any:
         _setup_logging(verbose, quiet)
+        if group is not None:
+            from mercli.spool import Spool
+
+            Spool.open(kwargs["spool"], group=group)
         return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_group(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Click callback: a group name or number, as a gid (None stays None)."""
+    import grp
+
+    if value is None:
+        return None
+    try:
+        return int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no such group {value!r}", ctx=ctx, param=param) from None
 
 
 def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

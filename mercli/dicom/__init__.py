@@ -7,5 +7,5 @@ live here, once.
 """
 
 DEFAULT_AET = "MERCLI"  # our AE title: what receive answers to and dispatch calls itself
-NETWORK_TIMEOUT = 60.0  # seconds a peer may stay silent once associated
-ACSE_TIMEOUT = 30.0  # seconds for the association request or its answer
+NETWORK_TIMEOUT = 60.0  # seconds a peer may stay silent once associated (receive: and per PDU)
+ACSE_TIMEOUT = 30.0  # seconds for the association request or its answer (receive: in total)

@@ -12,17 +12,23 @@ from __future__ import annotations
 import struct
 from typing import Literal
 
+from mercli.names import is_safe_uid
+
 # PDU types (PS3.8 9.3)
 A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
 A_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 A_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+A_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # from the service provider, no reason
+CONTROL_PDU_LENGTH = 4  # the body of A-RELEASE-RQ/RP and A-ABORT (PS3.8 9.3.6-9.3.8)
+MAX_COMMAND = 64 << 10  # bytes a command set may take; a C-STORE-RQ needs about 200
 
 # DIMSE command fields and values (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATASET, HAS_DATASET = 0x0101, 0x0000
 PRIORITY_MEDIUM = 0x0000
 STATUS_UNRECOGNISED = 0x0211
+STATUS_INVALID_UID = 0xC213  # cannot understand: a UID of the command set is no UID
 
 # Command set tags
 COMMAND_GROUP_LENGTH = 0x00000000
@@ -44,6 +50,16 @@ _WARNINGS = frozenset({0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
 
 class ProtocolError(Exception):
     """The peer broke the protocol; the association is aborted."""
+
+
+def command_uid(value: bytes) -> bytes | None:
+    """A UID of a command set with its padding removed, or None if it is no UID.
+
+    Digits and dots, at most 64 characters, no empty component (PS3.5 9.1). Trailing NULs
+    and spaces are padding that real devices send, so they are forgiven; nothing else is.
+    """
+    uid = value.rstrip(b"\x00 ")
+    return uid if uid.isascii() and is_safe_uid(uid.decode("ascii")) else None
 
 
 def us(value: bytes | None) -> int:

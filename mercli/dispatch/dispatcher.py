@@ -8,7 +8,8 @@ old (`Worker.replace_file`), so it never tears.
 
 One attempt: claim the job, send what the target does not have yet, then one of
 - everything delivered: `success/` (event `dispatched`);
-- a failure that retrying cannot mend (an instance no codec can convert), or the last attempt
+- a failure that retrying cannot mend (an instance no codec can convert, a file of the job that
+  is a symlink or not a regular file: never followed, never sent), or the last attempt
   (`max_attempts`) or the job too old (`max_age`): `error/` with the reason (event `failed`);
 - otherwise: back to `outgoing/` with the next attempt `retry_delay * retry_backoff^(n-1)`
   seconds later, at most `retry_max_delay` (event `retry`).
@@ -40,8 +41,10 @@ from mercli.spool import (
     OUTGOING,
     SUCCESS,
     Claim,
+    NotRegularFile,
     Spool,
     Worker,
+    irregular_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -169,10 +172,11 @@ class Dispatcher:
     def attempt(self, claim: Claim, info: JobInfo) -> Attempt:
         """Try the job once and settle it: success/, error/, or back to outgoing/."""
         try:
-            progress = Progress.load(claim.path)
+            unsafe = irregular_entry(claim.path)  # whatever the target type reads them with
+            progress = Progress() if unsafe else Progress.load(claim.path)
             progress.attempts += 1
             started = time.monotonic()
-            result = deliver(claim.path, info, progress)
+            result = _refused(unsafe) if unsafe else deliver(claim.path, info, progress)
             self._settle(claim, info, progress, result, time.monotonic() - started)
             return result
         except BaseException:
@@ -237,6 +241,12 @@ class Dispatcher:
             delay,
         )
         self.summary.retried += 1
+
+
+def _refused(unsafe: NotRegularFile) -> Attempt:
+    """The attempt of a job holding a file no target may read: failed for good, and why."""
+    name = os.path.basename(str(unsafe.filename))
+    return Attempt(error=f"job file {name}: {unsafe.strerror}", permanent=True)
 
 
 def summary_fields(summary: DispatchSummary) -> dict[str, Any]:

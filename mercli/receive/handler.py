@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT
+from mercli.dicom import ACSE_TIMEOUT, DEFAULT_AET, NETWORK_TIMEOUT
 from mercli.dicom.part10 import file_meta
 from mercli.dicom.scp.listener import (
     REJECT_CALLED_AE,
@@ -39,8 +39,8 @@ from mercli.dicom.scp.listener import (
     StoreRequest,
 )
 from mercli.errors import ListenError
-from mercli.fsutil import unlink_quietly, write_fd
-from mercli.names import safe_name
+from mercli.fsutil import open_new, unlink_quietly, write_fd
+from mercli.names import printable, safe_name
 from mercli.spool import INCOMING, Spool, Worker
 from mercli.tags import UnreadableDicom, read_tags
 
@@ -65,7 +65,9 @@ class ReceiveConfig:
     max_associations: int = 32
     processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     extra_tags: tuple[str, ...] = ()
-    network_timeout: float = NETWORK_TIMEOUT
+    network_timeout: float = NETWORK_TIMEOUT  # idle between PDUs, and the most one PDU may take
+    acse_timeout: float = ACSE_TIMEOUT  # for the whole association request, from connecting
+    shutdown_grace: float = 30.0  # seconds open associations get on SIGTERM before A-ABORT
     engine: str = "pynetdicom"  # or "dcmtk": storescp + getdcmtags (mercli.receive.dcmtk.engine)
 
 
@@ -90,7 +92,7 @@ class _ScratchFiles:
 
     def _create(self) -> tuple[Path, int]:
         path = self.worker.tmp_path()
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        return path, open_new(path)
 
     def _fill(self) -> None:
         while not self._stop.is_set():
@@ -224,12 +226,17 @@ class InstanceStore:
         """Association-time checks: the calling and the called AE title."""
         if self.config.allow_aets and info.calling_aet not in self.config.allow_aets:
             log.warning(
-                "association from unknown AE %r (%s) rejected", info.calling_aet, info.address
+                "association from unknown AE %s (%s) rejected",
+                printable(info.calling_aet),
+                printable(info.address),
             )
             return REJECT_CALLING_AE
         if not self.config.any_called_aet and info.called_aet != self.config.aet:
             log.warning(
-                "association calling us %r, not %r, rejected", info.called_aet, self.config.aet
+                "association from %s calling us %s, not %s, rejected",
+                printable(info.calling_aet),
+                printable(info.called_aet),
+                self.config.aet,
             )
             return REJECT_CALLED_AE
         return None
@@ -257,7 +264,11 @@ class InstanceStore:
             return self._quarantine(sink, str(exc), association)
         except OSError as exc:
             association.failures += 1
-            log.error("cannot store instance from %s: %s", association.sender, exc.strerror or exc)
+            log.error(
+                "cannot store instance from %s: %s",
+                printable(association.sender),
+                exc.strerror or exc,
+            )
             return STATUS_OUT_OF_RESOURCES
         with self._lock:
             association.series.add(series)
@@ -322,7 +333,10 @@ class InstanceStore:
         item_id = item.name
         self.spool.log("quarantined", item=item_id, reason=reason, sender=association.sender)
         log.warning(
-            "instance from %s quarantined as error/%s: %s", association.sender, item_id, reason
+            "instance from %s quarantined as error/%s: %s",
+            printable(association.sender),
+            item_id,
+            printable(reason, 200),
         )
         return status
 
@@ -348,7 +362,7 @@ class InstanceStore:
         if association.instances or association.failures:
             log.info(
                 "association from %s %s: %d instance(s) in %d series, %.1f MB in %.1f s%s",
-                association.sender,
+                printable(association.sender),
                 how,
                 association.instances,
                 len(association.series),
@@ -370,6 +384,7 @@ def start_listener(config: ReceiveConfig, store: InstanceStore) -> Listener:
             config.port,
             store,
             max_associations=config.max_associations,
+            acse_timeout=config.acse_timeout,
             network_timeout=config.network_timeout,
         )
     except OSError as exc:

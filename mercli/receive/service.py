@@ -20,6 +20,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from mercli.dicom.scp.listener import Listener
 from mercli.errors import ListenError, MercliError
 from mercli.receive.handler import InstanceStore, ReceiveConfig, start_listener
 from mercli.service import ignore_signals, stop_on_signals
@@ -32,7 +33,8 @@ EARLY_EXIT = 3.0  # a listener that exits within this many seconds of starting f
 
 
 def serve(spool_root: Path, config: ReceiveConfig) -> None:
-    """Receive until SIGINT/SIGTERM, then finish open associations and return."""
+    """Receive until SIGINT/SIGTERM, then finish open associations (at most
+    `config.shutdown_grace` seconds, then abort them) and return."""
     if config.engine == "dcmtk":
         from mercli.receive.dcmtk.engine import serve_dcmtk
 
@@ -61,14 +63,24 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
             host, port = listener.address
             log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
             stop.wait()
-            listener.close()  # no new associations; open ones go on
-            if listener.open_associations():
-                log.info("waiting for %d open association(s)", listener.open_associations())
-            listener.wait_idle(threading.Event().wait)
+            _stop_listener(listener, config.shutdown_grace)
         finally:
             store.close()
     _ignore_late_signals()
     log.info("receiver stopped")
+
+
+def _stop_listener(listener: Listener, grace: float) -> None:
+    """No new associations; open ones get `grace` seconds, then A-ABORT (SPEC §9: a bounded
+    shutdown, so a peer trickling bytes cannot keep the receiver from exiting)."""
+    listener.close()
+    if listener.open_associations():
+        log.info(
+            "waiting up to %g s for %d open association(s)", grace, listener.open_associations()
+        )
+    aborted = listener.shutdown(grace)
+    if aborted:
+        log.warning("aborted %d association(s) still open after %g s", aborted, grace)
 
 
 def _ignore_late_signals() -> None:

@@ -16,6 +16,11 @@ they start a new batch of the series, routed in turn), reads the sidecars, appli
 links, no copies) or an item in `discard/` with the reason. Killed at any point, the claim is
 rolled back (routed again later) or forward (routed once), never half.
 
+**A series whose rules run out of time** (`[route] rule_timeout`, `re()` included: SPEC §9)
+is quarantined whole into `error/<id>/`, its error.json naming the rule, and routing goes on
+with the next series. Left in incoming/, it would be taken first again after every restart
+and stop all routing; from error/, `mercli resend` brings it back once the rule is fixed.
+
 Every item the router creates holds the instances (NAME.dcm + NAME.tags) and a `job.json`; see
 `JobRecord` for its keys.
 """
@@ -34,7 +39,7 @@ from typing import Any
 from mercli.jobs import job_record
 from mercli.names import new_id
 from mercli.rules.config import RouteSettings, RuleSet
-from mercli.rules.decide import Decision, decide
+from mercli.rules.decide import Decision, RuleTimeout, decide
 from mercli.spool import (
     DISCARD,
     INCOMING,
@@ -78,6 +83,7 @@ class RouteSummary:
     instances: int = 0
     jobs: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # items put in error/ (counted in failed)
     failed: int = 0
 
 
@@ -152,7 +158,11 @@ class Router:
 
     def _route_claimed(self, claim: Claim, summary: RouteSummary) -> None:
         instances = _read_instances(claim.path)
-        decisions = decide(self.rules, instances, series_label=claim.name) if instances else []
+        try:
+            decisions = decide(self.rules, instances, series_label=claim.name) if instances else []
+        except RuleTimeout as exc:
+            self._quarantine(claim, exc, len(instances), summary)
+            return
         transaction = claim.transaction()
         made: list[tuple[str, str, str, Decision]] = []  # state, item, target, decision
         for decision in decisions:
@@ -176,13 +186,29 @@ class Router:
         transaction.commit()
         self._account(claim.name, len(instances), made, summary)
 
+    def _quarantine(
+        self, claim: Claim, exc: RuleTimeout, count: int, summary: RouteSummary
+    ) -> None:
+        """Move the whole batch to error/ with the rule that ran out of time as the reason."""
+        detail = {"series": claim.name, "rule": exc.rule, "instances": count}
+        item = claim.quarantine(exc.reason, name=new_id(), limit=exc.limit, **detail)
+        summary.failed += 1
+        summary.errors.append(item.name)
+        self.spool.log("quarantined", item=item.name, **detail, reason=exc.reason)
+        log.error("series %s: %s; moved to error/%s", claim.name, exc.reason, item.name)
+
     def _fill(self, folder: Path, source: Path, members: Sequence[str]) -> None:
-        """Hard-link the members' .dcm and .tags; rebuild a sidecar that is missing."""
+        """Hard-link the members' .dcm and .tags; rebuild a sidecar that is missing.
+
+        Links never follow a symlink (os.link's default says it would); a symlink is carried
+        as itself, and dispatch refuses a job that holds one.
+        """
         for name in members:
-            os.link(source / f"{name}{INSTANCE_SUFFIX}", folder / f"{name}{INSTANCE_SUFFIX}")
+            instance = f"{name}{INSTANCE_SUFFIX}"
+            os.link(source / instance, folder / instance, follow_symlinks=False)
             sidecar = source / f"{name}{SIDECAR_SUFFIX}"
-            if sidecar.exists():
-                os.link(sidecar, folder / f"{name}{SIDECAR_SUFFIX}")
+            if sidecar.is_symlink() or sidecar.exists():
+                os.link(sidecar, folder / sidecar.name, follow_symlinks=False)
             else:
                 rebuilt = read_tags(source / f"{name}{INSTANCE_SUFFIX}")
                 write_json(folder / f"{name}{SIDECAR_SUFFIX}", rebuilt)

@@ -15,6 +15,10 @@ The semantics, as an admin reads rules.toml:
 5. No match: the series goes to `discard/` with reason "no rule matched".
 6. A rule whose expression cannot be evaluated for an instance is false for it, and the
    decision carries a warning naming rule and series.
+7. All rules on one series together get `[route] rule_timeout` (SPEC §9). A rule still being
+   evaluated when it passes, a `re()` stuck backtracking included, raises `RuleTimeout`
+   naming that rule: the series gets no decision at all (route sends it to error/), since a
+   rule that could not be told may have been the one that mattered.
 
 Rules are evaluated per instance. Instances with the same outcome form one `Decision`; a
 series whose instances disagree on what the rules read, in a way that changes the outcome,
@@ -31,12 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
+from mercli.errors import MercliError
 from mercli.rules.config import Rule, RuleSet
-from mercli.rules.expr import EvalError
+from mercli.rules.expr import EvalError, EvalTimeout
 
-__all__ = ["Decision", "RuleTrace", "decide", "trace"]
+__all__ = ["Decision", "RuleTimeout", "RuleTrace", "decide", "trace"]
 
 MATCH, FALSE, ERROR, SKIPPED, NOT_NEEDED = "match", "false", "error", "skipped", "not-needed"
 _CACHE_LIMIT = 100_000
@@ -58,6 +64,17 @@ class Decision:
     warnings: tuple[str, ...] = ()
 
 
+class RuleTimeout(MercliError):
+    """The rules on one series ran past `[route] rule_timeout`; `rule` is the one running then."""
+
+    def __init__(self, rule: str, limit: float, series: str = "") -> None:
+        self.rule = rule
+        self.limit = limit
+        self.series = series
+        self.reason = f'rule "{rule}" exceeded the {limit:g} s evaluation limit'
+        super().__init__(self.reason + (f" (series {series})" if series else ""))
+
+
 @dataclass(frozen=True)
 class RuleTrace:
     """How one rule fared on one instance: a status above and a detail for people."""
@@ -76,45 +93,60 @@ class _Outcome:
     errors: tuple[tuple[str, str], ...]  # (rule name, message)
 
 
-def trace(ruleset: RuleSet, tags: Mapping[str, Any]) -> tuple[RuleTrace, ...]:
-    """Every rule's fate on one sidecar, in file order (what `rules test` shows)."""
+def trace(
+    ruleset: RuleSet, tags: Mapping[str, Any], *, deadline: float | None = None
+) -> tuple[RuleTrace, ...]:
+    """Every rule's fate on one sidecar, in file order (what `rules test` shows).
+
+    RuleTimeout once `deadline` (a `time.monotonic()` time; default: `rule_timeout` from now)
+    has passed.
+    """
+    if deadline is None:
+        deadline = monotonic() + ruleset.settings.rule_timeout
     results: dict[int, RuleTrace] = {}
-    _pass(ruleset.rules, tags, results, fallback=False, stopped_by="")
+    _pass(ruleset, tags, results, deadline, fallback=False, stopped_by="")
     matched = any(result.status == MATCH for result in results.values())
     for index, rule in enumerate(ruleset.rules):
         if rule.fallback and matched:
             results[index] = RuleTrace(rule, NOT_NEEDED, "fallback; another rule matched")
     if not matched:
-        _pass(ruleset.rules, tags, results, fallback=True, stopped_by="")
+        _pass(ruleset, tags, results, deadline, fallback=True, stopped_by="")
     return tuple(results[index] for index in range(len(ruleset.rules)))
 
 
 def _pass(
-    rules: Sequence[Rule],
+    ruleset: RuleSet,
     tags: Mapping[str, Any],
     results: dict[int, RuleTrace],
+    deadline: float,
     *,
     fallback: bool,
     stopped_by: str,
 ) -> str:
     """Check the (non-)fallback rules in order; return the final rule that stopped them."""
-    for index, rule in enumerate(rules):
+    for index, rule in enumerate(ruleset.rules):
         if rule.fallback != fallback:
             continue
         if stopped_by:
             results[index] = RuleTrace(rule, SKIPPED, f'after final rule "{stopped_by}"')
             continue
-        results[index] = result = _check(rule, tags)
+        try:
+            results[index] = result = _check(rule, tags, deadline)
+        except EvalTimeout:
+            raise RuleTimeout(rule.name, ruleset.settings.rule_timeout) from None
         if result.status == MATCH and rule.final:
             stopped_by = rule.name
     return stopped_by
 
 
-def _check(rule: Rule, tags: Mapping[str, Any]) -> RuleTrace:
+def _check(rule: Rule, tags: Mapping[str, Any], deadline: float) -> RuleTrace:
+    """One rule on one sidecar; EvalTimeout if `deadline` passes before or while evaluating."""
     if rule.when is None:
         return RuleTrace(rule, MATCH, "no condition")
+    if monotonic() >= deadline:
+        raise EvalTimeout
     try:
-        return RuleTrace(rule, MATCH if rule.when.evaluate(tags) else FALSE)
+        return RuleTrace(rule, MATCH if rule.when.evaluate(tags, deadline) else FALSE)
     except EvalError as exc:
         return RuleTrace(rule, ERROR, str(exc))
 
@@ -156,9 +188,11 @@ def decide(
     """Apply the rules to (name, sidecar) pairs of one series; one Decision per outcome.
 
     Decisions come in the order of their first instance. `series_label` (a UID, never a
-    patient's name) is what warnings call the series.
+    patient's name) is what warnings call the series. RuleTimeout (naming rule and series)
+    when the rules take longer than `rule_timeout` on the whole series.
     """
     keywords, cache = ruleset.keywords, ruleset.cache
+    deadline = monotonic() + ruleset.settings.rule_timeout
     groups: dict[_Outcome, list[str]] = {}
     samples: dict[_Outcome, tuple[Any, ...]] = {}
     for name, tags in instances:
@@ -168,7 +202,10 @@ def decide(
         if outcome is None:
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            outcome = cache[key] = _outcome(trace(ruleset, tags))
+            try:
+                outcome = cache[key] = _outcome(trace(ruleset, tags, deadline=deadline))
+            except RuleTimeout as exc:
+                raise RuleTimeout(exc.rule, exc.limit, series_label) from None
         group = groups.get(outcome)
         if group is None:
             group = groups[outcome] = []

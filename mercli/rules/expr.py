@@ -25,16 +25,24 @@ The language, for admins:
 - Methods `lower() upper() strip() startswith(x) endswith(x)` on any value's text; functions
   `float(x) int(x) str(x) len(x) re(pattern, x)` (`re` is `re.search`, true when it finds).
   `int("3.0")` is 3; `len` of a multi-valued value counts its values.
+- The pattern of `re` is a string literal, in Python's `re` syntax, checked when the rules are
+  loaded: a pattern taken from a DICOM value would let the network choose the regex. It runs
+  on the `regex` engine, which can be stopped (see `values.compile_pattern`).
 
 Errors: a compile error is `ExpressionError` (with the 1-based column); anything that goes
 wrong at evaluation (`float("abc")`, `"" < 3`) is `EvalError`, which routing turns into
 "this rule is false for this series" plus a warning.
+
+Time: `evaluate` takes a deadline (`time.monotonic()`) and raises `EvalTimeout` when a `re()`
+is still searching at it. No other operator backtracks: their cost is bounded by the size of
+the values they read, and the caller checks the deadline between rules.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,15 +55,23 @@ from mercli.errors import ConfigError
 from mercli.rules.values import (
     CONVERTERS,
     EvalError,
-    as_text,
+    EvalTimeout,
     call_method,
+    compile_pattern,
     contains,
     equal,
     order,
     search,
 )
 
-__all__ = ["RECEIVE_KEYWORDS", "EvalError", "Expression", "ExpressionError", "compile_expression"]
+__all__ = [
+    "RECEIVE_KEYWORDS",
+    "EvalError",
+    "EvalTimeout",
+    "Expression",
+    "ExpressionError",
+    "compile_expression",
+]
 
 RECEIVE_KEYWORDS = frozenset({"SenderAET", "SenderAddress", "ReceiverAET", "ReceivedAt"})
 """Keys receive adds to every sidecar, usable in rules like DICOM keywords."""
@@ -69,7 +85,7 @@ _MERCURE_NAME = re.compile(r"@([A-Za-z][A-Za-z0-9]*)@")
 _QUOTES = re.compile(r"'''|\"\"\"|'|\"")
 
 Value = Any
-Node = Callable[[Mapping[str, Any]], Value]
+Node = Callable[[Mapping[str, Any], float], Value]  # (sidecar, deadline) -> value
 
 
 class ExpressionError(ConfigError):
@@ -92,10 +108,13 @@ class Expression:
     keywords: frozenset[str]
     _root: Node = field(repr=False, compare=False)
 
-    def evaluate(self, tags: Mapping[str, Any]) -> bool:
-        """True when the expression holds for this sidecar; EvalError when it cannot be told."""
+    def evaluate(self, tags: Mapping[str, Any], deadline: float = math.inf) -> bool:
+        """True when the expression holds for this sidecar; EvalError when it cannot be told.
+
+        EvalTimeout when a `re()` is still searching at `deadline` (a `time.monotonic()` time).
+        """
         try:
-            return bool(self._root(tags))
+            return bool(self._root(tags, deadline))
         except EvalError:
             raise
         except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as exc:
@@ -211,7 +230,7 @@ class _Compiler:
             raise self.error("expression nested too deeply", node)
         if isinstance(node, ast.Constant | ast.Tuple | ast.List):
             value = self.literal(node)
-            return lambda tags: value
+            return lambda tags, deadline: value
         if isinstance(node, ast.UnaryOp):
             return self.unary(node, depth)
         if isinstance(node, ast.BoolOp):
@@ -252,19 +271,19 @@ class _Compiler:
         """`not x`; a signed number literal."""
         if not isinstance(node.op, ast.Not):
             value = self.scalar(node)
-            return lambda tags: value
+            return lambda tags, deadline: value
         operand = self.node(node.operand, depth + 1)
-        return lambda tags: not operand(tags)
+        return lambda tags, deadline: not operand(tags, deadline)
 
     def boolean(self, node: ast.BoolOp, depth: int) -> Node:
         """`and` / `or` with Python's value semantics: `(Modality or "OT") == "CT"` works."""
         parts = tuple(self.node(value, depth + 1) for value in node.values)
         is_and = isinstance(node.op, ast.And)
 
-        def run(tags: Mapping[str, Any]) -> Any:
+        def run(tags: Mapping[str, Any], deadline: float) -> Any:
             value: Any = None
             for part in parts:
-                value = part(tags)
+                value = part(tags, deadline)
                 if bool(value) != is_and:
                     return value
             return value
@@ -280,10 +299,10 @@ class _Compiler:
         rights = tuple(self.node(item, depth + 1) for item in node.comparators)
         ops = tuple(_comparison(op) for op in node.ops)
 
-        def run(tags: Mapping[str, Any]) -> bool:
-            a = left(tags)
+        def run(tags: Mapping[str, Any], deadline: float) -> bool:
+            a = left(tags, deadline)
             for op, right in zip(ops, rights, strict=True):
-                b = right(tags)
+                b = right(tags, deadline)
                 if not op(a, b):
                     return False
                 a = b
@@ -317,24 +336,31 @@ class _Compiler:
         target = self.node(func.value, depth + 1)
         args = tuple(self.node(arg, depth + 1) for arg in node.args)
         name = func.attr
-        return lambda tags: call_method(name, target(tags), [arg(tags) for arg in args])
+        return lambda tags, deadline: call_method(
+            name, target(tags, deadline), [arg(tags, deadline) for arg in args]
+        )
 
     def function(self, node: ast.Call, name: str, depth: int) -> Node:
         """`float int str len` of one value, `re(pattern, value)`."""
         self.arity(node, name, *((2, 2) if name == "re" else (1, 1)))
-        args = tuple(self.node(arg, depth + 1) for arg in node.args)
-        if name != "re":
-            convert, (arg,) = CONVERTERS[name], args
-            return lambda tags: convert(arg(tags))
-        pattern, value = args
-        literal = node.args[0]
-        if isinstance(literal, ast.Constant) and isinstance(literal.value, str):
-            try:
-                compiled = re.compile(literal.value)
-            except re.error as exc:
-                raise self.error(f"bad regular expression: {exc}", literal) from None
-            return lambda tags: compiled.search(as_text(value(tags))) is not None
-        return lambda tags: search(pattern(tags), value(tags))
+        if name == "re":
+            return self.regex(node.args[0], node.args[1], depth)
+        (arg,) = (self.node(arg, depth + 1) for arg in node.args)
+        convert = CONVERTERS[name]
+        return lambda tags, deadline: convert(arg(tags, deadline))
+
+    def regex(self, pattern: ast.expr, subject: ast.expr, depth: int) -> Node:
+        """`re("literal", value)`: compiled now, searched with the evaluation's deadline."""
+        if not (isinstance(pattern, ast.Constant) and isinstance(pattern.value, str)):
+            example = 're("^T1", SeriesDescription)'
+            message = f"the pattern of re() must be a string literal, as in {example}"
+            raise self.error(message, pattern)
+        try:
+            compiled = compile_pattern(pattern.value)
+        except re.error as exc:
+            raise self.error(f"bad regular expression: {exc}", pattern) from None
+        value = self.node(subject, depth + 1)
+        return lambda tags, deadline: search(compiled, value(tags, deadline), deadline)
 
     def arity(self, node: ast.Call, name: str, least: int, most: int) -> None:
         """Check the number of arguments; no `*args`."""
@@ -357,7 +383,7 @@ class _Compiler:
             name = node.id
         self.check_keyword(name, node)
         self.keywords.add(name)
-        return lambda tags: _lookup(tags, name)
+        return lambda tags, deadline: _lookup(tags, name)
 
     def check_keyword(self, name: str, node: ast.AST) -> None:
         """Only DICOM keywords and receive's keys are names; typos fail here."""

@@ -4,20 +4,33 @@ Sidecar values are strings, ints, floats and lists of those (multi-valued elemen
 also sees literals (None, bools, tuples). The functions here give every operator one meaning
 an admin can predict, whatever mix of those types meets it, and raise `EvalError` (never a
 bare TypeError) when there is none. Keeping them apart from the compiler keeps both short.
+
+`re()` is the one operator whose cost can grow faster than its input: a backtracking pattern
+such as `(a|aa)+$` takes exponential time on a value like 40 a's and a "!". Patterns are
+written by the admin (the compiler takes only string literals) but run on values from the
+network, so they are matched by the `regex` engine, which accepts what `re` accepts and can
+be stopped: `search` is given the series' deadline and raises `EvalTimeout` when it passes.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import re
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import regex
 
 __all__ = [
     "CONVERTERS",
     "EvalError",
+    "EvalTimeout",
     "as_text",
     "call_method",
+    "compile_pattern",
     "contains",
     "equal",
     "order",
@@ -26,9 +39,17 @@ __all__ = [
 
 Value = Any
 
+# Braces holding e, i, d or s that `re` reads as text but `regex` as a fuzzy-match constraint
+# (`a{e<=1}`); an even run of backslashes before the brace leaves it unescaped.
+_FUZZY_BRACES = re.compile(r"(?<!\\)(?:\\\\)*(\{[^}]*[eids][^}]*\})")
+
 
 class EvalError(Exception):
     """Evaluating an expression on one sidecar failed; the rule is false for that series."""
+
+
+class EvalTimeout(Exception):
+    """Evaluating an expression ran past its deadline; never an EvalError, never an OSError."""
 
 
 def as_text(value: Value) -> str:
@@ -138,13 +159,45 @@ def _length(value: Value) -> int:
     raise EvalError(f"len() needs text or a list, not {_kind(value)}")
 
 
-def search(pattern: Value, value: Value) -> bool:
-    if not isinstance(pattern, str):
-        raise EvalError(f"re() needs a text pattern, not {_kind(pattern)}")
+def compile_pattern(pattern: str) -> regex.Pattern[str]:
+    """A `re()` pattern for `search`; re.error (from `re`, as admins know it) when it is bad.
+
+    `re` decides what is a valid pattern and words the errors, so the language stays Python's
+    regular expressions; `regex` (VERSION0: `re`'s semantics) does the matching. The two read
+    the same pattern differently in two corners, both refused here: what `re` warns about as a
+    possible future set syntax (`[[:alpha:]]`, `[a--b]`), and braces `regex` takes for a
+    fuzzy-match constraint. Escaping the character (`\\[`, `\\{`) means it in both.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        try:
+            re.compile(pattern)
+        except FutureWarning as warning:
+            raise re.error(f"{str(warning).lower()} (escape the character)") from None
+    braces = _FUZZY_BRACES.search(pattern)
+    if braces:
+        where = f"{braces.group(1)} at position {braces.start(1)}"
+        raise re.error(f"{where} reads as a fuzzy-match constraint (write \\{{ for a brace)")
     try:
-        return re.search(pattern, as_text(value)) is not None
-    except re.error as exc:
-        raise EvalError(f"bad regular expression {pattern!r}: {exc}") from None
+        return regex.compile(pattern, regex.VERSION0)
+    except regex.error as exc:
+        raise re.error(str(exc)) from None
+
+
+def search(pattern: regex.Pattern[str], value: Value, deadline: float) -> bool:
+    """True when `pattern` is found in the value's text; EvalTimeout once `deadline` passed.
+
+    `deadline` is a `time.monotonic()` time, or math.inf for no limit.
+    """
+    timeout = None
+    if deadline != math.inf:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise EvalTimeout
+    try:
+        return pattern.search(as_text(value), timeout=timeout) is not None
+    except TimeoutError:
+        raise EvalTimeout from None
 
 
 CONVERTERS: dict[str, Callable[[Value], Value]] = {

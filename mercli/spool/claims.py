@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-from pathlib import Path
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from mercli.fsutil import fsync_dir, remove_tree, rename_noreplace, unlink_quietly, write_new
+from mercli.fsutil import (
+    fsync_dir,
+    give_file_mode,
+    make_dir,
+    remove_tree,
+    rename_noreplace,
+    set_file_mode,
+    unlink_quietly,
+    write_new,
+)
 from mercli.names import new_id, owner_id
 from mercli.spool.items import (
     ERROR,
@@ -29,17 +38,19 @@ from mercli.spool.items import (
     OUT,
     OUT_TMP,
     Item,
+    LockTimeout,
     error_record,
     fsync_tree,
     json_bytes,
     list_subdirs,
+    lock,
+    lock_deadline,
     locked_dir,
     now_iso,
     replace_file,
 )
 from mercli.spool.recovery import roll_forward, settle_claim
 from mercli.spool.store import Spool
-
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +79,23 @@ class Worker:
         self.stop()
 
     def start(self) -> None:
-        """Take a lease (locked before anyone can see it), then make scratch and claims dirs."""
+        """Take a lease (locked before anyone can see it), then make scratch and claims dirs.
+
+        The lease is born 0600, so no one else can open it, let alone lock it, before its
+        owner has; only then is it given the spool's FILE_MODE for `status` to look at.
+        """
         born = self.spool.tmp / f"{LEASE_BIRTH_PREFIX}{self.id}"
-        fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(born, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock(fd, fcntl.LOCK_EX, born, lock_deadline())
+            set_file_mode(fd)
             info = {"role": self.role, "host": os.uname().nodename, "pid": os.getpid()}
             os.write(fd, json.dumps({**info, "started": now_iso()}).encode())
             os.fsync(fd)
             rename_noreplace(born, self.spool.leases / self.id)
             fsync_dir(self.spool.leases)
-            self.scratch.mkdir()
-            self.claims_dir.mkdir()
+            make_dir(self.scratch)
+            make_dir(self.claims_dir)
         except BaseException:
             os.close(fd)
             unlink_quietly(born)
@@ -87,14 +103,24 @@ class Worker:
         self._lease_fd = fd
 
     def stop(self) -> None:
-        """Release what is still claimed, remove scratch and claims dirs, then the lease."""
+        """Release what is still claimed, remove scratch and claims dirs, then the lease.
+
+        A claim that cannot be put back now (its group is locked past the deadline) is left
+        with the lease, as a crash would leave it: recovery settles it once the lock is gone.
+        """
         if self._lease_fd is None:
             return
+        stuck = 0
         for key_dir in list_subdirs(self.claims_dir):
-            settle_claim(self.spool, key_dir)
+            try:
+                settle_claim(self.spool, key_dir)
+            except LockTimeout as exc:
+                stuck += 1
+                log.warning("claim %s left for recovery: %s", key_dir.name, exc)
         remove_tree(self.scratch)
-        remove_tree(self.claims_dir)
-        unlink_quietly(self.spool.leases / self.id)
+        if not stuck:
+            remove_tree(self.claims_dir)
+            unlink_quietly(self.spool.leases / self.id)
         os.close(self._lease_fd)
         self._lease_fd = None
 
@@ -112,9 +138,10 @@ class Worker:
         published whole; if anything fails, the folder and the files in it are removed.
         """
         folder = self.tmp_path()
-        folder.mkdir()
+        make_dir(folder)
         try:
             for name, source in files.items():
+                give_file_mode(source)  # made by receive or storescp, with their own mode
                 os.rename(source, folder / name)
             record = error_record(reason, origin, detail)
             write_new(folder / ERROR_FILE, json_bytes(record))
@@ -136,11 +163,15 @@ class Worker:
         replace_file(self.tmp_path(), path, data)
 
     def claim(self, state: str, name: str) -> Claim | None:
-        """Take `<state>/<name>` for this worker alone; None if someone else has it."""
+        """Take `<state>/<name>` for this worker alone; None if someone else has it.
+
+        A group whose lock stays taken past the deadline raises LockTimeout (an OSError):
+        nothing is claimed, and the caller tries again later.
+        """
         source = self.spool.state_dir(state) / name
         key_dir = self.claims_dir / f"{state}{KEY_SEPARATOR}{name}"
         try:
-            key_dir.mkdir()
+            make_dir(key_dir)
         except FileExistsError:
             return None  # this worker already holds it
         try:
@@ -206,16 +237,16 @@ class Transaction:
         self.claim = claim
         self.root = claim.key_dir / OUT_TMP
         remove_tree(self.root)  # a previous attempt of this very worker that was abandoned
-        self.root.mkdir()
+        make_dir(self.root)
         self._made: list[Path] = []
 
     def new_item(self, state: str, name: str) -> Path:
         """A new, empty item folder that will become `<state>/<name>` on commit."""
         self.claim.spool.state_dir(state)
         state_dir = self.root / state
-        state_dir.mkdir(exist_ok=True)
+        make_dir(state_dir, exist_ok=True)
         path = state_dir / name
-        path.mkdir()
+        make_dir(path)
         self._made.append(path)
         return path
 

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mercli.fsutil import FILE_MODE, set_file_mode
+
 EVENTS_DIR = "events"
 
 
@@ -36,8 +38,10 @@ class EventLog:
         now = datetime.now(UTC)
         record = {"at": now.isoformat(timespec="microseconds"), "event": event, **fields}
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        fd = os.open(_day_file(self.directory, now), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(_day_file(self.directory, now), flags, FILE_MODE)
         try:
+            set_file_mode(fd)  # whatever the umask (or an older mercli) made of it
             os.write(fd, line)
         finally:
             os.close(fd)

@@ -4,11 +4,18 @@ Protocol steps 4 and 5 of `mercli.spool`. A lease is a file its owner holds an e
 `flock` on for as long as it lives, so whether an owner is dead is a non-blocking lock attempt
 away, and whoever wins that lock recovers the owner's claims. This module is also where a
 claim is settled, because a worker stopping cleanly settles its own claims the same way.
+
+A lease whose lock cannot be had is alive, whoever holds the lock: recovery never waits for
+it and never takes claims from under it. `lease_state` gives `mercli status` the same answer
+(`live` or `dead`), and says `stuck` for a live lease whose owner process is gone from this
+host: another process holds its lock (a recovery at work, or a user with read access to the
+spool blocking it), and its claims wait until that lock is dropped.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import time
@@ -17,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mercli.fsutil import fsync_dir, remove_tree, unlink_quietly
+from mercli.fsutil import fsync_dir, open_new, remove_tree, unlink_quietly
 from mercli.spool.items import (
     ITEM,
     KEY_SEPARATOR,
@@ -26,11 +33,11 @@ from mercli.spool.items import (
     OUT_TMP,
     TMP_GRACE_SECONDS,
     Item,
+    LockTimeout,
     list_entries,
     list_subdirs,
 )
 from mercli.spool.store import Spool
-
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,12 @@ def recover(spool: Spool, *, tmp_grace: float = TMP_GRACE_SECONDS) -> RecoveryRe
         with _dead_owner_lock(spool, owner) as dead:
             if dead:
                 _recover_owner(spool, owner, report)
+            elif lease_state(spool.leases / owner) == STUCK:
+                log.warning(
+                    "worker %s is gone but another process holds its lease's lock; "
+                    "its claims are recovered once that lock is released",
+                    owner,
+                )
     _reap_tmp(spool, tmp_grace, report)
     return report
 
@@ -67,14 +80,14 @@ def _dead_owner_lock(spool: Spool, owner: str) -> Iterator[bool]:
     """Yields True while holding the lease lock of an owner that is dead, else False."""
     lease = spool.leases / owner
     try:
-        fd = os.open(lease, os.O_RDWR)
+        fd = os.open(lease, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         if not (spool.claims / owner).is_dir():
             yield False
             return
         # Claims but no lease: left by an interrupted recovery. Adopt it with a new lease.
         try:
-            fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = open_new(lease, os.O_RDWR)
         except FileExistsError:
             yield False
             return
@@ -96,13 +109,19 @@ def _recover_owner(spool: Spool, owner: str, report: RecoveryReport) -> None:
     claims_dir = spool.claims / owner
     released: list[tuple[str, str]] = []
     rolled_forward: list[tuple[str, str]] = []
+    stuck = False
     for key_dir in list_subdirs(claims_dir):
         state, _, name = key_dir.name.partition(KEY_SEPARATOR)
-        (rolled_forward if settle_claim(spool, key_dir) else released).append((state, name))
-    remove_tree(spool.tmp / owner)
-    remove_tree(claims_dir)
-    unlink_quietly(spool.leases / owner)  # last: until here, claims without lease get adopted
-    report.owners.append(owner)
+        try:
+            (rolled_forward if settle_claim(spool, key_dir) else released).append((state, name))
+        except LockTimeout as exc:  # its group is locked: the next pass tries again
+            stuck = True
+            log.warning("claim %s of dead worker %s waits: %s", key_dir.name, owner, exc)
+    if not stuck:
+        remove_tree(spool.tmp / owner)
+        remove_tree(claims_dir)
+        unlink_quietly(spool.leases / owner)  # last: until here, claims without lease get adopted
+        report.owners.append(owner)
     report.released += released
     report.rolled_forward += rolled_forward
     if released or rolled_forward:
@@ -172,16 +191,47 @@ def _reap_tmp(spool: Spool, grace: float, report: RecoveryReport) -> None:
             continue
 
 
+LIVE, DEAD, STUCK = "live", "dead", "stuck"
+
+
 def lease_is_held(path: Path) -> bool:
-    """True while some live process holds the lock on this lease file."""
+    """True while some process holds the lock on this lease file: recovery leaves it alone."""
+    return lease_state(path) != DEAD
+
+
+def lease_state(path: Path) -> str:
+    """`dead` if recovery could take this lease now, else `live`, or `stuck` when the owner
+    it names is gone from this host and some other process holds the lock.
+
+    The same test recovery makes (an exclusive, non-blocking lock), so the two always agree;
+    the lock is dropped at once. A lease that is gone counts as dead (nothing to wait for).
+    """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return DEAD
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        return STUCK if _owner_gone(fd) else LIVE
     finally:
         os.close(fd)
+    return DEAD
+
+
+def _owner_gone(fd: int) -> bool:
+    """The lease names a process of this host that no longer exists."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        host, pid = record["host"], int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # still being written, or not ours to judge
+    if host != os.uname().nodename or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,55 +1,55 @@
 """`Spool`: the layout of one spool directory, reading it, and publishing and placing items in it.
 
-The protocol these follow is written down in `mercli.spool`.
+The protocol these follow is written down in `mercli.spool`. Who may read the spool (SPEC §9):
+its files are 0640 and its folders 0750 (`mercli.fsutil`), so only the owner and the spool's
+group get in. The group is the one of a setgid spool root, whose folders pass it (and the
+setgid bit) on to everything made below them; `Spool.open(root, group=...)` makes a root so.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import json
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from contextlib import suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mercli.errors import SpoolError
-from mercli.spool.events import EVENTS_DIR, EventLog
-from mercli.fsutil import fsync_dir, remove_tree, rename_noreplace, unlink_quietly, write_new
+from mercli.fsutil import (
+    fsync_dir,
+    give_file_mode,
+    make_dir,
+    remove_tree,
+    rename_noreplace,
+    unlink_quietly,
+    write_new,
+)
 from mercli.names import new_id
+from mercli.spool.events import EVENTS_DIR, EventLog
 from mercli.spool.items import (
     CLAIMS,
-    DISCARD,
-    ERROR,
-    ERROR_FILE,
     GROUP_STATES,
     HINTS,
     INCOMING,
-    INSTANCE_SUFFIX,
     ITEM,
-    JOB_FILE,
     KEY_SEPARATOR,
     LEASES,
-    OUTGOING,
     SIDECAR_SUFFIX,
     STAGING,
     STATES,
-    SUCCESS,
     TMP,
     Item,
-    error_record,
     fsync_tree,
-    json_bytes,
-    link_instances,
     list_subdirs,
+    lock_deadline,
     locked_dir,
-    replace_file,
-    write_json,
 )
-
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,40 @@ class Spool:
         self.events = EventLog(self.root / EVENTS_DIR)
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> Spool:
-        """Open a spool, creating its layout if missing; SpoolError if it is unusable."""
+    def open(cls, root: str | os.PathLike[str], *, group: str | int | None = None) -> Spool:
+        """Open a spool, creating its layout if missing; SpoolError if it is unusable.
+
+        `group` (a name or gid): give the spool to that group, setgid, so that everything
+        created in it from now on is readable by the group (`--group`).
+        """
         spool = cls(root)
-        spool.ensure_layout()
+        spool.ensure_layout(group)
         return spool
 
-    def ensure_layout(self) -> None:
-        """Create every folder, then prove the spool writable and on one filesystem."""
-        folders = [self.tmp, *(self.root / s for s in STATES), self.leases, self.claims, self.hints]
-        folders.append(self.events.directory)
+    def layout(self) -> list[Path]:
+        """The spool's own folders (not items), root first."""
+        folders = [self.root, self.tmp, *(self.root / s for s in STATES), self.leases]
+        return [*folders, self.claims, self.hints, self.events.directory]
+
+    def ensure_layout(self, group: str | int | None = None) -> None:
+        """Create every folder, then prove the spool writable and on one filesystem.
+
+        New folders are 0750; others' access to existing ones (made by an older mercli) is
+        taken away. With `group`, every layout folder is given to it, setgid.
+        """
+        folders = self.layout()
         try:
             if self.root.exists() and not self.root.is_dir():
                 raise SpoolError(f"spool path is not a directory ({self.root})")
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            gid = None if group is None else _gid(group)
             for folder in folders:
-                if not folder.is_dir():
-                    folder.mkdir(parents=True, exist_ok=True)
+                if not folder.is_dir() and make_dir(folder, exist_ok=True):
                     fsync_dir(folder.parent)
+                elif folder != self.root:
+                    _tighten(folder)
+                if gid is not None:
+                    _give_to_group(folder, gid)
             probe = self.tmp / f"probe.{os.getpid()}.{new_id()}"
             write_new(probe, b"mercli")
             unlink_quietly(probe)
@@ -148,14 +165,18 @@ class Spool:
         """Rename prepared files (tmp path, final name) into `<state>/<group>/`, durably.
 
         Follows protocol step 2. Files with an existing name replace it atomically (a resent
-        instance replaces the earlier copy). Returns True if any name was replaced.
+        instance replaces the earlier copy). Returns True if any name was replaced. The files
+        get FILE_MODE first. A group locked past the deadline raises LockTimeout (an OSError),
+        with nothing renamed: the files are still where they were.
         """
         directory = self.state_dir(state) / group
+        deadline = lock_deadline()
+        for source, _name in files:
+            give_file_mode(source)  # receive creates the dataset file itself
         while True:
-            created = _mkdir(directory)
-            if created:
+            if make_dir(directory, exist_ok=True):
                 fsync_dir(directory.parent)
-            with locked_dir(directory, fcntl.LOCK_SH) as fd:
+            with locked_dir(directory, fcntl.LOCK_SH, deadline) as fd:
                 if fd is None:
                     continue  # claimed away between mkdir and lock: make a new group
                 replaced = False
@@ -195,7 +216,6 @@ class Spool:
             fsync_dir(target.parent)
         return Item(state, name, target)
 
-
     def _merge_into_group(self, source: Path, target: Path) -> bool:
         """Move a released batch's files into a newer group of the same series.
 
@@ -229,12 +249,31 @@ class Spool:
         return value if isinstance(value, dict) else None
 
 
-def _mkdir(path: Path) -> bool:
+def _tighten(folder: Path) -> None:
+    """Take others' access away from a layout folder an older mercli made 0755 (if ours)."""
+    info = os.stat(folder, follow_symlinks=False)
+    if info.st_mode & 0o007 and info.st_uid == os.geteuid():
+        os.chmod(folder, stat.S_IMODE(info.st_mode) & ~0o007)
+
+
+def _gid(group: str | int) -> int:
+    """A group's id from its name (or a number); SpoolError for an unknown one."""
+    if isinstance(group, int) or group.isdigit():
+        return int(group)
     try:
-        path.mkdir()
-        return True
-    except FileExistsError:
-        return False
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SpoolError(f"no such group {group!r}") from None
+
+
+def _give_to_group(folder: Path, gid: int) -> None:
+    """chgrp a layout folder and set its setgid bit, so what is made in it gets the group."""
+    info = os.stat(folder, follow_symlinks=False)
+    if info.st_gid != gid:
+        os.chown(folder, -1, gid)
+        info = os.stat(folder, follow_symlinks=False)
+    if not info.st_mode & stat.S_ISGID:
+        os.chmod(folder, stat.S_IMODE(info.st_mode) | stat.S_ISGID)
 
 
 def _exists_at(dir_fd: int, name: str) -> bool:

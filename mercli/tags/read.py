@@ -41,11 +41,8 @@ from pydicom.tag import BaseTag
 from mercli.tags.scan import MAX_DEPTH, UNDEFINED, VR_NAMES, Fallback, Raw, Short, scan_part10
 from mercli.tags.spec import (
     CHARSET,
-    SIDECAR_KEYWORDS,
-    InvalidTag,
     Plan,
     UnreadableDicom,
-    parse_tag,
     plan_for,
     tag_key,
 )
@@ -57,14 +54,7 @@ from mercli.tags.values import (
     vr_kind,
 )
 
-__all__ = [
-    "SIDECAR_KEYWORDS",
-    "InvalidTag",
-    "UnreadableDicom",
-    "extract_tags",
-    "parse_tag",
-    "read_tags",
-]
+__all__ = ["extract_tags", "read_tags"]
 
 _FIRST_READ = 64 * 1024  # enough for the header of nearly every instance
 _MAX_IN_MEMORY = 16 * 1024 * 1024  # past this, a header that does not fit goes to pydicom
@@ -107,7 +97,7 @@ def _read(fp: BinaryIO, plan: Plan) -> dict[str, Any]:
         return _read_with_pydicom(_whole(fp, start, buf, size), plan, force=True)
     while True:
         try:
-            return _sidecar(scan_part10(buf, plan), plan)
+            return _sidecar(scan_part10(buf, plan, complete=len(buf) >= size), plan)
         except Fallback:
             return _read_with_pydicom(_whole(fp, start, buf, size), plan, force=False)
         except Short:

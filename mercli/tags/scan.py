@@ -45,15 +45,20 @@ class Fallback(Exception):
     """Something the fast scan leaves to pydicom."""
 
 
-def scan_part10(buf: bytes, plan: Plan) -> Raw:
-    """The fast path: a Part 10 file, explicit or implicit VR little endian, all in `buf`."""
+def scan_part10(buf: bytes, plan: Plan, *, complete: bool = True) -> Raw:
+    """The fast path: a Part 10 file, explicit or implicit VR little endian, in `buf`.
+
+    `complete` says `buf` holds the whole file; if not, a scan that reaches the end of `buf`
+    without passing the last tag wanted raises `Short` (read more), even when `buf` happens to
+    end exactly between two elements: that is where the buffer ends, not the data set.
+    """
     elements, pos = _scan_meta(buf, plan.meta_wanted)
     syntax = elements.get(TRANSFER_SYNTAX, (None, b""))[1].decode("ascii", "replace")
     syntax = syntax.strip(" \0")
     if not syntax or syntax in _SLOW_SYNTAXES or syntax in PrivateTransferSyntaxes:
         raise Fallback  # pydicom guesses, swaps bytes, inflates
     implicit = _data_set_is_implicit(buf, pos, syntax == ImplicitVRLittleEndian)
-    elements.update(_scan_data_set(buf, pos, implicit, plan))
+    elements.update(_scan_data_set(buf, pos, implicit, plan, complete))
     return elements
 
 
@@ -105,7 +110,7 @@ def _scan_meta(buf: bytes, wanted: frozenset[int]) -> tuple[Raw, int]:
     return found, pos
 
 
-def _scan_data_set(buf: bytes, pos: int, implicit: bool, plan: Plan) -> Raw:
+def _scan_data_set(buf: bytes, pos: int, implicit: bool, plan: Plan, complete: bool) -> Raw:
     """Collect the wanted top-level elements, skipping the rest without decoding it.
 
     The hot loop of `receive`: one unpack and a few int compares per element. A value that
@@ -117,7 +122,7 @@ def _scan_data_set(buf: bytes, pos: int, implicit: bool, plan: Plan) -> Raw:
         pos = scan(buf, pos, plan.wanted, plan.max_tag, found)
     except struct.error:
         raise Short from None
-    if pos > len(buf):
+    if pos > len(buf) or (pos == len(buf) and not complete):
         raise Short
     return found
 

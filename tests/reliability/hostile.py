@@ -158,3 +158,69 @@ def hostile_files(draw: st.DrawFn) -> Hostile:
         data += draw(st.binary(min_size=1, max_size=64))
         damage.append("garbage after")
     return Hostile(file_meta(sop, syntax) + data, syntax, sop, tuple(damage))
+
+
+# Many elements: DCMTK keeps an item's elements and a sequence's items in linked lists, where
+# reaching the i-th by index costs i steps; a reader that indexes them is quadratic in their
+# number (getdcmtags once took a minute over a 3 MB header of small elements).
+ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)  # an undefined-length item
+ITEM_END, SEQ_END = b"\xfe\xff\x0d\xe0\0\0\0\0", b"\xfe\xff\xdd\xe0\0\0\0\0"
+
+
+def _instance(sop: str, extra: list[tuple[int, bytes]]) -> tuple[bytes, set[int]]:
+    """An explicit VR Little Endian CT file: its UIDs and a few text elements, the encoded
+    `extra` (tag, bytes) merged in tag order, then 64 bytes of pixel data; and the file
+    offsets where its top-level elements end."""
+    elements = [
+        Element(0x00080016, b"UI", CT.encode() + b"\0"),
+        Element(0x00080018, b"UI", sop.encode()),
+        Element(0x00080060, b"CS", b"CT"),
+        Element(0x00100010, b"PN", b"Doe^John"),
+        Element(0x0020000D, b"UI", f"{sop}.2".encode()),
+        Element(0x0020000E, b"UI", f"{sop}.1".encode()),
+        Element(0x00200013, b"IS", b"7 "),
+        Element(0x7FE00010, b"OW", bytes(64)),
+    ]
+    parts = [part for _, part in sorted([(e.tag, encode(e, False)) for e in elements] + extra)]
+    meta = file_meta(sop, EXPLICIT)
+    ends = set(itertools.accumulate(map(len, parts), initial=len(meta)))
+    return meta + b"".join(parts), ends
+
+
+def many_elements(sop: str, count: int, *, split_at: int = 65536, between: bool = False) -> bytes:
+    """A file whose header holds `count` small private elements (UL, 12 bytes each) in tag
+    order, (gggg,1000) to (gggg,FFFF) of the odd groups from 0009 with a private creator for
+    block 10 of each: between the meta and the Study and Series UIDs. The first creator is
+    padded so that file offset `split_at` (where a reader's first read may end; read_tags'
+    is 64 KiB) falls inside an element, or, if `between`, exactly between two of them."""
+    extra: list[tuple[int, bytes]] = []
+    for group in range(0x0009, 0x0020, 2):
+        left = count - len(extra)
+        if left <= 0:
+            break
+        creator = Element(group << 16 | 0x0010, b"LO", b"MERCLI MANY ")
+        extra.append((creator.tag, encode(creator, False)))
+        for number in range(0x1000, 0x1000 + min(left - 1, 0xF000)):
+            value = Element(group << 16 | number, b"UL", struct.pack("<L", number))
+            extra.append((value.tag, encode(value, False)))
+    if len(extra) < count:
+        raise ValueError(f"{count} elements do not fit in the odd groups below 0020")
+    data, ends = _instance(sop, extra)
+    # Padding the first creator by 2 bytes moves every later element by 2.
+    pad = next((p for p in range(0, 12, 2) if (split_at - p in ends) == between), None)
+    if pad is None:
+        raise ValueError(f"no padding puts offset {split_at} where asked (odd-length UIDs?)")
+    if pad:
+        creator = Element(0x00090010, b"LO", b"MERCLI MANY " + b" " * pad)
+        extra[0] = (creator.tag, encode(creator, False))
+        data, ends = _instance(sop, extra)
+    assert (split_at in ends) == between
+    return data
+
+
+def many_items(sop: str, count: int) -> bytes:
+    """A file whose header holds one undefined-length sequence (0008,1140) of `count`
+    undefined-length items of one UI element each."""
+    item = ITEM + encode(Element(0x00081150, b"UI", b"1.2\0"), False) + ITEM_END
+    sequence = encode(Element(0x00081140, b"SQ", b"", 0xFFFFFFFF), False)
+    return _instance(sop, [(0x00081140, sequence + item * count + SEQ_END)])[0]

@@ -5,34 +5,63 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
+P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 
 
 def _item(kind: int, value: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def _uid(value: str | bytes) -> bytes:
+    """A UID padded with NUL to an even length; bytes are sent exactly as given."""
+    if isinstance(value, bytes):
+        return value
     raw = value.encode()
     return raw + b"\0" if len(raw) % 2 else raw
 
 
-def associate_rq(calling: str, called: str, sop_class: str, syntax: str) -> bytes:
-    context = struct.pack(">BBBB", 1, 0, 0, 0)  # presentation context id 1
-    context += _item(0x30, sop_class.encode()) + _item(0x40, syntax.encode())
+def header(kind: int, length: int) -> bytes:
+    """A PDU header alone, announcing `length` bytes that may never come."""
+    return struct.pack(">BBL", kind, 0, length)
+
+
+def associate_rq(
+    calling: str | bytes,
+    called: str | bytes,
+    sop_class: str,
+    syntax: str,
+    context_ids: Sequence[int] = (1,),
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing `sop_class` in `syntax` once per id in `context_ids`
+    (duplicates and more than 128 included: nothing is checked). AE titles given as bytes are
+    sent as they are, control characters and all."""
+    contexts = b"".join(
+        _item(
+            0x20,
+            struct.pack(">BBBB", cid, 0, 0, 0)
+            + _item(0x30, sop_class.encode())
+            + _item(0x40, syntax.encode()),
+        )
+        for cid in context_ids
+    )
+    titles = [t if isinstance(t, bytes) else t.encode() for t in (called, calling)]
     user = _item(0x51, struct.pack(">L", 16384))
-    body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
-    body += bytes(32) + _item(0x10, APPLICATION_CONTEXT) + _item(0x20, context) + _item(0x50, user)
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+    body = struct.pack(">HH", 1, 0) + titles[0].ljust(16)[:16] + titles[1].ljust(16)[:16]
+    body += bytes(32) + _item(0x10, APPLICATION_CONTEXT) + contexts + _item(0x50, user)
+    return header(ASSOCIATE_RQ, len(body)) + body
 
 
 def _element(group: int, element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", group, element, len(value)) + value
 
 
-def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
-    """A C-STORE-RQ command set (implicit VR little endian, group 0000)."""
+def c_store_rq(sop_class: str | bytes, sop_instance: str | bytes, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian, group 0000); UIDs given as bytes
+    are sent exactly as they are (padding, garbage)."""
     body = _element(0, 0x0002, _uid(sop_class))
     body += _element(0, 0x0100, struct.pack("<H", 0x0001))
     body += _element(0, 0x0110, struct.pack("<H", message_id))
@@ -47,9 +76,26 @@ def p_data(context_id: int, control: int, fragment: bytes) -> bytes:
     return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
 
 
-def store_pdus(sop_class: str, sop_instance: str, dataset: bytes) -> bytes:
+def store_pdus(
+    sop_class: str | bytes, sop_instance: str | bytes, dataset: bytes, message_id: int = 1
+) -> bytes:
     """Command (last fragment) then the whole data set (last fragment), context id 1."""
-    return p_data(1, 0x03, c_store_rq(sop_class, sop_instance)) + p_data(1, 0x02, dataset)
+    command = c_store_rq(sop_class, sop_instance, message_id)
+    return p_data(1, 0x03, command) + p_data(1, 0x02, dataset)
+
+
+def associate(
+    port: int, calling: str = "RAWSCU", sop_class: str = "1.2.840.10008.5.1.4.1.1.2"
+) -> socket.socket:
+    """A connected socket whose association (context 1, explicit VR little endian) was
+    accepted; AssertionError with the answer otherwise."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(associate_rq(calling, "MERCLI", sop_class, "1.2.840.10008.1.2.1"))
+    answer = read_pdu(sock)
+    if answer is None or answer[0] != ASSOCIATE_AC:
+        sock.close()
+        raise AssertionError(f"association refused: {answer!r}")
+    return sock
 
 
 def read_pdu(sock: socket.socket) -> tuple[int, bytes] | None:

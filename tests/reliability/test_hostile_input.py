@@ -25,7 +25,7 @@ from mercli.tags import UnreadableDicom, read_tags
 from tests.dicomfiles import dataset_bytes, make_instance
 from tests.kit import CT, EXPLICIT, GETDCMTAGS, IMPLICIT
 from tests.netkit import Receiver, storescu
-from tests.reliability.hostile import MARKER, Hostile, hostile_files
+from tests.reliability.hostile import MARKER, Hostile, hostile_files, many_elements, many_items
 from tests.reliability.kit import fuzz_seed, items, mercli
 
 EXAMPLES = int(os.environ.get("MERCLI_FUZZ_EXAMPLES") or 150)
@@ -61,14 +61,14 @@ def read_within(path: Path, seconds: float = 10) -> dict[str, Any] | UnreadableD
         signal.signal(signal.SIGALRM, previous)
 
 
-def getdcmtags(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def getdcmtags(*args: str | Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             [str(GETDCMTAGS), *map(str, args)],
             capture_output=True,
             text=True,
             errors="replace",
-            timeout=20,
+            timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -168,6 +168,36 @@ def test_read_tags_and_getdcmtags_survive_hostile_files(tmp_path: Path) -> None:
         print("FINDING", finding[:400])
     assert outcomes["readable"] and outcomes["unreadable"], "the corpus is not hostile enough"
     assert findings == [], f"read_tags and getdcmtags disagree on {len(findings)} file(s)"
+
+
+def test_getdcmtags_finishes_on_many_small_elements(tmp_path: Path) -> None:
+    """300 000 small elements, or 200 000 items in one sequence, before NumberOfFrames: print
+    and --publish finish within 30 s (a hang guard, not a speed test: about a second here;
+    reaching each element by index took over a minute, while storescp kept acknowledging
+    what the dcmtk engine's publisher could not keep up with), with read_tags' answer."""
+    sop = "1.2.826.0.1.3680043.9.79.1"
+    files = {"elements": many_elements(sop, 300_000), "items": many_items(f"{sop}.1", 200_000)}
+    spool = Spool.open(tmp_path / "spool")
+    for name, data in files.items():
+        path = tmp_path / f"many_{name}.dcm"
+        path.write_bytes(data)
+        printed = getdcmtags(path, timeout=30)
+        assert printed.returncode == 0, printed.stderr
+        assert json.loads(printed.stdout) == read_within(path, seconds=30)
+        published = getdcmtags(
+            "--publish",
+            "--spool",
+            spool.root,
+            "--calling-aet",
+            "MANY",
+            "--called-aet",
+            "MERCLI",
+            "--address",
+            "127.0.0.1",
+            path,
+            timeout=30,
+        )
+        assert published.returncode == 0 and published.stdout.startswith("ok "), published
 
 
 def test_receive_answers_every_hostile_instance_and_keeps_serving(

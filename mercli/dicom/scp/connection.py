@@ -6,6 +6,10 @@ it arrives and the answer is written at once. P-DATA is streamed PDV by PDV thro
 buffer of `CHUNK` bytes, so a 1 GB instance never sits in memory. The A-ASSOCIATE PDUs
 themselves are decoded and encoded by `mercli.dicom.scp.negotiation`.
 
+What a peer can make us buffer is capped (SPEC §9): a P-DATA-TF PDU is at most the `MAX_PDU`
+we announced, a command set at most `MAX_COMMAND`, A-RELEASE-RQ exactly its 4 bytes; anything
+over is answered with A-ABORT before a byte of it is read.
+
 Also here: the interface the upper layer calls (`StoreHandler`, `DatasetSink`,
 `StoreRequest`), which mercli.receive.handler implements.
 """
@@ -14,39 +18,46 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import socket
 import struct
-from collections.abc import Callable
+import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from pynetdicom.pdu import A_ABORT_RQ
-
 from mercli.dicom.dimse import (
+    A_ABORT,
     A_ABORT_TYPE,
-    A_ASSOCIATE_RQ_TYPE,
     A_RELEASE_RP,
     A_RELEASE_RQ_TYPE,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
     C_ECHO_RQ,
     C_STORE_RQ,
+    COMMAND_FIELD,
+    CONTROL_PDU_LENGTH,
+    DATASET_TYPE,
+    MAX_COMMAND,
+    MESSAGE_ID,
     NO_DATASET,
     P_DATA_TYPE,
+    STATUS_INVALID_UID,
     STATUS_UNRECOGNISED,
     ProtocolError,
+    command_uid,
     encode_response,
     parse_command,
 )
 from mercli.dicom.dimse import us as _us
 from mercli.dicom.scp.negotiation import (
-    REJECT_BUSY,
+    MAX_PDU,
     AssociationInfo,
-    association_info,
     decode_associate_rq,
     encode_associate_ac,
-    encode_associate_rj,
     negotiate_contexts,
 )
+from mercli.names import printable
 
 log = logging.getLogger("mercli.dicom.scp.listener")  # the name the logs have always carried
 
@@ -85,26 +96,53 @@ class StoreHandler(Protocol):
     def association_ended(self, info: AssociationInfo, how: str) -> None: ...
 
 
+class _Refused:
+    """The sink of a C-STORE refused from its command alone: the data set is read and dropped
+    (the peer sends it anyway), and the status is answered without anything being stored."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def finish(self) -> int:
+        return self.status
+
+    def discard(self) -> None:
+        pass
+
+
 class Connection:
-    """One TCP connection from association request to release, abort or close."""
+    """One admitted association, from its A-ASSOCIATE-AC to release, abort or close.
+
+    Deadlines: the socket's timeout (`network_timeout`) bounds each wait for data, so a peer
+    may be silent that long between PDUs; and once the first byte of a PDU is there, the
+    whole PDU must follow within `network_timeout` seconds (`pdu_deadline`, enforced by the
+    listener's watchdog through `expire`), so trickling one byte at a time does not keep a slot.
+    """
 
     def __init__(
         self,
         sock: socket.socket,
         handler: StoreHandler,
+        admitted: AssociationInfo,
+        request: bytes,
         *,
-        acse_timeout: float,
         network_timeout: float,
-        admit: Callable[[], bool] = lambda: True,
     ) -> None:
         self.sock = sock
-        self.admit = admit
         self.handler = handler
-        self.acse_timeout = acse_timeout
+        self.admitted = admitted
+        self.request = request
         self.network_timeout = network_timeout
+        sock.settimeout(network_timeout)  # blocking again, after admission's non-blocking reads
         self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=256 * 1024))
-        self.info: AssociationInfo | None = None
-        self._buffer = bytearray(CHUNK)
+        self.info: AssociationInfo | None = None  # set once accepted: association_ended() due
+        self.pdu_deadline = math.inf  # monotonic time the PDU being read must be whole by
+        self._expired: str | None = None
+        self._state = _DimseState()
+        self._view: memoryview | None = None  # the streaming buffer, made at the first data set
 
     # -- socket helpers -------------------------------------------------------------------------
 
@@ -121,11 +159,28 @@ class Connection:
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def _abort(self, source: int = 0x02, reason: int = 0x00) -> None:
-        pdu = A_ABORT_RQ()
-        pdu.source, pdu.reason_diagnostic = source, reason
+    def _abort(self) -> None:
         with suppress(OSError):
-            self._send(pdu.encode())
+            self._send(A_ABORT)
+
+    def expire(self, reason: str) -> None:
+        """End this association with A-ABORT (from another thread: the watchdog, shutdown).
+
+        SHUT_RD wakes a read blocked on the socket with end-of-file and leaves the write side
+        open for the A-ABORT. A thread busy storing an instance finishes it first, so an
+        instance is answered whole or not at all."""
+        if self._expired is None:
+            self._expired = reason
+        with suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def cut(self) -> None:
+        """Close both directions: the last resort for a thread stuck sending to a peer."""
+        with suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _who(self) -> str:
+        return f"{printable(self.admitted.calling_aet)} ({printable(self.admitted.address)})"
 
     # -- the association ------------------------------------------------------------------------
 
@@ -133,20 +188,20 @@ class Connection:
         """Run the association to its end; never raises."""
         how = "closed"
         try:
-            if not self._associate():
-                return
+            self._associate()
             how = self._serve_requests()
         except ProtocolError as exc:
-            log.warning("aborting association: %s", exc)
+            log.warning("aborting association from %s: %s", self._who(), printable(exc, 200))
             self._abort()
             how = "aborted"
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            log.debug("connection ended: %s", exc)
+        except OSError as exc:  # ConnectionError and TimeoutError included
+            how = self._ended(exc)
         except Exception:  # a bug must end this association only, loudly, never the listener
-            log.exception("internal error; aborting the association")
+            log.exception("internal error; aborting the association from %s", self._who())
             self._abort()
             how = "aborted"
         finally:
+            self._state.drop()
             if self.info is not None:
                 self.handler.association_ended(self.info, how)
             # The reader holds a reference to the socket: without shutdown the TCP connection
@@ -157,49 +212,50 @@ class Connection:
                 self.reader.close()
                 self.sock.close()
 
-    def _associate(self) -> bool:
-        self.sock.settimeout(self.acse_timeout)
-        pdu_type, length = self._read_pdu_header()
-        if pdu_type != A_ASSOCIATE_RQ_TYPE:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        if length > 1 << 20:
-            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes: more than 1 MiB")
-        encoded = bytes([pdu_type, 0]) + struct.pack(">I", length) + self._read(length)
-        primitive = decode_associate_rq(encoded)
-        info = association_info(primitive, self.sock.getpeername())
-        rejection = self.handler.accept(info)
-        if rejection is None and not self.admit():
-            rejection = REJECT_BUSY
-        if rejection is not None:
-            self._send(encode_associate_rj(rejection))
+    def _ended(self, exc: OSError) -> str:
+        """How the association ended on a socket error: expired, silent too long, or gone."""
+        if self._expired is not None:
+            log.warning("aborting association from %s: %s", self._who(), self._expired)
+        elif isinstance(exc, TimeoutError):
             log.info(
-                "association from %s rejected (%d, %d, %d)", primitive.calling_ae_title, *rejection
+                "aborting association from %s: silent for %g s", self._who(), self.network_timeout
             )
-            return False
-        self.info = info  # the slot is ours: from here on, association_ended() will be called
-        results, reply_roles = negotiate_contexts(primitive, info)
+        else:
+            log.debug("connection from %s ended: %s", self._who(), exc)
+            return "closed"
+        self._abort()
+        return "aborted"
+
+    def _associate(self) -> None:
+        primitive = decode_associate_rq(self.request)
+        self.info = self.admitted  # from here on, association_ended() will be called
+        results, reply_roles = negotiate_contexts(primitive, self.info)
         self._send(encode_associate_ac(primitive, results, reply_roles))
-        log.debug("association from %s (%s) accepted", info.calling_aet, info.address)
-        return True
+        log.debug("association from %s accepted", self._who())
 
     def _serve_requests(self) -> str:
-        self.sock.settimeout(self.network_timeout)
-        state = _DimseState()
+        state = self._state
         while True:
+            self.pdu_deadline = math.inf  # between PDUs: the socket timeout is the idle limit
+            if not self.reader.peek(1):
+                raise ConnectionError("peer closed the connection")
+            self.pdu_deadline = time.monotonic() + self.network_timeout
             pdu_type, length = self._read_pdu_header()
             if pdu_type == P_DATA_TYPE:
+                if length > MAX_PDU:
+                    raise ProtocolError(f"P-DATA-TF of {length} bytes: more than {MAX_PDU}")
                 self._p_data(length, state)
             elif pdu_type == A_RELEASE_RQ_TYPE:
+                if length != CONTROL_PDU_LENGTH:
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes, not 4")
                 self._read(length)
-                self._send(A_RELEASE_RP)
                 state.drop()
+                self._send(A_RELEASE_RP)
                 return "released"
             elif pdu_type == A_ABORT_TYPE:
-                self._read(length)
-                state.drop()
+                state.drop()  # its body says why; nothing to read it for
                 return "aborted"
             else:
-                state.drop()
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
 
     # -- DIMSE over P-DATA ----------------------------------------------------------------------
@@ -218,6 +274,8 @@ class Connection:
                 raise ProtocolError(f"PDV on presentation context {context_id}, never accepted")
             data_length = item_length - 2
             if control & 0x01:
+                if len(state.command) + data_length > MAX_COMMAND:
+                    raise ProtocolError(f"command set of more than {MAX_COMMAND >> 10} KiB")
                 state.command.extend(self._read(data_length))
                 if control & 0x02:
                     self._command(context_id, state)
@@ -231,7 +289,9 @@ class Connection:
 
     def _stream(self, count: int, sink: DatasetSink) -> None:
         """Copy `count` bytes of dataset to the sink through one reused buffer (no big copies)."""
-        buffer = memoryview(self._buffer)
+        buffer = self._view
+        if buffer is None:
+            buffer = self._view = memoryview(bytearray(CHUNK))
         while count > 0:
             got = self.reader.readinto(buffer[: min(count, CHUNK)])
             if not got:
@@ -243,21 +303,14 @@ class Connection:
         assert self.info is not None
         command = parse_command(bytes(state.command))
         state.command.clear()
-        field_ = _us(command.get(0x00000100))
-        message_id = _us(command.get(0x00000110))
-        has_dataset = _us(command.get(0x00000800)) != NO_DATASET
+        field_ = _us(command.get(COMMAND_FIELD))
+        message_id = _us(command.get(MESSAGE_ID))
+        has_dataset = _us(command.get(DATASET_TYPE)) != NO_DATASET
         if field_ == C_STORE_RQ and has_dataset:
-            request = StoreRequest(
-                context_id=context_id,
-                sop_class=command.get(0x00000002, b"").rstrip(b"\x00 "),
-                sop_instance=command.get(0x00001000, b"").rstrip(b"\x00 "),
-                transfer_syntax=self.info.contexts[context_id][1],
-                message_id=message_id,
-            )
-            state.begin(request, self.handler.begin_store(self.info, request))
+            self._begin_store(context_id, message_id, command, state)
         elif field_ == C_ECHO_RQ:
             self._respond(
-                context_id, 0x8030, message_id, 0x0000, command.get(0x00000002, b""), None
+                context_id, 0x8030, message_id, 0x0000, command.get(AFFECTED_SOP_CLASS, b""), None
             )
         else:
             if has_dataset:
@@ -267,16 +320,49 @@ class Connection:
                 field_ | 0x8000,
                 message_id,
                 STATUS_UNRECOGNISED,
-                command.get(0x00000002, b""),
+                command.get(AFFECTED_SOP_CLASS, b""),
                 None,
             )
 
+    def _begin_store(
+        self, context_id: int, message_id: int, command: dict[int, bytes], state: _DimseState
+    ) -> None:
+        """Start a C-STORE, or refuse it (0xC213, nothing stored) when a UID of its command is
+        no UID: such a value would end in file meta and sidecar and break other tools."""
+        assert self.info is not None
+        raw_class = command.get(AFFECTED_SOP_CLASS, b"")
+        raw_instance = command.get(AFFECTED_SOP_INSTANCE, b"")
+        sop_class, sop_instance = command_uid(raw_class), command_uid(raw_instance)
+        request = StoreRequest(
+            context_id=context_id,
+            sop_class=sop_class or raw_class.rstrip(b"\x00 "),
+            sop_instance=sop_instance or raw_instance.rstrip(b"\x00 "),
+            transfer_syntax=self.info.contexts[context_id][1],
+            message_id=message_id,
+        )
+        if sop_class is not None and sop_instance is not None:
+            state.begin(request, self.handler.begin_store(self.info, request))
+            return
+        which, raw = ("Class", raw_class) if sop_class is None else ("Instance", raw_instance)
+        log.warning(
+            "C-STORE from %s refused (0x%04X): Affected SOP %s UID %s is not a UID",
+            self._who(),
+            STATUS_INVALID_UID,
+            which,
+            printable(raw.decode("latin-1")),
+        )
+        state.begin(request, _Refused(STATUS_INVALID_UID))
+
     def _finish_store(self, context_id: int, state: _DimseState) -> None:
         request, sink = state.take()
+        # Storing (fsync) is our time, not the peer's: the PDU deadline waits meanwhile.
+        deadline, self.pdu_deadline = self.pdu_deadline, math.inf
+        started = time.monotonic()
         status = sink.finish()
         self._respond(
             context_id, 0x8001, request.message_id, status, request.sop_class, request.sop_instance
         )
+        self.pdu_deadline = deadline + (time.monotonic() - started)
 
     def _respond(
         self,

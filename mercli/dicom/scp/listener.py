@@ -13,21 +13,32 @@ Scope (PS3.8): A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT; DIMSE 
 C-ECHO as SCP. Any other DIMSE request is answered 0x0211 (unrecognised operation). P-DATA
 is streamed PDV by PDV in bounded chunks, so a 1 GB instance never sits in memory.
 
-Three modules, one import surface: this one holds the `Listener` that accepts sockets and
-re-exports everything callers use; `mercli.dicom.scp.connection` runs one connection (the
-DIMSE/P-DATA state machine and the `StoreHandler` interface); `mercli.dicom.scp.negotiation`
-reads and writes the A-ASSOCIATE PDUs and negotiates presentation contexts.
+Four modules, one import surface: this one holds the `Listener` (admission decisions, one
+thread per association, deadlines, shutdown) and re-exports everything callers use;
+`mercli.dicom.scp.admission` reads the A-ASSOCIATE-RQ of every new connection in a single
+thread; `mercli.dicom.scp.connection` runs one association (the DIMSE/P-DATA state machine and
+the `StoreHandler` interface); `mercli.dicom.scp.negotiation` reads and writes the A-ASSOCIATE
+PDUs and negotiates presentation contexts.
+
+Hostile peers (SPEC §9): nothing large is allocated and no thread started before a request is
+whole and accepted (AE titles first, then at most 128 distinct presentation contexts, then a
+free slot); connections still without a request are capped and have a deadline; once
+associated, a peer may be silent for `network_timeout` seconds between PDUs and each PDU must
+arrive within `network_timeout` seconds too, so a peer trickling one byte at a time holds a
+slot for a bounded time; at shutdown, associations get a grace period and are then aborted.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
-from collections.abc import Callable
+import time
 from contextlib import suppress
-from typing import Any
 
 from mercli.dicom import ACSE_TIMEOUT, NETWORK_TIMEOUT
+from mercli.dicom.dimse import A_ABORT, ProtocolError
+from mercli.dicom.scp.admission import Admission, answer_and_close
 from mercli.dicom.scp.connection import (
     CHUNK,
     Connection,
@@ -39,17 +50,27 @@ from mercli.dicom.scp.negotiation import (
     APPLICATION_CONTEXT,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
+    MAX_CONTEXTS,
+    MAX_PDU,
     REJECT_BUSY,
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     AssociationInfo,
+    RequestSummary,
+    context_refusal,
+    encode_associate_rj,
+    scan_associate_rq,
+    title_refusal,
 )
+from mercli.names import printable
 
 __all__ = [
     "APPLICATION_CONTEXT",
     "CHUNK",
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION",
+    "MAX_CONTEXTS",
+    "MAX_PDU",
     "REJECT_BUSY",
     "REJECT_CALLED_AE",
     "REJECT_CALLING_AE",
@@ -61,12 +82,19 @@ __all__ = [
     "StoreRequest",
 ]
 
+log = logging.getLogger(__name__)
+
+ABORT_WAIT = 5.0  # seconds for aborted associations' threads to end before their sockets are cut
+Refusal = tuple[tuple[int, int, int], str]
+
 
 class Listener:
-    """Accepts connections (TCP_NODELAY, SO_REUSEPORT) and serves each in its own thread.
+    """Accepts connections (TCP_NODELAY, SO_REUSEPORT) and serves each association in a thread.
 
     At most `max_associations` associations are served at once; further requests are
-    rejected as transient (local limit exceeded), so senders retry later.
+    rejected as transient (local limit exceeded), so senders retry later. At most
+    `max_waiting` connections (default twice `max_associations`) may wait for their request
+    to arrive, for at most `acse_timeout` seconds from connecting.
     """
 
     def __init__(
@@ -76,88 +104,147 @@ class Listener:
         handler: StoreHandler,
         *,
         max_associations: int = 32,
+        max_waiting: int | None = None,
         acse_timeout: float = ACSE_TIMEOUT,
         network_timeout: float = NETWORK_TIMEOUT,
     ) -> None:
         self.handler = handler
         self.max_associations = max_associations
-        self.acse_timeout = acse_timeout
         self.network_timeout = network_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((host, port))
-        self.sock.listen(64)
+        self.sock.listen(128)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
-        self._connections: dict[threading.Thread, Connection] = {}
-        self._admitted = 0  # association slots taken (connections whose info is set)
+        self._associations: dict[threading.Thread, Connection] = {}  # one per slot taken
         self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._admission = Admission(
+            self.sock,
+            self._on_request,
+            cap=max_waiting or 2 * max_associations,
+            timeout=acse_timeout,
+        )
+        self._acceptor = threading.Thread(target=self._admission.run, name="acceptor", daemon=True)
+        self._stopped = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
 
     def start(self) -> Listener:
         self._acceptor.start()
+        self._watchdog.start()
         return self
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                if self._closed.is_set():
-                    return
-                continue
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = Connection(
-                client,
-                self.handler,
-                acse_timeout=self.acse_timeout,
-                network_timeout=self.network_timeout,
-                admit=self._admit,
-            )
-            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
-            with self._lock:
-                self._connections[thread] = connection
-            thread.start()
+    # -- admission: in the acceptor thread, once a request is whole -----------------------------
 
-    def _admit(self) -> bool:
-        """Take one of the association slots, atomically; False when all are taken."""
+    def _on_request(self, sock: socket.socket, address: tuple[str, int], pdu: bytes) -> None:
+        """Admit a whole A-ASSOCIATE-RQ or refuse it: AE titles first, then presentation
+        contexts, then a slot; only an admitted request gets a thread (and its buffers)."""
+        try:
+            summary = scan_associate_rq(pdu)
+        except ProtocolError as exc:
+            log.warning("aborting association from %s: %s", printable(address[0]), exc)
+            answer_and_close(sock, A_ABORT)
+            return
+        info = AssociationInfo(
+            calling_aet=summary.calling or "",
+            called_aet=summary.called or "",
+            address=address[0],
+            port=address[1],
+        )
+        refusal = self._refusal(summary, info)
+        if refusal is not None:
+            rejection, why = refusal
+            log.info(
+                "association from %s (%s) rejected (%d, %d, %d)%s",
+                printable(summary.raw_calling),
+                printable(address[0]),
+                *rejection,
+                f": {why}" if why else "",
+            )
+            answer_and_close(sock, encode_associate_rj(rejection))
+            return
+        connection = Connection(
+            sock, self.handler, info, summary.pdu, network_timeout=self.network_timeout
+        )
+        thread = threading.Thread(
+            target=self._serve, args=(connection,), name=f"association {address[0]}", daemon=True
+        )
         with self._lock:
-            if self._admitted >= self.max_associations:
-                return False
-            self._admitted += 1
-            return True
+            self._associations[thread] = connection
+        thread.start()
+
+    def _refusal(self, summary: RequestSummary, info: AssociationInfo) -> Refusal | None:
+        """Why a request is refused, checked cheapest and most telling first; None: admit.
+        Only the acceptor thread adds associations, so a free slot seen here stays free."""
+        refusal = title_refusal(summary)
+        if refusal is None:
+            rejection = self.handler.accept(info)
+            refusal = (rejection, "") if rejection is not None else context_refusal(summary)
+        if refusal is None and self.open_associations() >= self.max_associations:
+            refusal = REJECT_BUSY, f"{self.max_associations} associations open"
+        return refusal
 
     def _serve(self, connection: Connection) -> None:
         try:
             connection.serve()
         finally:
             with self._lock:
-                del self._connections[threading.current_thread()]
-                self._admitted -= connection.info is not None
+                del self._associations[threading.current_thread()]
+
+    def _watch(self) -> None:
+        """Abort associations whose current PDU is overdue (see `Connection.pdu_deadline`)."""
+        tick = min(1.0, max(0.05, self.network_timeout / 8))
+        while not self._stopped.wait(tick):
+            now = time.monotonic()
+            for connection in self._open():
+                if connection.pdu_deadline < now:
+                    connection.expire(f"a PDU took more than {self.network_timeout:g} s")
+
+    # -- state and shutdown ---------------------------------------------------------------------
+
+    def _open(self) -> list[Connection]:
+        with self._lock:
+            return list(self._associations.values())
 
     def open_associations(self) -> int:
         with self._lock:
-            return sum(1 for c in self._connections.values() if c.info is not None)
+            return len(self._associations)
+
+    def waiting_connections(self) -> int:
+        """Connections whose association request is not whole yet."""
+        return self._admission.waiting()
 
     def close(self) -> None:
-        """Stop accepting. Open associations go on; bare connections (port probes) are cut."""
-        self._closed.set()
-        with suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        """Stop accepting: connections without an association are closed, associations go on."""
+        self._admission.close()
         self._acceptor.join(timeout=5)
-        with self._lock:
-            idle = [c for c in self._connections.values() if c.info is None]
-        for connection in idle:
-            with suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError):
+            self.sock.close()
 
-    def wait_idle(self, poll: Callable[[float], Any]) -> None:
-        """Wait until every association has ended; `poll(seconds)` sleeps (an Event's wait)."""
-        while True:
-            with self._lock:
-                if not self._connections:
-                    return
-            poll(0.05)
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every association to end; True if they all did."""
+        deadline = time.monotonic() + timeout
+        while self.open_associations():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def shutdown(self, grace: float) -> int:
+        """After close(): give open associations `grace` seconds to end, then abort the rest
+        (A-ABORT; an unfinished instance is discarded, never acknowledged). Returns how many
+        were aborted. Bounded: a thread stuck sending to a peer that does not read has its
+        socket cut after `ABORT_WAIT` seconds."""
+        aborted = 0
+        if not self.wait_idle(grace):
+            remaining = self._open()
+            aborted = len(remaining)
+            for connection in remaining:
+                connection.expire("the receiver is shutting down")
+            if not self.wait_idle(ABORT_WAIT):
+                for connection in self._open():
+                    connection.cut()
+                self.wait_idle(ABORT_WAIT)
+        self._stopped.set()
+        return aborted

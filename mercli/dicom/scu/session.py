@@ -41,6 +41,7 @@ from mercli.dicom.scu.transcode import (
     usable_syntax,
 )
 from mercli.errors import MercliError, PeerError
+from mercli.fsutil import open_plain_file
 
 __all__ = [
     "DicomPeer",
@@ -161,7 +162,7 @@ class StoreSession:
         )
         if syntax == instance.transfer_syntax:
             try:
-                with instance.path.open("rb") as file:
+                with open_plain_file(instance.path) as file:
                     file.seek(instance.offset)
                     association.send_message(context_id, command, file, instance.dataset_length)
             except (LocalReadError, OSError) as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mercli.errors import MercliError
+from mercli.fsutil import open_plain_file
 
 if TYPE_CHECKING:  # pydicom is imported by the functions that convert, not at start-up
     from pydicom.dataset import Dataset
@@ -72,7 +73,7 @@ class Instance:
 def read_instance(path: Path) -> Instance:
     """Parse the file meta header by hand (explicit VR little endian, PS3.10 7.1)."""
     try:
-        with path.open("rb") as file:
+        with open_plain_file(path) as file:
             head = file.read(_META_READ)
             size = path.stat().st_size
     except OSError as exc:
@@ -162,7 +163,7 @@ def encode(instance: Instance, syntax: str) -> bytes:
 
 
 def _inflate(instance: Instance) -> bytes:
-    with instance.path.open("rb") as file:
+    with open_plain_file(instance.path) as file:
         file.seek(instance.offset)
         try:
             return zlib.decompress(file.read(), -zlib.MAX_WBITS)

@@ -13,6 +13,12 @@ cannot prove (left by a crash, or by a child that died) are picked up when their
 checked element by element (`mercli.receive.dcmtk.completeness`), and published if whole,
 quarantined in `error/` with the reason if not.
 
+storescp is DCMTK's (`find_storescp`: $MERCLI_STORESCP, else the first on PATH whose
+`--version` says DCMTK, else /usr/bin/storescp), never pynetdicom's app of the same name that a
+venv puts first on PATH. It serves every association it is offered, one process each; mercli
+could only cut those over a limit after they were answered, so `--max-associations` (other
+than its default) is refused like `--allow-aet`.
+
 The one difference to the default engine: storescp acknowledges an instance when its file is
 written, before getdcmtags has made it durable and written its sidecar (a few milliseconds
 later). A power cut in that window can lose an acknowledged instance; `kill -9` cannot (the
@@ -23,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
-import shutil
 import signal
 import subprocess
 import threading
@@ -33,6 +39,7 @@ from pathlib import Path
 
 from mercli.dicom.sender import Sender
 from mercli.errors import ConfigError, ListenError, UsageError
+from mercli.fsutil import make_dir
 from mercli.receive.dcmtk.completeness import check_complete
 from mercli.receive.dcmtk.publisher import HintBook, Publisher, RetryQueue, find_getdcmtags
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
@@ -44,6 +51,7 @@ __all__ = [
     "StagingTracker",
     "check_config",
     "find_getdcmtags",
+    "find_storescp",
     "log_config",
     "serve_dcmtk",
     "staged_order",
@@ -67,29 +75,113 @@ def check_config(config: ReceiveConfig) -> None:
         raise UsageError(
             "--extra-tag: getdcmtags writes the standard sidecar only; use --engine pynetdicom"
         )
-    if shutil.which("storescp") is None:
-        raise ConfigError("storescp not found: install DCMTK (Debian package dcmtk)")
+    if config.max_associations != ReceiveConfig.max_associations:
+        # storescp --fork negotiates in a child forked per connection, before mercli hears of
+        # it: nothing can answer A-ASSOCIATE-RJ; killing the child races its first C-STORE
+        # response, and stopping the accept loop only queues peers and lets them in at once.
+        raise UsageError(
+            "--max-associations: storescp serves every association it is offered (one process "
+            "each) and cannot limit them; use --engine pynetdicom or a firewall's connection limit"
+        )
+
+
+STORESCP_ENV = "MERCLI_STORESCP"  # the path of DCMTK's storescp, if PATH finds another
+DEBIAN_STORESCP = Path("/usr/bin/storescp")  # tried after PATH
+_DCMTK_VERSION = re.compile(r"\$dcmtk: storescp v(\S+)")
+
+
+def find_storescp() -> tuple[Path, str]:
+    """DCMTK's storescp and its version: $MERCLI_STORESCP, else the first `storescp` on PATH
+    that is DCMTK's, else /usr/bin/storescp. Another `storescp` (pynetdicom installs one, and
+    a venv's bin/ usually comes first on PATH) takes other options and would fail at start
+    with a misleading message: it is passed over, and named in the error if nothing is left."""
+    override = os.environ.get(STORESCP_ENV)
+    if override:
+        version, problem = _dcmtk_version(override)
+        if version is None:
+            raise ConfigError(f"${STORESCP_ENV}={override} is not DCMTK's storescp ({problem})")
+        return Path(override), version
+    rejected: list[str] = []
+    seen: set[str] = set()
+    on_path = [os.path.join(folder or ".", "storescp") for folder in _path_folders()]
+    for candidate in [*on_path, str(DEBIAN_STORESCP)]:
+        real = os.path.realpath(candidate)
+        if real in seen or not os.path.isfile(candidate):
+            continue
+        seen.add(real)
+        version, problem = _dcmtk_version(candidate)
+        if version is not None:
+            for passed in rejected:
+                log.info("passed over %s", passed)
+            return Path(candidate), version
+        rejected.append(f"{candidate} ({problem})")
+    if not rejected:
+        raise ConfigError(
+            f"storescp not found: install DCMTK (Debian package dcmtk) or set {STORESCP_ENV}"
+        )
+    raise ConfigError(
+        f"no DCMTK storescp found, only {'; '.join(rejected)}: install DCMTK "
+        f"(Debian package dcmtk) or set {STORESCP_ENV} to its path"
+    )
+
+
+def _path_folders() -> list[str]:
+    return os.environ.get("PATH", os.defpath).split(os.pathsep)
+
+
+def _dcmtk_version(path: str) -> tuple[str | None, str]:
+    """(DCMTK version, "") if `path --version` says it is DCMTK's storescp, else (None, why)."""
+    if not os.access(path, os.X_OK) or not os.path.isfile(path):
+        return None, "not an executable file"
+    try:
+        result = subprocess.run(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=10,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"`--version` failed: {exc}"
+    output = result.stdout + result.stderr
+    match = _DCMTK_VERSION.search(output)
+    if result.returncode == 0 and match:
+        return match[1], ""
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    said = f"printed {first[:80]!r}" if first else "printed nothing"
+    return None, f"`--version` exited {result.returncode} and {said}"
 
 
 def serve_dcmtk(spool_root: Path, config: ReceiveConfig) -> None:
     """Receive with storescp until SIGINT/SIGTERM, then let open associations finish."""
     check_config(config)
+    storescp = find_storescp()
     binary = find_getdcmtags()
     spool = Spool.open(spool_root)
     recover(spool)
     staging = spool.staging
-    staging.mkdir(exist_ok=True)
+    make_dir(staging, exist_ok=True)
     with Worker(spool, "receive-dcmtk") as worker:
-        _Engine(spool, worker, staging, binary, config).run()
+        _Engine(spool, worker, staging, binary, config, storescp).run()
 
 
 class _Engine:
     """The supervisor: storescp's output in, files out to the publishers, until stopped."""
 
     def __init__(
-        self, spool: Spool, worker: Worker, staging: Path, binary: Path, config: ReceiveConfig
+        self,
+        spool: Spool,
+        worker: Worker,
+        staging: Path,
+        binary: Path,
+        config: ReceiveConfig,
+        storescp: tuple[Path, str],
     ) -> None:
         self.spool, self.worker, self.staging, self.config = spool, worker, staging, config
+        self.storescp_path, self.storescp_version = storescp
         self.tracker = StagingTracker(staging, config.aet)
         self.retries = RetryQueue()
         self.stop = threading.Event()
@@ -122,7 +214,7 @@ class _Engine:
         config_file = self.worker.tmp_path(".log4cplus")
         config_file.write_text(log_config())
         command = [
-            "storescp",
+            str(self.storescp_path),
             "--fork",
             "-lc",
             str(config_file),
@@ -149,7 +241,14 @@ class _Engine:
             start_new_session=True,  # Ctrl-C must not cut the children's associations
             preexec_fn=_die_with_parent,
         )
-        log.info("receiving with storescp on port %d as %s", self.config.port, self.config.aet)
+        log.info(
+            "receiving with %s (DCMTK %s) on port %d as %s; it serves every association it is "
+            "offered, one process each",
+            self.storescp_path,
+            self.storescp_version,
+            self.config.port,
+            self.config.aet,
+        )
         return process
 
     def _pump(self, started: float) -> None:
@@ -203,7 +302,7 @@ class _Engine:
             return started
         if time.monotonic() - started < 3.0 and not self.seen_association:
             raise ListenError(
-                f"storescp could not listen on port {self.config.port} "
+                f"storescp ({self.storescp_path}) could not listen on port {self.config.port} "
                 f"(exit {code}: {self.last_problem or 'no message'})"
             )
         log.error("storescp exited (%s); restarting it", code)

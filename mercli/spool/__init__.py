@@ -1,0 +1,136 @@
+"""The spool: one directory tree that is the whole state of a mercli installation.
+
+Every command reads and writes only the spool, and only through this package. The protocol
+below is what makes any number of `receive`, `route`, `dispatch`, `purge` and `resend`
+processes safe on one spool, across `kill -9` and power cuts.
+
+Layout::
+
+    spool/
+      tmp/                       partial writes; only the spool modules read it
+        <owner>/                   scratch of one live process
+        lease.<owner>              a lease being born (see 4)
+      incoming/<series>/         received instances of one series, open for more:
+                                   NAME.dcm + NAME.tags, NAME = safe_name(SOPInstanceUID)
+      outgoing/<job>/            jobs waiting for dispatch (job.json + instances)
+      success/<job>/             delivered jobs
+      discard/<id>/              series no rule wanted
+      error/<id>/                failed jobs and unreadable instances, each with error.json
+      leases/<owner>             one per live process: JSON (role, host, pid, start) + flock
+      claims/<owner>/<state>~<name>/
+        item                       the claimed item, renamed here from <state>/<name>
+        out.tmp/<state>/<name>     a transaction being prepared
+        out/<state>/<name>         a committed transaction being applied
+      hints/<series>             "the association that sent this series has ended" (receive
+                                   writes, route reads: advisory, replaced whole, aged out)
+      events/YYYY-MM-DD.ndjson   audit trail (mercli.spool.events)
+      staging/                   what storescp is writing (`receive --engine dcmtk` only;
+                                   mercli.receive.dcmtk.engine hands finished files to getdcmtags)
+
+Protocol:
+
+1. **Publish.** A file is written under a unique name in `tmp/<owner>/`, fsync'ed, renamed
+   into its state folder, and that folder is fsync'ed. Readers never look in `tmp/`, so they
+   see a file whole or not at all. Items (jobs, batches) are directories prepared the same way
+   and renamed into place whole, with `renameat2(RENAME_NOREPLACE)` so nothing is clobbered.
+2. **Groups.** `incoming/<series>/` is the one folder that grows after it is published: each
+   received instance is renamed into it, `.dcm` first, then `.tags` (a `.dcm` without a sidecar
+   is complete data whose sidecar can be rebuilt; never the reverse). Publishers hold a shared
+   `flock` on the group directory while they rename; a claimer holds an exclusive one while it
+   renames the group away. After locking, both check the directory is still at its path (same
+   inode), else retry. So an instance lands wholly in the claimed batch or wholly in a new
+   group that the next routing pass takes: it is never split from its sidecar, never lost.
+3. **Claim.** A worker owns an item by renaming it to `claims/<owner>/<state>~<name>/item`.
+   rename(2) is atomic: of several workers exactly one succeeds, the rest get ENOENT. The
+   claim then ends in one of three ways, each safe at every instant:
+   - *release*: renamed back to `<state>/<name>` (merged into a newer group of that name);
+   - *move*: renamed to another state (one rename: e.g. a delivered job into `success/`);
+   - *transaction*: outputs are prepared under `out.tmp/` (hard links, never copies of pixel
+     data), fsync'ed, and committed by renaming `out.tmp` to `out`. From that instant the
+     outputs are decided: each `out/<state>/<name>` is renamed into place, then the item is
+     deleted. An entry is either still in `out/` or already published, never both.
+4. **Leases.** Each process creates `leases/<owner>` (born in `tmp/`, renamed in) and holds an
+   exclusive `flock` on it for its lifetime. The kernel drops the lock when the process dies,
+   however it dies, so "is the owner alive?" is a non-blocking lock attempt, with no clocks and
+   no marker files. Whoever takes a dead owner's lock recovers its claims: a claim with `out/`
+   is rolled forward, any other is rolled back (its `out.tmp/` dropped, its item released).
+   Then the owner's scratch, claims folder and lease are deleted, the lease last.
+5. **Reaping.** `tmp/<owner>` of a dead owner is deleted by recovery; loose files in `tmp/`
+   older than a grace period (a foreign tool's leftovers) are deleted too.
+
+6. **Deadlines.** Every lock is tried without blocking, again and again, until a deadline
+   (`LOCK_DEADLINE`, 3 s): a group locked longer (a hung or hostile process holding a
+   `flock` on it) makes a publish or a claim fail with `LockTimeout`, an OSError, having
+   done nothing: receive answers the C-STORE with a failure status in time, route tries the
+   series again later. A lease whose lock cannot be had at once is alive (step 4).
+7. **Modes.** Files are created 0640 and folders 0750, whatever the umask, so patient data is
+   never readable by other users; a setgid spool root (or `Spool.open(group=...)`, which makes
+   one) gives every folder and file made below it its group. Item files that are sent or
+   copied are opened without following symlinks, and must be regular files.
+
+The spool must live on one local filesystem (or NFSv4 with working flock): renames are only
+atomic within one filesystem, which `Spool.open` checks.
+
+Modules, each depending only on those before it: `items` (folder and file names, `Item`,
+the files inside items; a leaf), `events` (the audit trail), `store` (`Spool`: layout,
+reading, publishing, placing items, hints), `recovery` (`recover`, `lease_is_held`: steps 4
+and 5) and `claims` (`Worker`, `Claim`, `Transaction`: steps 3 and 4). Callers import the
+public names from `mercli.spool`.
+"""
+
+from mercli.spool.claims import Claim, Transaction, Worker
+from mercli.spool.items import (
+    DISCARD,
+    ERROR,
+    ERROR_FILE,
+    HINTS,
+    INCOMING,
+    INSTANCE_SUFFIX,
+    JOB_FILE,
+    LOCK_DEADLINE,
+    OUTGOING,
+    SIDECAR_SUFFIX,
+    STATES,
+    SUCCESS,
+    Item,
+    LockTimeout,
+    NotRegularFile,
+    irregular_entry,
+    link_instances,
+    open_regular,
+    read_regular,
+    write_json,
+)
+from mercli.spool.recovery import RecoveryReport, lease_is_held, lease_state, recover
+from mercli.spool.store import Spool
+
+__all__ = [
+    "DISCARD",
+    "ERROR",
+    "ERROR_FILE",
+    "HINTS",
+    "INCOMING",
+    "INSTANCE_SUFFIX",
+    "JOB_FILE",
+    "LOCK_DEADLINE",
+    "OUTGOING",
+    "SIDECAR_SUFFIX",
+    "STATES",
+    "SUCCESS",
+    "Claim",
+    "Item",
+    "LockTimeout",
+    "NotRegularFile",
+    "RecoveryReport",
+    "Spool",
+    "Transaction",
+    "Worker",
+    "irregular_entry",
+    "lease_is_held",
+    "lease_state",
+    "link_instances",
+    "open_regular",
+    "read_regular",
+    "recover",
+    "write_json",
+]
