@@ -135,13 +135,22 @@ def make_dir(path: str | os.PathLike[str], *, exist_ok: bool = False) -> bool:
     try:
         os.mkdir(path, DIR_MODE)
     except FileExistsError:
-        # a folder (or one that was there and has been renamed away since) is fine
-        if exist_ok and (os.path.isdir(path) or not os.path.lexists(path)):
+        # a folder, or one that was there and has been renamed away since, is fine. One look
+        # only: with two (is it a folder? is anything there?) a group claimed away and made
+        # anew by another publisher in between read as "something else is there".
+        if exist_ok and _is_dir_or_gone(path):
             return False
         raise
     with suppress(FileNotFoundError):  # renamed away already (a claim): the umask only narrowed
         set_dir_mode(path)
     return True
+
+
+def _is_dir_or_gone(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def set_dir_mode(path: str | os.PathLike[str]) -> None:

@@ -8,14 +8,17 @@ job's claim (`Worker.replace_file`), so it never tears.
 
 job.json keys: id, created, series (the incoming/ folder name), the `JOB_KEYS` of the first
 instance, instances, first_received / last_received (ReceivedAt range), rules (that matched),
-reason (why discarded; discard items only), target (jobs only), resent_from (resent jobs).
+reason (why discarded; discard items only), target (jobs only), priority (jobs only:
+"urgent", "normal" or "offpeak"; a job without it is normal), offpeak (offpeak jobs only: the
+local time window "22:00-06:00" they may be claimed in), resent_from (resent jobs).
 status, purge and resend read the same records through `read_json_object`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +30,50 @@ from mercli.spool import JOB_FILE, NotRegularFile, Worker, read_regular
 DISPATCH_FILE = "dispatch.json"
 JOB_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "AccessionNumber", "Modality")
 RESEND_RULE = "resend"  # the `rules` of a job that resend made
+PRIORITIES = ("urgent", "normal", "offpeak")  # highest first
+NORMAL = "normal"
+_WINDOW = re.compile(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*")
+
+
+def highest_priority(priorities: Iterable[str]) -> str:
+    """The most urgent of some priorities (unknown values count as normal); normal if none."""
+    known = [p if p in PRIORITIES else NORMAL for p in priorities]
+    return min(known, key=PRIORITIES.index, default=NORMAL)
+
+
+@dataclass(frozen=True)
+class OffpeakWindow:
+    """A daily local-time window `HH:MM-HH:MM`, start included, end excluded; it may wrap
+    midnight (`22:00-06:00`). Start and end must differ."""
+
+    start: int  # minutes after midnight
+    end: int
+
+    @classmethod
+    def parse(cls, text: str) -> OffpeakWindow:
+        """Raises ValueError naming the expected form."""
+        found = _WINDOW.fullmatch(text)
+        if found is None:
+            raise ValueError(f"not a time window: {text!r} (use HH:MM-HH:MM, e.g. 22:00-06:00)")
+        hour1, minute1, hour2, minute2 = (int(group) for group in found.groups())
+        if hour1 > 23 or hour2 > 23 or minute1 > 59 or minute2 > 59:
+            raise ValueError(f"not a time of day in {text!r} (00:00 to 23:59)")
+        start, end = hour1 * 60 + minute1, hour2 * 60 + minute2
+        if start == end:
+            raise ValueError(f"empty time window: {text!r} (start and end are equal)")
+        return cls(start, end)
+
+    def contains(self, moment: datetime) -> bool:
+        """Whether a (local) time of day is inside the window."""
+        minute = moment.hour * 60 + moment.minute
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+    def __str__(self) -> str:
+        return (
+            f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +82,8 @@ class Target:
 
     The one place target defaults live. A job carries its target as `to_json()`.
     `max_attempts` and `max_age` of 0 mean no limit. `path` (folder targets) is absolute.
+    `priority` (PRIORITIES), when set: the least priority of this target's jobs; a job gets
+    the highest of it and of the rules that created the job. None: the rules alone decide.
     `link` (folder targets): hard-link the spool's files into `path` when it is on the
     spool's filesystem, instead of copying them. Off by default: a linked file is the spool's
     own (and every other target's) copy, so a consumer editing it in place would edit those
@@ -56,6 +105,7 @@ class Target:
     max_attempts: int = 20
     max_age: float = 3 * 86400.0
     link: bool = False
+    priority: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (path as a string)."""
@@ -81,8 +131,11 @@ def job_record(
     *,
     target: Mapping[str, Any] | None = None,
     reason: str = "",
+    priority: str = NORMAL,
+    offpeak: str | None = None,
 ) -> dict[str, Any]:
-    """job.json of a job (with `target`) or of a discarded item (with `reason`)."""
+    """job.json of a job (with `target` and `priority`; `offpeak`, the window, is kept only for
+    an offpeak job) or of a discarded item (with `reason`)."""
     received = sorted(str(s["ReceivedAt"]) for s in sidecars if s.get("ReceivedAt"))
     first = sidecars[0] if sidecars else {}
     record: dict[str, Any] = {
@@ -99,6 +152,9 @@ def job_record(
         record["reason"] = reason
     else:
         record["target"] = dict(target)
+        record["priority"] = priority
+        if priority == "offpeak" and offpeak:
+            record["offpeak"] = offpeak
     return record
 
 
@@ -108,10 +164,27 @@ def resend_record(
     sidecars: Sequence[Mapping[str, Any]],
     target: Mapping[str, Any],
     resent_from: str,
+    *,
+    priority: str = NORMAL,
+    offpeak: str | None = None,
 ) -> dict[str, Any]:
     """job.json of a resent job: route's shape, `rules: ["resend"]`, and where it came from."""
-    record = job_record(job_id, series, sidecars, (RESEND_RULE,), target=target)
+    record = job_record(
+        job_id,
+        series,
+        sidecars,
+        (RESEND_RULE,),
+        target=target,
+        priority=priority,
+        offpeak=offpeak,
+    )
     return {**record, "resent_from": resent_from}
+
+
+def job_priority(record: Mapping[str, Any]) -> str:
+    """A job record's priority: normal when missing (jobs older than priorities) or unknown."""
+    value = record.get("priority")
+    return value if isinstance(value, str) and value in PRIORITIES else NORMAL
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -132,6 +205,8 @@ class JobInfo:
     study: str
     first_received: str
     created: float
+    priority: str = NORMAL
+    offpeak: OffpeakWindow | None = None  # offpeak jobs: when they may be claimed
 
     @classmethod
     def load(cls, name: str, folder: Path) -> JobInfo:
@@ -139,13 +214,25 @@ class JobInfo:
         (NotRegularFile, an OSError, for one that is a symlink or not a regular file)."""
         record = json.loads(read_regular(folder / JOB_FILE))
         created = datetime.fromisoformat(record["created"]).timestamp()
+        priority = job_priority(record)
         return cls(
             name=name,
             target=Target.from_json(record["target"]),
             study=str(record.get("StudyInstanceUID", "")),
             first_received=str(record.get("first_received") or ""),
             created=created,
+            priority=priority,
+            offpeak=_window(record) if priority == "offpeak" else None,
         )
+
+
+def _window(record: Mapping[str, Any]) -> OffpeakWindow | None:
+    """An offpeak job's window; None (claimable any time, last) if it is missing or bad:
+    a job that no window will ever admit would wait forever."""
+    try:
+        return OffpeakWindow.parse(str(record["offpeak"]))
+    except (KeyError, ValueError):
+        return None
 
 
 @dataclass

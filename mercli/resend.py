@@ -13,9 +13,11 @@ All filters must match.
   with `instance.dcm` only) gets its sidecar rebuilt and its SOP Instance UID as name; one that
   still cannot be read stays where it is and is reported.
 - A failed job (error/ with a job.json naming a target) goes back to that target by default:
-  a new job with the same target definition, carrying over which instances the target already
-  has (dispatch.json `delivered`), attempts starting again from zero.
-- With a target from a rules file: one new job per item, straight to that target.
+  a new job with the same target definition and priority, carrying over which instances the
+  target already has (dispatch.json `delivered`), attempts starting again from zero.
+- With a target from a rules file: one new job per item, straight to that target, at the
+  target's own priority (normal if it has none); an offpeak target's job waits for the `offpeak`
+  window given with it (the rules file's `[route] offpeak`).
 
 **Safety.** Each item is claimed, its copy prepared as the output of a transaction (hard links,
 never copies of pixel data) and the commit deletes the source: killed at any instant, either
@@ -36,7 +38,16 @@ from typing import Any
 
 from mercli.durations import parse_duration
 from mercli.errors import UsageError
-from mercli.jobs import DISPATCH_FILE, JOB_KEYS, Progress, Target, read_json_object, resend_record
+from mercli.jobs import (
+    DISPATCH_FILE,
+    JOB_KEYS,
+    NORMAL,
+    Progress,
+    Target,
+    job_priority,
+    read_json_object,
+    resend_record,
+)
 from mercli.names import new_id, safe_name
 from mercli.spool import (
     DISCARD,
@@ -187,13 +198,17 @@ def resend_items(
     selected: Iterable[Selected],
     *,
     target: Target | None = None,
+    offpeak: str | None = None,
     on_item: Callable[[Selected], None] | None = None,
 ) -> ResendReport:
-    """Resend each selected item (see module docstring); keeps going past failures."""
+    """Resend each selected item (see module docstring); keeps going past failures.
+
+    `offpeak`: the window (`[route] offpeak` of the rules defining `target`) for the jobs of
+    an offpeak target."""
     report = ResendReport()
     with Worker(spool, "resend") as worker:
         for item in selected:
-            _resend_one(worker, item, target, report)
+            _resend_one(worker, item, _Destination(target, offpeak), report)
             if on_item is not None:
                 on_item(item)
     return report
@@ -209,15 +224,25 @@ class _Plan:
     series: str  # incoming/<series> folder name
     target: dict[str, Any] | None  # None: back through routing
     keep_delivered: bool
+    priority: str = NORMAL
+    offpeak: str | None = None
+
+
+@dataclass(frozen=True)
+class _Destination:
+    """Where resend sends: a target (and the offpeak window of its rules) or None: routing."""
+
+    target: Target | None
+    offpeak: str | None = None
 
 
 def _resend_one(
-    worker: Worker, item: Selected, target: Target | None, report: ResendReport
+    worker: Worker, item: Selected, destination: _Destination, report: ResendReport
 ) -> None:
     """Plan from the published item (a still-unreadable one is never touched), then move it."""
     folder = worker.spool.state_dir(item.state) / item.name
     try:
-        plan = _plan(folder, item.state, target)
+        plan = _plan(folder, item.state, destination)
     except FileNotFoundError:
         report.vanished += 1
         return
@@ -240,7 +265,7 @@ def _resend_one(
     report.resent.append((item.label, label))
 
 
-def _plan(folder: Path, state: str, target: Target | None) -> _Plan:
+def _plan(folder: Path, state: str, destination: _Destination) -> _Plan:
     job = read_json_object(folder / JOB_FILE)
     names = sorted(p.name for p in folder.iterdir())
     instances = [n for n in names if n.endswith(INSTANCE_SUFFIX)]
@@ -256,10 +281,15 @@ def _plan(folder: Path, state: str, target: Target | None) -> _Plan:
             for n in instances
         ]
     series = str(job.get("series") or "") or safe_name(str(tags[0].get("SeriesInstanceUID", "")))
+    target = destination.target
     if target is not None:
-        return _Plan(links, sidecars, tags, series, target.to_json(), False)
+        to_json, offpeak = target.to_json(), destination.offpeak
+        priority = target.priority or NORMAL
+        return _Plan(links, sidecars, tags, series, to_json, False, priority, offpeak)
     if state == ERROR and isinstance(job.get("target"), dict):
-        return _Plan(links, sidecars, tags, series, job["target"], True)
+        window = job.get("offpeak")
+        offpeak = window if isinstance(window, str) else None
+        return _Plan(links, sidecars, tags, series, job["target"], True, job_priority(job), offpeak)
     return _Plan(links, sidecars, tags, series, None, False)
 
 
@@ -297,10 +327,17 @@ def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
     for sidecar_name, sidecar in plan.sidecars.items():
         write_json(folder / sidecar_name, sidecar)
     if plan.target is not None:
-        write_json(
-            folder / JOB_FILE,
-            resend_record(name, plan.series, plan.tags, plan.target, f"{claim.state}/{claim.name}"),
+        source = f"{claim.state}/{claim.name}"
+        record = resend_record(
+            name,
+            plan.series,
+            plan.tags,
+            plan.target,
+            source,
+            priority=plan.priority,
+            offpeak=plan.offpeak,
         )
+        write_json(folder / JOB_FILE, record)
         delivered = Progress.load(claim.path).delivered if plan.keep_delivered else []
         if delivered:
             write_json(folder / DISPATCH_FILE, asdict(Progress(delivered=list(delivered))))

@@ -1,5 +1,9 @@
 """What is in the spool right now: counts per state, ages, per-target backlog, recent errors.
 
+`priorities` counts the jobs of outgoing/ (the backlog) and error/ per priority (urgent,
+normal, offpeak; a job.json without one is normal); each target's backlog is split the same
+way (`targets.<name>.priorities`).
+
 Read-only: it looks at leases without recovering them, so `mercli status` is safe to run
 anywhere, any time, as often as a monitoring system likes.
 """
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mercli.jobs import read_json_object
+from mercli.jobs import PRIORITIES, job_priority, read_json_object
 from mercli.spool import (
     ERROR,
     ERROR_FILE,
@@ -27,6 +31,7 @@ from mercli.spool import (
 )
 
 RECENT_ERRORS = 5
+PRIORITY_STATES = (OUTGOING, ERROR)  # states whose jobs are counted per priority
 
 
 @dataclass
@@ -54,20 +59,35 @@ def collect_status(spool: Spool) -> dict[str, Any]:
     """The `mercli status --json` document (SPEC §2; extra keys allowed)."""
     now = time.time()
     states: dict[str, StateCounts] = {}
-    targets: Counter[str] = Counter()
+    priorities = {state: _no_jobs() for state in PRIORITY_STATES}
+    targets: dict[str, dict[str, int]] = {}
     for state in STATES:
         counts = states[state] = StateCounts()
         for item in spool.items(state) + spool.claimed(state):
             _add_item(counts, item)
+            if state not in PRIORITY_STATES:
+                continue
+            record = read_json_object(item.path / JOB_FILE)
             if state == OUTGOING:
-                targets[_job_target(item.path)] += 1
+                by_target = targets.setdefault(_job_target(record), _no_jobs())
+                by_target[job_priority(record)] += 1
+            if "target" in record:  # a job (error/ also holds instances receive refused)
+                priorities[state][job_priority(record)] += 1
     return {
         "spool": str(spool.root),
         "states": {state: counts.as_json(now) for state, counts in states.items()},
-        "targets": {name: {"jobs": jobs} for name, jobs in sorted(targets.items())},
+        "targets": {
+            name: {"jobs": sum(counts.values()), "priorities": counts}
+            for name, counts in sorted(targets.items())
+        },
+        "priorities": priorities,
         "recent_errors": _recent_errors(spool),
         "workers": _workers(spool),
     }
+
+
+def _no_jobs() -> dict[str, int]:
+    return dict.fromkeys(PRIORITIES, 0)
 
 
 def _add_item(counts: StateCounts, item: Item) -> None:
@@ -101,8 +121,8 @@ def _measure(path: Path) -> tuple[int, int]:
     return instances, size
 
 
-def _job_target(job: Path) -> str:
-    target = read_json_object(job / JOB_FILE).get("target", {})
+def _job_target(record: dict[str, Any]) -> str:
+    target = record.get("target", {})
     name = target.get("name") if isinstance(target, dict) else target
     return str(name) if name else "?"
 

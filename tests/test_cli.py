@@ -91,7 +91,12 @@ def test_status_counts_items_instances_and_targets(tmp_path: Path) -> None:
     assert incoming["bytes"] == 3 * (1000 + 200)
     assert document["states"]["outgoing"]["items"] == 3
     assert document["states"]["outgoing"]["claimed"] == 1
-    assert document["targets"] == {"ai": {"jobs": 1}, "pacs": {"jobs": 2}}
+    normal = {"urgent": 0, "normal": 1, "offpeak": 0}  # job.json without a priority: normal
+    assert document["targets"] == {
+        "ai": {"jobs": 1, "priorities": normal},
+        "pacs": {"jobs": 2, "priorities": {**normal, "normal": 2}},
+    }
+    assert document["priorities"]["outgoing"] == {**normal, "normal": 3}
     assert document["workers"] == {"live": 1, "dead": 0}  # the test's own worker
 
 

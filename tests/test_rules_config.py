@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mercli.errors import ConfigError, ExitCode
-from mercli.jobs import Target
+from mercli.jobs import OffpeakWindow, Target
 from mercli.rules.config import PurgeSettings, RouteSettings, load_rules
 
 EXAMPLE = """\
@@ -160,7 +160,7 @@ ERRORS = [
     (
         "[route]\ntimeout = 1\n" + DICOM + RULE,
         2,
-        '[route]: unknown key "timeout" (did you mean "rule_timeout"? allowed: series_timeout, settle, study_timeout, rule_timeout)',
+        '[route]: unknown key "timeout" (did you mean "rule_timeout"? allowed: series_timeout, settle, study_timeout, rule_timeout, offpeak)',
     ),
     (DICOM, None, "no [[rules]]: every series would be discarded"),
     (DICOM + '[[rules]]\ntargets = ["pacs"]\n', 6, 'rule #1: missing key "name"'),
@@ -198,7 +198,7 @@ ERRORS = [
     (
         DICOM + RULE + 'tagets = ["x"]\n',
         9,
-        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback)',
+        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority)',
     ),
     (DICOM + RULE + 'final = "yes"\n', 9, 'rule "r": "final" must be true or false, not a string'),
     (
@@ -277,7 +277,7 @@ ERRORS = [
     (
         DICOM + 'path = "/x"\n' + RULE,
         6,
-        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
+        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
     ),
     (DICOM + "timeout = 0\n" + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
     (
@@ -301,7 +301,7 @@ ERRORS = [
     (
         '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,
         4,
-        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age)',
+        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
     ),
     (
         '[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE,
@@ -330,6 +330,47 @@ ERRORS = [
         "[purge]\ndiscard = true\n" + DICOM + RULE,
         2,
         '[purge]: "discard" must be a duration such as 90s or 15m, not a boolean',
+    ),
+    (
+        DICOM + 'priority = "high"\n' + RULE,
+        6,
+        'target "pacs": unknown priority "high" (allowed: "urgent", "normal", "offpeak")',
+    ),
+    (
+        DICOM + RULE + 'priority = "stat"\n',
+        9,
+        'rule "r": unknown priority "stat" (allowed: "urgent", "normal", "offpeak")',
+    ),
+    (DICOM + RULE + "priority = 1\n", 9, 'rule "r": "priority" must be a string, not an integer'),
+    (
+        DICOM + RULE + 'priority = "offpeak"\n',
+        9,
+        'rule "r": priority = "offpeak" needs a window: add offpeak = "22:00-06:00" to [route]',
+    ),
+    (
+        DICOM + 'priority = "offpeak"\n' + RULE,
+        6,
+        'target "pacs": priority = "offpeak" needs a window: add offpeak = "22:00-06:00" to [route]',
+    ),
+    (
+        '[route]\noffpeak = "22:00"\n' + DICOM + RULE,
+        2,
+        "[route]: \"offpeak\": not a time window: '22:00' (use HH:MM-HH:MM, e.g. 22:00-06:00)",
+    ),
+    (
+        '[route]\noffpeak = "24:00-06:00"\n' + DICOM + RULE,
+        2,
+        "[route]: \"offpeak\": not a time of day in '24:00-06:00' (00:00 to 23:59)",
+    ),
+    (
+        '[route]\noffpeak = "06:00-06:00"\n' + DICOM + RULE,
+        2,
+        "[route]: \"offpeak\": empty time window: '06:00-06:00' (start and end are equal)",
+    ),
+    (
+        "[route]\noffpeak = 22\n" + DICOM + RULE,
+        2,
+        '[route]: "offpeak" must be a string, not an integer',
     ),
 ]
 
@@ -369,3 +410,56 @@ def test_purge_retention_defaults_and_overrides(tmp_path: Path) -> None:
     assert purge == PurgeSettings(success=3 * 86400.0, discard=7 * 86400.0, error=30 * 86400.0)
     partial = load_rules(write(tmp_path, "[purge]\ndiscard = 60\n" + DICOM + RULE)).purge
     assert (partial.success, partial.discard, partial.error) == (3 * 86400.0, 60.0, None)
+
+
+PRIORITIES_TOML = """\
+[route]
+offpeak = "22:00-06:30"
+
+[targets.pacs]
+type = "dicom"
+host = "h"
+port = 104
+called_aet = "PACS"
+priority = "urgent"
+
+[targets.archive]
+type = "folder"
+path = "archive"
+
+[targets.research]
+type = "folder"
+path = "research"
+priority = "offpeak"
+
+[[rules]]
+name = "stroke"
+when = '"STROKE" in StudyDescription'
+priority = "urgent"
+targets = ["archive"]
+
+[[rules]]
+name = "all"
+priority = "offpeak"
+targets = ["pacs", "archive", "research"]
+
+[[rules]]
+name = "scouts"
+action = "discard"
+priority = "normal"
+"""
+
+
+def test_priorities_and_the_offpeak_window_load(tmp_path: Path) -> None:
+    ruleset = load_rules(write(tmp_path, PRIORITIES_TOML))
+    assert ruleset.settings.offpeak == OffpeakWindow(22 * 60, 6 * 60 + 30)
+    assert ruleset.offpeak_window == "22:00-06:30"
+    assert [t.priority for t in ruleset.targets.values()] == ["urgent", None, "offpeak"]
+    assert [r.priority for r in ruleset.rules] == ["urgent", "offpeak", "normal"]
+    assert ruleset.targets["pacs"].to_json()["priority"] == "urgent"  # carried by every job
+    # a job's priority: the highest of its target's and of the matched rules that name it
+    assert ruleset.job_priority("pacs", ["all"]) == "urgent"  # the target says urgent
+    assert ruleset.job_priority("archive", ["stroke", "all"]) == "urgent"
+    assert ruleset.job_priority("archive", ["all"]) == "offpeak"
+    assert ruleset.job_priority("research", ["stroke", "all"]) == "offpeak"  # stroke: not it
+    assert RouteSettings().offpeak is None and Target("t", "folder").priority is None

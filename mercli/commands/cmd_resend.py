@@ -111,7 +111,7 @@ def resend(
     filters = Filters(study, series, patient_id, accession, since, until, names)
     if names is None and not everything and filters == Filters():
         raise UsageError("select items: give ids, `-`, a filter (--study, --series, ...) or --all")
-    target = _target(rules_path, target_name)
+    target, offpeak = _target(rules_path, target_name)
     the_spool = Spool.open(spool)
     if not dry_run:
         recover(the_spool)  # a crashed resend's claims go back (or finish) before we list
@@ -123,7 +123,7 @@ def resend(
             click.echo(item.label)
         _summarize(selected, None, target, from_state)
     else:
-        report = resend_items(the_spool, selected, target=target)
+        report = resend_items(the_spool, selected, target=target, offpeak=offpeak)
         for _source, copy in report.resent:
             click.echo(copy)
         _summarize(selected, report, target, from_state)
@@ -146,17 +146,18 @@ def _read_ids(ids: tuple[str, ...], state: str) -> frozenset[str] | None:
     return frozenset(parse_id(text, state) for text in texts)
 
 
-def _target(rules_path: Path | None, name: str | None) -> Target | None:
-    """The target named by --target in --rules; both or neither must be given."""
+def _target(rules_path: Path | None, name: str | None) -> tuple[Target | None, str | None]:
+    """The target named by --target in --rules, and the rules' offpeak window (for an offpeak
+    target's jobs); both options or neither must be given."""
     if (rules_path is None) != (name is None):
         raise UsageError("--rules and --target go together")
     if rules_path is None or name is None:
-        return None
+        return None, None
     ruleset = load_rules(rules_path)
     if name not in ruleset.targets:
         defined = ", ".join(ruleset.targets) or "none"
         raise ConfigError(f'unknown target "{name}" ({rules_path}; defined: {defined})')
-    return ruleset.targets[name]
+    return ruleset.targets[name], ruleset.offpeak_window
 
 
 def _summarize(

@@ -16,7 +16,7 @@ from mercli.commands.options import common_options
 from mercli.durations import format_duration
 from mercli.errors import SpoolError
 from mercli.names import printable
-from mercli.spool import INCOMING, Spool
+from mercli.spool import INCOMING, OUTGOING, Spool
 from mercli.status import collect_status
 
 
@@ -31,6 +31,8 @@ def status(spool: Path, as_json: bool) -> None:
     dispatch), success, discard and error (kept for retention; resendable).
     Items are series batches in incoming and jobs elsewhere; instances are DICOM files.
     Claimed items are being worked on right now and are counted in their state.
+    Outgoing jobs are also counted per priority (urgent, normal, offpeak), in total and
+    per target; --json has them under "priorities" and "targets.NAME.priorities".
 
     \b
     Examples:
@@ -70,8 +72,13 @@ def _table(document: dict[str, Any]) -> Table:
             str(counts["claimed"]),
             format_duration(counts["oldest_age_s"]),
         )
+        if state == OUTGOING:  # the backlog per priority, when there is one
+            for priority, jobs in document["priorities"][OUTGOING].items():
+                if jobs:
+                    table.add_row(Text(f"  {priority}"), str(jobs), "", "", "", "", style="dim")
     for target, backlog in document["targets"].items():
-        name = Text(f"  -> {printable(target)}")
+        split = _priorities(backlog["priorities"])
+        name = Text(f"  -> {printable(target)}{split}")
         table.add_row(name, str(backlog["jobs"]), "", "", "", "", style="dim")
     workers = document["workers"]
     caption = f"workers: {workers['live']} live, {workers['dead']} awaiting recovery"
@@ -79,6 +86,14 @@ def _table(document: dict[str, Any]) -> Table:
         caption += f", {workers['stuck']} stuck (lease locked by another process)"
     table.caption = caption
     return table
+
+
+def _priorities(counts: dict[str, int]) -> str:
+    """` (1 urgent, 2 offpeak)`: the jobs that are not normal, if any (the rest are)."""
+    other = [
+        f"{jobs} {priority}" for priority, jobs in counts.items() if jobs and priority != "normal"
+    ]
+    return f" ({', '.join(other)})" if other else ""
 
 
 def _size(count: int) -> str:

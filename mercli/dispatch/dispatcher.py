@@ -21,6 +21,15 @@ none is skipped.
 `ordered = true` targets get the series of one study in the order their first instance was
 received: a job waits while another job of the same study and target that was received
 earlier is still in outgoing/ (waiting, retrying, or being sent by any worker).
+
+**Priorities** (job.json `priority`, SPEC §4.1). Of the jobs that may be tried now, urgent ones
+are claimed first, then normal ones, then offpeak ones, each class oldest first. Offpeak jobs
+may be tried only while the local time is inside their window (job.json `offpeak`; a job
+without a usable window goes any time, last). No starvation: after URGENT_IN_A_ROW urgent
+claims in a row, the next claim is a normal (or open offpeak) job if one may be tried. On an
+ordered target the jobs of one study go at the priority of the most urgent of them (window
+included), so an urgent series never overtakes an earlier one of its study, nor waits behind
+the whole normal backlog for it. The counts are per dispatcher process.
 """
 
 from __future__ import annotations
@@ -29,14 +38,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mercli.dispatch.targets import Attempt, deliver
-from mercli.jobs import JobInfo, Progress, Target
+from mercli.jobs import PRIORITIES, JobInfo, Progress, Target
 from mercli.spool import (
     OUTGOING,
     SUCCESS,
@@ -48,6 +57,8 @@ from mercli.spool import (
 )
 
 log = logging.getLogger(__name__)
+
+URGENT_IN_A_ROW = 4  # SPEC §4.1: at most this many urgent claims while normal work waits
 
 
 @dataclass
@@ -76,8 +87,17 @@ def gives_up(target: Target, info: JobInfo, attempts: int, now: float) -> str:
 class Dispatcher:
     """Picks eligible jobs for any number of worker threads and settles each attempt."""
 
-    def __init__(self, spool: Spool, worker: Worker, *, once: bool = False) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        worker: Worker,
+        *,
+        once: bool = False,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
         self.spool = spool
+        self.clock = clock  # local time of day, for offpeak windows (tests set it)
+        self.urgent_streak = 0  # urgent claims in a row
         self.worker = worker
         self.once = once  # each job at most one attempt (--once)
         self.tried: set[str] = set()
@@ -91,27 +111,54 @@ class Dispatcher:
     # -- choosing --------------------------------------------------------------------------
 
     def pick(self) -> tuple[Claim, JobInfo] | None:
-        """Claim the oldest job that may be tried now, or None."""
+        """Claim the job that may be tried now and goes first by priority and age, or None."""
         with self.lock:
             now = time.time()
             names = self._outgoing()
-            for name in names:
-                if name in self.busy or name in self.tried:
+            for priority, info in self._by_priority(names):
+                if self.down_until.get(info.target.name, 0.0) > now:
                     continue
-                info = self._info(name, self.spool.state_dir(OUTGOING) / name)
-                if info is None or self.down_until.get(info.target.name, 0.0) > now:
-                    continue
-                if self._progress(name).next_attempt > now:
+                if self._progress(info.name).next_attempt > now:
                     continue
                 if info.target.ordered and not self._first_of_study(info, names):
                     continue
-                claim = self.worker.claim(OUTGOING, name)
+                claim = self.worker.claim(OUTGOING, info.name)
                 if claim is not None:
-                    self.busy.add(name)
+                    self.busy.add(info.name)
                     if self.once:
-                        self.tried.add(name)
+                        self.tried.add(info.name)
+                    self.urgent_streak = self.urgent_streak + 1 if priority == "urgent" else 0
                     return claim, info
         return None
+
+    def _by_priority(self, names: Sequence[str]) -> list[tuple[str, JobInfo]]:
+        """The jobs not in hand, with their effective priority, in the order to try them;
+        offpeak jobs outside their window left out (see the module docstring)."""
+        infos = []
+        for name in names:
+            if name not in self.busy and name not in self.tried:
+                info = self._info(name, self.spool.state_dir(OUTGOING) / name)
+                if info is not None:
+                    infos.append(info)
+        ranks = {priority: rank for rank, priority in enumerate(PRIORITIES)}
+        studies: dict[tuple[str, str], int] = {}  # ordered targets: most urgent of each study
+        for info in infos:
+            if info.target.ordered:
+                key = (info.target.name, info.study)
+                studies[key] = min(studies.get(key, len(PRIORITIES)), ranks[info.priority])
+        order = dict(ranks)
+        if self.urgent_streak >= URGENT_IN_A_ROW:
+            order["urgent"] = len(PRIORITIES)  # one normal (or offpeak) job's turn, if any
+        local = self.clock()
+        found = []
+        for info in infos:
+            rank = studies.get((info.target.name, info.study), ranks[info.priority])
+            priority = PRIORITIES[rank] if info.target.ordered else info.priority
+            if priority == "offpeak" and info.offpeak and not info.offpeak.contains(local):
+                continue
+            found.append((order[priority], info.name, priority, info))
+        found.sort(key=lambda entry: entry[:2])
+        return [(priority, info) for _, _, priority, info in found]
 
     def next_due(self) -> float | None:
         """Wall time of the earliest retry or target coming back, if any."""

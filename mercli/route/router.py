@@ -177,14 +177,32 @@ class Router:
                 item = new_id()
                 folder = transaction.new_item(state, item)
                 self._fill(folder, claim.path, decision.instances)
-                target = self.rules.targets[target_name].to_json() if target_name else None
-                record = job_record(
-                    item, claim.name, tags, decision.rules, target=target, reason=decision.reason
-                )
+                record = self._record(item, claim.name, tags, decision, target_name)
                 write_json(folder / JOB_FILE, record)
                 made.append((state, item, target_name, decision))
         transaction.commit()
         self._account(claim.name, len(instances), made, summary)
+
+    def _record(
+        self,
+        item: str,
+        series: str,
+        tags: list[Mapping[str, Any]],
+        decision: Decision,
+        target_name: str,
+    ) -> dict[str, Any]:
+        """job.json of a job for `target_name` (with its priority), or of a discard ("")."""
+        if not target_name:
+            return job_record(item, series, tags, decision.rules, reason=decision.reason)
+        return job_record(
+            item,
+            series,
+            tags,
+            decision.rules,
+            target=self.rules.targets[target_name].to_json(),
+            priority=self.rules.job_priority(target_name, decision.rules),
+            offpeak=self.rules.offpeak_window,
+        )
 
     def _quarantine(
         self, claim: Claim, exc: RuleTimeout, count: int, summary: RouteSummary

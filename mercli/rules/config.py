@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mercli.errors import ConfigError
-from mercli.jobs import Target
+from mercli.jobs import NORMAL, PRIORITIES, OffpeakWindow, Target, highest_priority
 from mercli.rules.tables import Lines, Table
 
 if TYPE_CHECKING:  # expr imports pydicom's dictionary: only loading rules needs it, not Target
@@ -43,7 +43,8 @@ _TARGET_KEYS = {
     "dicom": ("type", "host", "port", "called_aet", "calling_aet", "ordered", "timeout"),
     "folder": ("type", "path", "link"),
 }
-_RULE_KEYS = ("name", "when", "targets", "action", "final", "fallback")
+_COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority")
+_RULE_KEYS = ("name", "when", "targets", "action", "final", "fallback", "priority")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PURGE_STATES = ("success", "discard", "error")  # the spool states `mercli purge` may empty
 
@@ -53,13 +54,16 @@ class RouteSettings:
     """`[route]`: when a series counts as complete, and how long its rules may take (seconds).
 
     `rule_timeout` bounds the evaluation of all rules on one series, `re()` included; a series
-    that exceeds it goes to error/ naming the rule (SPEC §9).
+    that exceeds it goes to error/ naming the rule (SPEC §9). `offpeak` is the local time
+    window (`22:00-06:00`) in which `priority = "offpeak"` jobs may be sent (SPEC §4.1);
+    without it no rule or target may be offpeak.
     """
 
     series_timeout: float = 60.0
     settle: float = 2.0
     study_timeout: float = 900.0
     rule_timeout: float = 2.0
+    offpeak: OffpeakWindow | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Rule:
     final: bool = False
     fallback: bool = False
     line: int = 0
+    priority: str = NORMAL
 
     @property
     def discard(self) -> bool:
@@ -113,6 +118,22 @@ class RuleSet:
     def __post_init__(self) -> None:
         used = {kw for rule in self.rules if rule.when for kw in rule.when.keywords}
         object.__setattr__(self, "keywords", tuple(sorted(used)))
+
+    def job_priority(self, target: str, rules: Iterable[str]) -> str:
+        """A job's priority: the highest of the matched `rules` naming the target and of the
+        target's own `priority`, if it has one."""
+        named = set(rules)
+        own = self.targets[target].priority
+        return highest_priority(
+            ([own] if own else [])
+            + [r.priority for r in self.rules if r.name in named and target in r.targets]
+        )
+
+    @property
+    def offpeak_window(self) -> str | None:
+        """`[route] offpeak` as job.json carries it, or None."""
+        window = self.settings.offpeak
+        return None if window is None else str(window)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RuleSet:
@@ -139,12 +160,14 @@ class _Loader:
     def __init__(self, path: Path, lines: Lines) -> None:
         self.path = path
         self.lines = lines
+        self.offpeak: OffpeakWindow | None = None
 
     def load(self, document: dict[str, Any]) -> RuleSet:
         """Validate the top level, then [route], [purge], [targets.*] and [[rules]]."""
         top = Table(document, self.lines, None, "")
         top.check_keys(("route", "purge", "targets", "rules"))
         settings = self.settings(top.table("route", self.lines.table("route")))
+        self.offpeak = settings.offpeak
         purge = self.purge(top.table("purge", self.lines.table("purge")))
         targets_table = top.table("targets", self.lines.table("targets"))
         targets = {
@@ -156,10 +179,30 @@ class _Loader:
 
     def settings(self, table: Table) -> RouteSettings:
         """`[route]`, all keys optional."""
-        table.check_keys(("series_timeout", "settle", "study_timeout", "rule_timeout"))
+        table.check_keys(("series_timeout", "settle", "study_timeout", "rule_timeout", "offpeak"))
         positive = ("series_timeout", "rule_timeout")
-        values = {key: table.duration(key, positive=key in positive) for key in table.raw}
+        values: dict[str, Any] = {
+            key: table.duration(key, positive=key in positive)
+            for key in table.raw
+            if key != "offpeak"
+        }
+        if "offpeak" in table.raw:
+            try:
+                values["offpeak"] = OffpeakWindow.parse(table.string("offpeak") or "")
+            except ValueError as exc:
+                raise table.fail("offpeak", f'"offpeak": {exc}') from None
         return RouteSettings(**values)
+
+    def priority(self, table: Table) -> str | None:
+        """`priority`, one of PRIORITIES; "offpeak" only with a `[route] offpeak` window."""
+        value = table.string("priority")
+        if value is not None and value not in PRIORITIES:
+            allowed = ", ".join(f'"{p}"' for p in PRIORITIES)
+            raise table.fail("priority", f'unknown priority "{value}" (allowed: {allowed})')
+        if value == "offpeak" and self.offpeak is None:
+            message = 'priority = "offpeak" needs a window: add offpeak = "22:00-06:00" to [route]'
+            raise table.fail("priority", message)
+        return value
 
     def purge(self, table: Table) -> PurgeSettings:
         """`[purge]`: a retention per finished state, all optional."""
@@ -174,8 +217,9 @@ class _Loader:
         kind = table.string("type", required=True)
         if kind not in TARGET_TYPES:
             raise table.fail("type", f'unknown type "{kind}" (known: {", ".join(TARGET_TYPES)})')
-        table.check_keys(_TARGET_KEYS[kind] + _RETRY_KEYS)
+        table.check_keys(_TARGET_KEYS[kind] + _COMMON_TARGET_KEYS)
         values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
+        values["priority"] = self.priority(table)
         if kind == "dicom":
             values |= _dicom(table)
         else:
@@ -229,6 +273,7 @@ class _Loader:
         names = _dedupe(table.string_list("targets"))
         if action == "discard" and names:
             raise table.fail("targets", 'a rule with action = "discard" cannot have targets')
+        priority = self.priority(table)  # on a discard rule: checked, then without effect
         if action == "route" and not names:
             raise table.fail(None, 'no targets (add targets = [...], or action = "discard")')
         for target in names:
@@ -242,6 +287,7 @@ class _Loader:
             final=table.boolean("final"),
             fallback=table.boolean("fallback"),
             line=table.line or 0,
+            priority=priority or NORMAL,
         )
 
     def expression(self, table: Table) -> Expression | None:
