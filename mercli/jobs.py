@@ -12,6 +12,12 @@ reason (why discarded; discard items only), target (jobs only), priority (jobs o
 "urgent", "normal" or "offpeak"; a job without it is normal), offpeak (offpeak jobs only: the
 local time window "22:00-06:00" they may be claimed in), resent_from (resent jobs).
 status, purge and resend read the same records through `read_json_object`.
+
+A **study job** (SPEC §4.1, `study_record`) has `"study": true`, its instances in one
+sub-folder per series (`<series>/NAME.dcm` + `.tags`), and `series` is then a list, in
+arrival order, of `{"series": <sub-folder>, "SeriesInstanceUID", "instances": [NAME, ...]}`;
+`instances` is the total count, the `JOB_KEYS` are the first series' (SeriesInstanceUID aside).
+A discarded incomplete study has the same shape with `reason` instead of `target`.
 """
 
 from __future__ import annotations
@@ -158,6 +164,38 @@ def job_record(
     return record
 
 
+def study_record(
+    item: str,
+    series: Sequence[Mapping[str, Any]],
+    keys: Mapping[str, Any],
+    rules: Sequence[str],
+    *,
+    target: Mapping[str, Any] | None = None,
+    reason: str = "",
+    priority: str = NORMAL,
+    offpeak: str | None = None,
+) -> dict[str, Any]:
+    """job.json of a study job (or of a discarded study): `series` as described above, `keys`
+    the JOB_KEYS and first_received / last_received of the series (the first's keys win)."""
+    record = job_record(
+        item, "", [], rules, target=target, reason=reason, priority=priority, offpeak=offpeak
+    )
+    record.pop("SeriesInstanceUID", None)
+    first = [str(keys[k]) for k in ("first_received",) if keys.get(k)]
+    last = [str(keys[k]) for k in ("last_received",) if keys.get(k)]
+    record.update(
+        {
+            "study": True,
+            "series": [dict(entry) for entry in series],
+            **{key: keys[key] for key in JOB_KEYS if key in keys and key != "SeriesInstanceUID"},
+            "instances": sum(len(entry["instances"]) for entry in series),
+            "first_received": min(first, default=None),
+            "last_received": max(last, default=None),
+        }
+    )
+    return record
+
+
 def resend_record(
     job_id: str,
     series: str,
@@ -207,6 +245,7 @@ class JobInfo:
     created: float
     priority: str = NORMAL
     offpeak: OffpeakWindow | None = None  # offpeak jobs: when they may be claimed
+    series: tuple[str, ...] = ()  # study jobs: their series sub-folders, in arrival order
 
     @classmethod
     def load(cls, name: str, folder: Path) -> JobInfo:
@@ -223,7 +262,20 @@ class JobInfo:
             created=created,
             priority=priority,
             offpeak=_window(record) if priority == "offpeak" else None,
+            series=study_series(record),
         )
+
+
+def study_series(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """A study job's series sub-folders in arrival order; () for a series job. ValueError
+    for a name that is not one plain folder name (a job.json no route wrote)."""
+    if not record.get("study"):
+        return ()
+    names = tuple(str(entry["series"]) for entry in record["series"])
+    for name in names:
+        if not name or name.startswith(".") or "/" in name or "\x00" in name:
+            raise ValueError(f"bad series folder {name!r} in a study job")
+    return names
 
 
 def _window(record: Mapping[str, Any]) -> OffpeakWindow | None:

@@ -267,6 +267,8 @@ def _resend_one(
 
 def _plan(folder: Path, state: str, destination: _Destination) -> _Plan:
     job = read_json_object(folder / JOB_FILE)
+    if job.get("study") is True:  # series in sub-folders: not a shape resend knows yet
+        raise Unresendable("it is a study job; resending study jobs is not supported yet")
     names = sorted(p.name for p in folder.iterdir())
     instances = [n for n in names if n.endswith(INSTANCE_SUFFIX)]
     if not instances:

@@ -12,7 +12,7 @@ from mercli.rules.decide import decide
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["rules.toml", "hospital.toml"])
+@pytest.mark.parametrize("name", ["rules.toml", "hospital.toml", "brain-mr-study.toml"])
 def test_example_rules_are_valid(name: str) -> None:
     rules = load_rules(EXAMPLES / name)
     assert rules.rules and rules.targets
@@ -38,6 +38,21 @@ def test_hospital_rules() -> None:
     assert decision("hospital.toml", Modality="MR")[0] == ("pacs", "ai")
     assert decision("hospital.toml", Modality="CR")[0] == ("pacs",)
     assert decision("hospital.toml", Modality="CT", SeriesDescription="Scout 1")[1]
+
+
+def test_brain_mr_study_rules() -> None:
+    rules = load_rules(EXAMPLES / "brain-mr-study.toml")
+    study = next(rule for rule in rules.rules if rule.name == "brain-mr-study")
+    assert study.study and len(study.require) == 2 and study.on_timeout == "discard"
+    assert rules.settings.study_settle == 10.0 and rules.targets["ai"].priority == "urgent"
+    t1 = decision(
+        "brain-mr-study.toml",
+        Modality="MR",
+        StudyDescription="Brain",
+        SeriesDescription="t1_mprage",
+    )
+    assert t1[0] == ("pacs",) and "brain-mr-study" in t1[2]  # held for the study, sent as series
+    assert decision("brain-mr-study.toml", Modality="CT")[0] == ("pacs",)
 
 
 def test_systemd_units_run_mercli_commands() -> None:

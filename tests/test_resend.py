@@ -368,3 +368,16 @@ def test_failed_job_resent_after_the_target_comes_back(
     finally:
         scp.close()
     assert sorted(n for _, n, _ in scp.received) == [0, 1, 2]
+
+
+def test_a_study_job_is_refused_with_the_reason_and_left_alone(spool: Spool) -> None:
+    failed = spool.state_dir(ERROR) / "20261130T000000.000000-study"
+    (failed / "1.2.3").mkdir(parents=True)
+    (failed / "1.2.3" / "1.2.3.1.dcm").write_bytes(b"x")
+    study = {"id": failed.name, "study": True, "series": [{"series": "1.2.3"}]}
+    (failed / JOB_FILE).write_text(json.dumps(study))
+    selected, _ = select(spool, ERROR, Filters())
+    report = resend_items(spool, selected)
+    assert report.resent == [] and len(report.failed) == 1
+    assert "study job" in report.failed[0][1]
+    assert (failed / "1.2.3" / "1.2.3.1.dcm").read_bytes() == b"x"

@@ -160,7 +160,7 @@ ERRORS = [
     (
         "[route]\ntimeout = 1\n" + DICOM + RULE,
         2,
-        '[route]: unknown key "timeout" (did you mean "rule_timeout"? allowed: series_timeout, settle, study_timeout, rule_timeout, offpeak)',
+        '[route]: unknown key "timeout" (did you mean "rule_timeout"? allowed: series_timeout, settle, study_timeout, study_settle, rule_timeout, offpeak)',
     ),
     (DICOM, None, "no [[rules]]: every series would be discarded"),
     (DICOM + '[[rules]]\ntargets = ["pacs"]\n', 6, 'rule #1: missing key "name"'),
@@ -198,7 +198,7 @@ ERRORS = [
     (
         DICOM + RULE + 'tagets = ["x"]\n',
         9,
-        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority)',
+        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority, trigger, action_trigger, require, on_timeout)',
     ),
     (DICOM + RULE + 'final = "yes"\n', 9, 'rule "r": "final" must be true or false, not a string'),
     (

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from mercli.jobs import job_record
-from mercli.names import new_id
+from mercli.names import new_id, safe_name
+from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
 from mercli.rules.decide import Decision, RuleTimeout, decide
 from mercli.spool import (
@@ -47,8 +48,10 @@ from mercli.spool import (
     JOB_FILE,
     OUTGOING,
     SIDECAR_SUFFIX,
+    STUDIES,
     Claim,
     Spool,
+    Transaction,
     Worker,
     write_json,
 )
@@ -68,6 +71,11 @@ class SeriesState:
     arrived: float
     hint: float | None
 
+    @property
+    def ended(self) -> float:
+        """When the last association that sent this batch ended (or its last instance came)."""
+        return self.hint if self.hint is not None and self.hint >= self.arrived else self.arrived
+
     def ready_at(self, settings: RouteSettings) -> float:
         """The time this batch is complete, unless it grows before then."""
         if self.hint is not None and self.hint >= self.arrived:
@@ -83,6 +91,7 @@ class RouteSummary:
     instances: int = 0
     jobs: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # studies/<study>/<batch> held for study rules
     errors: list[str] = field(default_factory=list)  # items put in error/ (counted in failed)
     failed: int = 0
 
@@ -151,12 +160,14 @@ class Router:
             claim.release()  # it grew since the scan: not complete after all
             return
         try:
-            self._route_claimed(claim, summary)
+            self._route_claimed(claim, summary, state.ended)
         except BaseException:
             claim.release()
             raise
 
-    def _route_claimed(self, claim: Claim, summary: RouteSummary) -> None:
+    def _route_claimed(
+        self, claim: Claim, summary: RouteSummary, ended: float | None = None
+    ) -> None:
         instances = _read_instances(claim.path)
         try:
             decisions = decide(self.rules, instances, series_label=claim.name) if instances else []
@@ -165,9 +176,13 @@ class Router:
             return
         transaction = claim.transaction()
         made: list[tuple[str, str, str, Decision]] = []  # state, item, target, decision
+        groups: dict[str, Path] = {}
         for decision in decisions:
             members = set(decision.instances)
             tags = [sidecar for name, sidecar in instances if name in members]
+            if decision.study and not decision.discarded:
+                held = self._hold(transaction, groups, claim, decision, tags, ended)
+                made.append((STUDIES, held, held.partition("/")[0], decision))
             outputs = (
                 [(DISCARD, "")]
                 if decision.discarded
@@ -182,6 +197,31 @@ class Router:
                 made.append((state, item, target_name, decision))
         transaction.commit()
         self._account(claim.name, len(instances), made, summary)
+
+    def _hold(
+        self,
+        transaction: Transaction,
+        groups: dict[str, Path],
+        claim: Claim,
+        decision: Decision,
+        tags: list[Mapping[str, Any]],
+        ended: float | None,
+    ) -> str:
+        """Hard-link the decision's instances into a new batch of its study's group, with
+        held.json (`mercli.route.studies`); returns `<study>/<batch>`."""
+        study = safe_name(str(tags[0].get("StudyInstanceUID", "")) if tags else "")
+        group = groups.get(study)
+        if group is None:
+            group = groups[study] = transaction.new_item(STUDIES, study)
+        batch = new_id()
+        os.mkdir(group / batch)
+        self._fill(group / batch, claim.path, decision.instances)
+        rules = dict(decision.study)
+        if ended is None:
+            ended = claim.path.stat().st_mtime
+        record = held_record(claim.name, ended, rules, decision.instances, tags)
+        write_json(group / batch / HELD_FILE, record)
+        return f"{study}/{batch}"
 
     def _record(
         self,
@@ -250,16 +290,20 @@ class Router:
             if state == OUTGOING:
                 summary.jobs.append(item)
                 self.spool.log("routed", **fields, target=target)
+            elif state == STUDIES:
+                summary.held.append(item)
+                held_for = [rule for rule, _ in decision.study]
+                self.spool.log("held", **fields, study=target, held_for=held_for)
             else:
                 summary.discarded.append(item)
                 self.spool.log("discarded", **fields, reason=decision.reason)
         targets = sorted({target for state, _, target, _ in made if state == OUTGOING})
-        discards = sum(state != OUTGOING for state, _, _, _ in made)
+        discards = sum(state == DISCARD for state, _, _, _ in made)
         log.info(
             "series %s: %d instance(s) -> %s%s",
             series,
             count,
-            ", ".join(targets) or "no target",
+            ", ".join(targets) or ("held for a study" if summary.held else "no target"),
             f", {discards} batch(es) discarded" if discards else "",
         )
         for warning in {w for _, _, _, decision in made for w in decision.warnings}:

@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 from mercli.errors import ConfigError
+from mercli.names import safe_name
+from mercli.route.complete import Completer, Completion, due_studies
 from mercli.route.router import Router, RouteSummary, reap_hints
+from mercli.route.studies import HeldCache, scan_studies
 from mercli.rules.config import RuleSet, load_rules
 from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
-from mercli.spool import INCOMING, Spool, Worker, recover
+from mercli.spool import INCOMING, STUDIES, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class RouteService:
         self.wake = threading.Event()
         self.failed_until: dict[str, float] = {}
         self.summary = RouteSummary()
+        self.held = HeldCache()
 
     def run_once(self, *, everything: bool = False) -> RouteSummary:
         """Route every batch complete now (every batch, if `everything`), then return."""
@@ -44,6 +48,17 @@ class RouteService:
         with Worker(self.spool, "route") as worker:
             self._pass(Router(self.spool, worker, self.rules), everything=everything)
         return self.summary
+
+    def complete_study(self, uid: str) -> Completion | None:
+        """Complete the held study with this StudyInstanceUID now, whatever its rules still
+        wait for (`--complete-study`); None if no study of that UID is held."""
+        recover(self.spool)
+        with Worker(self.spool, "route") as worker:
+            completer = Completer(self.spool, worker, self.rules, self.held)
+            for name in dict.fromkeys((safe_name(uid), uid)):
+                if name and "/" not in name and (self.spool.state_dir(STUDIES) / name).is_dir():
+                    return completer.complete(name, force=True)
+        return None
 
     def run_forever(self) -> RouteSummary:
         stop_on_signals(self.stop, "stopping after the current series", self.wake)
@@ -82,6 +97,29 @@ class RouteService:
                 self.summary.failed += 1
                 self.failed_until[state.name] = time.monotonic() + FAILED_BACKOFF
                 log.error("cannot route series %s: %s; retrying later", state.name, exc)
+        study_next = self._complete_studies(router)
+        return min((t for t in (next_at, study_next) if t is not None), default=None)
+
+    def _complete_studies(self, router: Router) -> float | None:
+        """Complete the studies that are due; the wall-clock time the next one will be."""
+        completer = Completer(self.spool, router.worker, router.rules, self.held)
+        now = time.time()
+        due, next_at = due_studies(scan_studies(self.spool, self.held), router.rules, now)
+        for study in due:
+            if self.stop.is_set():
+                break
+            key = f"{STUDIES}/{study.name}"
+            if self.failed_until.get(key, 0.0) > time.monotonic():
+                continue
+            try:
+                done = completer.complete(study.name, now)
+                self.summary.jobs += done.jobs
+                self.summary.discarded += done.discarded
+                self.failed_until.pop(key, None)
+            except OSError as exc:
+                self.summary.failed += 1
+                self.failed_until[key] = time.monotonic() + FAILED_BACKOFF
+                log.error("cannot complete study %s: %s; retrying later", study.name, exc)
         return next_at
 
     def _current_rules(self) -> RuleSet:

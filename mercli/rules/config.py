@@ -44,14 +44,23 @@ _TARGET_KEYS = {
     "folder": ("type", "path", "link"),
 }
 _COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority")
-_RULE_KEYS = ("name", "when", "targets", "action", "final", "fallback", "priority")
+_RULE_KEYS = (
+    *("name", "when", "targets", "action", "final", "fallback", "priority"),
+    *("trigger", "action_trigger", "require", "on_timeout"),
+)
+TRIGGERS = ("series", "study")
+ON_TIMEOUT = ("proceed", "discard")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PURGE_STATES = ("success", "discard", "error")  # the spool states `mercli purge` may empty
 
 
 @dataclass(frozen=True)
 class RouteSettings:
-    """`[route]`: when a series counts as complete, and how long its rules may take (seconds).
+    """`[route]`: when a series or study counts as complete, how long rules may take (seconds).
+
+    A study (rules with `trigger = "study"`, SPEC §4.1) is complete `study_settle` after the
+    association of its last held series ended once every `require` is met, or `study_timeout`
+    after its last held series.
 
     `rule_timeout` bounds the evaluation of all rules on one series, `re()` included; a series
     that exceeds it goes to error/ naming the rule (SPEC §9). `offpeak` is the local time
@@ -62,6 +71,7 @@ class RouteSettings:
     series_timeout: float = 60.0
     settle: float = 2.0
     study_timeout: float = 900.0
+    study_settle: float = 10.0
     rule_timeout: float = 2.0
     offpeak: OffpeakWindow | None = None
 
@@ -96,6 +106,14 @@ class Rule:
     fallback: bool = False
     line: int = 0
     priority: str = NORMAL
+    trigger: str = "series"
+    require: tuple[Expression, ...] = ()
+    on_timeout: str = "proceed"
+
+    @property
+    def study(self) -> bool:
+        """True for `trigger = "study"`: matching series are held until the study is complete."""
+        return self.trigger == "study"
 
     @property
     def discard(self) -> bool:
@@ -117,6 +135,7 @@ class RuleSet:
 
     def __post_init__(self) -> None:
         used = {kw for rule in self.rules if rule.when for kw in rule.when.keywords}
+        used |= {kw for rule in self.rules for need in rule.require for kw in need.keywords}
         object.__setattr__(self, "keywords", tuple(sorted(used)))
 
     def job_priority(self, target: str, rules: Iterable[str]) -> str:
@@ -179,7 +198,9 @@ class _Loader:
 
     def settings(self, table: Table) -> RouteSettings:
         """`[route]`, all keys optional."""
-        table.check_keys(("series_timeout", "settle", "study_timeout", "rule_timeout", "offpeak"))
+        table.check_keys(
+            ("series_timeout", "settle", "study_timeout", "study_settle", "rule_timeout", "offpeak")
+        )
         positive = ("series_timeout", "rule_timeout")
         values: dict[str, Any] = {
             key: table.duration(key, positive=key in positive)
@@ -288,7 +309,37 @@ class _Loader:
             fallback=table.boolean("fallback"),
             line=table.line or 0,
             priority=priority or NORMAL,
+            **self.study(table, action),
         )
+
+    def study(self, table: Table, action: str) -> dict[str, Any]:
+        """`trigger` (or mercure's `action_trigger`), and the study-only `require`, `on_timeout`."""
+        if "trigger" in table.raw and "action_trigger" in table.raw:
+            raise table.fail("action_trigger", 'give "trigger" or "action_trigger", not both')
+        key = "action_trigger" if "action_trigger" in table.raw else "trigger"
+        trigger = table.string(key) or "series"
+        if trigger not in TRIGGERS:
+            raise table.fail(key, f'{key} must be "series" or "study", not "{trigger}"')
+        if trigger != "study":
+            for only in ("require", "on_timeout"):
+                if only in table.raw:
+                    raise table.fail(only, f'"{only}" needs trigger = "study"')
+            return {}
+        if action == "discard":
+            raise table.fail(key, 'a study rule cannot have action = "discard"')
+        on_timeout = table.string("on_timeout") or "proceed"
+        if on_timeout not in ON_TIMEOUT:
+            message = f'on_timeout must be "proceed" or "discard", not "{on_timeout}"'
+            raise table.fail("on_timeout", message)
+        from mercli.rules.expr import ExpressionError, compile_expression
+
+        require = []
+        for text in _dedupe(table.string_list("require")):
+            try:
+                require.append(compile_expression(text))
+            except ExpressionError as exc:
+                raise table.fail("require", f"bad require expression {text!r}: {exc}") from None
+        return {"trigger": trigger, "require": tuple(require), "on_timeout": on_timeout}
 
     def expression(self, table: Table) -> Expression | None:
         """The compiled `when`, or None when the rule has none."""

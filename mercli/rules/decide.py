@@ -20,6 +20,10 @@ The semantics, as an admin reads rules.toml:
    naming that rule: the series gets no decision at all (route sends it to error/), since a
    rule that could not be told may have been the one that mattered.
 
+8. A matching study rule (`trigger = "study"`) counts as a match but adds no target to the
+   series: the series is held for it (`Decision.study`, with the `require` expressions met)
+   and reaches its targets in a study job (`mercli.route.studies`).
+
 Rules are evaluated per instance. Instances with the same outcome form one `Decision`; a
 series whose instances disagree on what the rules read, in a way that changes the outcome,
 is split into several Decisions, never merged, and each of them carries a warning.
@@ -54,6 +58,9 @@ class Decision:
 
     `targets` are names in `ruleset.targets`, `rules` the names of the rules that matched (a
     discarded series lists the discard rule among them), `warnings` name rule and series.
+    `study`: the study rules (`trigger = "study"`) that matched, each with the texts of its
+    `require` expressions these instances meet: the series is held for them (SPEC §4.1).
+    Their targets are not in `targets`, which only series rules fill.
     """
 
     instances: tuple[str, ...]
@@ -62,6 +69,7 @@ class Decision:
     reason: str
     rules: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    study: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class RuleTimeout(MercliError):
@@ -91,6 +99,7 @@ class _Outcome:
     reason: str
     matched: tuple[str, ...]
     errors: tuple[tuple[str, str], ...]  # (rule name, message)
+    study: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def trace(
@@ -151,7 +160,21 @@ def _check(rule: Rule, tags: Mapping[str, Any], deadline: float) -> RuleTrace:
         return RuleTrace(rule, ERROR, str(exc))
 
 
-def _outcome(traces: Sequence[RuleTrace]) -> _Outcome:
+def _met(rule: Rule, tags: Mapping[str, Any], deadline: float) -> tuple[str, ...]:
+    """The texts of a study rule's `require` expressions that hold for one sidecar."""
+    met = []
+    for need in rule.require:
+        try:
+            if need.evaluate(tags, deadline):
+                met.append(need.text)
+        except EvalTimeout:
+            raise RuleTimeout(rule.name, 0.0) from None
+        except EvalError:
+            continue
+    return tuple(met)
+
+
+def _outcome(traces: Sequence[RuleTrace], tags: Mapping[str, Any], deadline: float) -> _Outcome:
     """Targets or discard from the traces of one instance (semantics in the docstring)."""
     matched = [t.rule for t in traces if t.status == MATCH]
     errors = tuple((t.rule.name, t.detail) for t in traces if t.status == ERROR)
@@ -164,9 +187,11 @@ def _outcome(traces: Sequence[RuleTrace]) -> _Outcome:
         if errors:
             reason += f" ({len(errors)} could not be evaluated)"
         return _Outcome((), True, reason, names, errors)
-    targets = tuple(dict.fromkeys(target for rule in matched for target in rule.targets))
+    series = [rule for rule in matched if not rule.study]
+    targets = tuple(dict.fromkeys(target for rule in series for target in rule.targets))
+    held = tuple((rule.name, _met(rule, tags, deadline)) for rule in matched if rule.study)
     quoted = ", ".join(f'"{name}"' for name in names)
-    return _Outcome(targets, False, f"routed by rule {quoted}", names, errors)
+    return _Outcome(targets, False, f"routed by rule {quoted}", names, errors, held)
 
 
 def _freeze(value: Any) -> Any:
@@ -203,9 +228,11 @@ def decide(
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
             try:
-                outcome = cache[key] = _outcome(trace(ruleset, tags, deadline=deadline))
+                traces = trace(ruleset, tags, deadline=deadline)
+                outcome = cache[key] = _outcome(traces, tags, deadline)
             except RuleTimeout as exc:
-                raise RuleTimeout(exc.rule, exc.limit, series_label) from None
+                limit = ruleset.settings.rule_timeout
+                raise RuleTimeout(exc.rule, limit, series_label) from None
         group = groups.get(outcome)
         if group is None:
             group = groups[outcome] = []
@@ -239,4 +266,5 @@ def _decision(outcome: _Outcome, names: list[str], label: str, split: str) -> De
         reason=outcome.reason,
         rules=outcome.matched,
         warnings=tuple(warnings),
+        study=outcome.study,
     )

@@ -12,7 +12,10 @@ Layout::
         lease.<owner>              a lease being born (see 4)
       incoming/<series>/         received instances of one series, open for more:
                                    NAME.dcm + NAME.tags, NAME = safe_name(SOPInstanceUID)
-      outgoing/<job>/            jobs waiting for dispatch (job.json + instances)
+      studies/<study>/           series held for study rules (SPEC §4.1), a group like incoming/:
+        <batch>/                   one held series batch: its instances and held.json
+      outgoing/<job>/            jobs waiting for dispatch (job.json + instances; a study job
+                                   has them in one sub-folder per series)
       success/<job>/             delivered jobs
       discard/<id>/              series no rule wanted
       error/<id>/                failed jobs and unreadable instances, each with error.json
@@ -33,13 +36,15 @@ Protocol:
    into its state folder, and that folder is fsync'ed. Readers never look in `tmp/`, so they
    see a file whole or not at all. Items (jobs, batches) are directories prepared the same way
    and renamed into place whole, with `renameat2(RENAME_NOREPLACE)` so nothing is clobbered.
-2. **Groups.** `incoming/<series>/` is the one folder that grows after it is published: each
-   received instance is renamed into it, `.dcm` first, then `.tags` (a `.dcm` without a sidecar
-   is complete data whose sidecar can be rebuilt; never the reverse). Publishers hold a shared
-   `flock` on the group directory while they rename; a claimer holds an exclusive one while it
-   renames the group away. After locking, both check the directory is still at its path (same
-   inode), else retry. So an instance lands wholly in the claimed batch or wholly in a new
-   group that the next routing pass takes: it is never split from its sidecar, never lost.
+2. **Groups.** `incoming/<series>/` and `studies/<study>/` are the folders that grow after
+   they are published. Each received instance is renamed into its incoming group, `.dcm`
+   first, then `.tags` (a `.dcm` without a sidecar is complete data whose sidecar can be
+   rebuilt; never the reverse); a held series batch, a folder, is renamed whole into its
+   study's group (a transaction's output merged into the group: `Spool.place`). Publishers
+   hold a shared `flock` on the group directory while they rename; a claimer holds an
+   exclusive one while it renames the group away. After locking, both check the directory is
+   still at its path (same inode), else retry. So an instance (or batch) lands wholly in the
+   claimed group or wholly in a new group that the next pass takes: never split, never lost.
 3. **Claim.** A worker owns an item by renaming it to `claims/<owner>/<state>~<name>/item`.
    rename(2) is atomic: of several workers exactly one succeeds, the rest get ENOENT. The
    claim then ends in one of three ways, each safe at every instant:
@@ -91,6 +96,7 @@ from mercli.spool.items import (
     OUTGOING,
     SIDECAR_SUFFIX,
     STATES,
+    STUDIES,
     SUCCESS,
     Item,
     LockTimeout,
@@ -116,6 +122,7 @@ __all__ = [
     "OUTGOING",
     "SIDECAR_SUFFIX",
     "STATES",
+    "STUDIES",
     "SUCCESS",
     "Claim",
     "Item",

@@ -37,6 +37,7 @@ from mercli.spool.items import (
     GROUP_STATES,
     HINTS,
     INCOMING,
+    INSTANCE_SUFFIX,
     ITEM,
     KEY_SEPARATOR,
     LEASES,
@@ -227,7 +228,8 @@ class Spool:
                 return False
             stems: dict[str, list[str]] = {}
             for entry in os.listdir(source):
-                stems.setdefault(entry.rsplit(".", 1)[0], []).append(entry)
+                instance = entry.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX))
+                stems.setdefault(entry.rsplit(".", 1)[0] if instance else entry, []).append(entry)
             for stem, names in sorted(stems.items()):
                 if any(_exists_at(fd, n) for n in names):
                     self.log("duplicate_dropped", group=target.name, instance=stem)

@@ -1,7 +1,9 @@
 """Delivery to a `dicom` target: C-STORE over one association per job (SPEC §5).
 
 Instances go in InstanceNumber order, and only those `dispatch.json` does not list as
-delivered yet; every response status is checked. A failure status leaves the job to be
+delivered yet; every response status is checked. A study job (SPEC §4.1) goes over one
+association too: its series in arrival order, each in InstanceNumber order, each instance
+recorded as delivered as `<series>/<name>`. A failure status leaves the job to be
 retried; an instance no codec can convert fails the job for good, as does a job with more
 presentation contexts than one association can carry.
 """
@@ -47,7 +49,10 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
         target.host, target.port, target.called_aet, target.calling_aet, target.timeout
     )
     done = set(progress.delivered)
-    pending = [path for path in instances_in_order(folder) if path.stem not in done]
+    keyed = [(path.stem, path) for path in instances_in_order(folder)] if not job.series else []
+    for series in job.series:  # a study job: series in arrival order, one association
+        keyed += [(f"{series}/{path.stem}", path) for path in instances_in_order(folder / series)]
+    pending = [(key, path) for key, path in keyed if key not in done]
     if not pending:
         # Everything is delivered already: an earlier attempt was killed after recording
         # that in dispatch.json but before moving the job to success/. Opening an association
@@ -58,8 +63,8 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
     unsendable: list[str] = []
     sent = 0
     try:
-        with StoreSession(peer, pending) as session:
-            for path in pending:
+        with StoreSession(peer, [path for _, path in pending]) as session:
+            for key, path in pending:
                 try:
                     status = session.store(path)
                 except InstanceNotSendable as exc:
@@ -68,7 +73,7 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
                 if status_category(status) == "failure":
                     failures.append(f"{path.stem}: status 0x{status:04X}")
                 else:
-                    progress.delivered.append(path.stem)
+                    progress.delivered.append(key)
                     sent += 1
     except TooManyContexts as exc:
         return Attempt(sent, str(exc), permanent=True)

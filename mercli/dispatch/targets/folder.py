@@ -1,5 +1,7 @@
 """Delivery to a `folder` target: the job appears as `DEST/<job id>/`, complete or not at all.
 
+A study job appears as `DEST/<job id>/<series>/` (one sub-folder per series), in one rename.
+
 The protocol, the same as the spool's publish step but across into the admin's folder:
 
 1. remove leftovers `DEST/.<job id>.tmp-*` of an earlier attempt that crashed half-way;
@@ -44,9 +46,14 @@ class TargetError(MercliError):
 
 def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
     """Deliver the job's instances and sidecars as `<path>/<job id>/` (all or nothing)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (INSTANCE_SUFFIX, SIDECAR_SUFFIX))
+    folders = [folder / series for series in job.series] or [folder]
+    files = sorted(
+        p for f in folders for p in f.iterdir() if p.suffix in (INSTANCE_SUFFIX, SIDECAR_SUFFIX)
+    )
+    base = folder if job.series else None
     try:
-        deliver_to_folder(files, Path(str(job.target.path)), job.name, link=job.target.link)
+        dest = Path(str(job.target.path))
+        deliver_to_folder(files, dest, job.name, link=job.target.link, base=base)
     except NotRegularFile as exc:  # dispatch checks first; this is the race-free second look
         return Attempt(
             error=f"job file {Path(str(exc.filename)).name}: {exc.strerror}", permanent=True
@@ -57,9 +64,17 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
 
 
 def deliver_to_folder(
-    files: Sequence[Path], dest: Path, job_id: str, *, link: bool = False
+    files: Sequence[Path],
+    dest: Path,
+    job_id: str,
+    *,
+    link: bool = False,
+    base: Path | None = None,
 ) -> Path:
     """Publish `files` as `dest/job_id/` atomically; returns that folder.
+
+    With `base`, each file keeps its path below `base` (a study job's `<series>/NAME`);
+    otherwise only its name.
 
     Copies, unless `link`: then hard links where `dest` is on the files' filesystem (for
     targets whose consumers never modify files in place: theirs would be the spool's too).
@@ -79,7 +94,7 @@ def deliver_to_folder(
     except OSError as exc:
         raise TargetError(_reason(exc, dest)) from exc
     try:
-        _fill(temporary, files, link)
+        _fill(temporary, files, link, base)
         rename_noreplace(temporary, final)
         fsync_dir(dest)
     except FileExistsError:  # another worker delivered the same job meanwhile
@@ -123,19 +138,26 @@ def _already_delivered(final: Path) -> Path:
     return final
 
 
-def _fill(folder: Path, files: Sequence[Path], link: bool) -> None:
+def _fill(folder: Path, files: Sequence[Path], link: bool, base: Path | None = None) -> None:
     names: set[str] = set()
+    subfolders: set[Path] = set()
     for source in files:
-        if source.name in names:
-            raise TargetError(f"two files of the job are named {source.name} ({folder.parent})")
-        names.add(source.name)
-        target = folder / source.name
+        name = str(source.relative_to(base)) if base is not None else source.name
+        if name in names:
+            raise TargetError(f"two files of the job are named {name} ({folder.parent})")
+        names.add(name)
+        target = folder / name
+        if target.parent != folder and target.parent not in subfolders:
+            make_dir(target.parent)
+            subfolders.add(target.parent)
         reader = open_regular(source)  # never through a symlink; regular files only
         try:
             if not (link and _link(reader, source, target)):
                 _copy(reader, target)
         finally:
             os.close(reader)
+    for subfolder in subfolders:
+        fsync_dir(subfolder)
     fsync_dir(folder)
 
 
