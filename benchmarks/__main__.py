@@ -14,10 +14,19 @@ from benchmarks import (
     bench_receive,
     bench_route,
     bench_spool,
+    bench_studies,
 )
 from benchmarks.report import Row, print_table
 
-SUITES = [bench_spool, bench_receive, bench_dcmtk_engine, bench_route, bench_dispatch, bench_e2e]
+SUITES = [
+    bench_spool,
+    bench_receive,
+    bench_dcmtk_engine,
+    bench_route,
+    bench_studies,
+    bench_dispatch,
+    bench_e2e,
+]
 
 
 def main() -> int:

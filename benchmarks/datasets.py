@@ -53,3 +53,44 @@ def huge_instance(scratch: Path, size: int) -> DataSet:
             out.write(block)
     header.unlink()
     return DataSet(f"1 x {frames * 2} MB multi-frame", [path])
+
+
+def mr_study(
+    scratch: Path, name: str, descriptions: list[str], per_series: int
+) -> list[list[Path]]:
+    """One MR study: per SeriesDescription, a series of `per_series` instances of about 12 KB."""
+    folder = scratch / name
+    folder.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    found = []
+    for description in descriptions:
+        series = generate_uid()
+        found.append(
+            [
+                make_instance(
+                    folder,
+                    series=series,
+                    study=study,
+                    modality="MR",
+                    number=n + 1,
+                    rows=64,
+                    columns=96,
+                    SeriesDescription=description,
+                    StudyDescription="BRAIN",
+                )
+                for n in range(per_series)
+            ]
+        )
+    return found
+
+
+def mr_studies(scratch: Path, studies: int, series: int, per_series: int) -> DataSet:
+    """`studies` MR studies of `series` series of `per_series` instances of about 12 KB."""
+    descriptions = [f"SERIES {n + 1}" for n in range(series)]
+    files = [
+        path
+        for n in range(studies)
+        for one in mr_study(scratch / "studies", f"study{n}", descriptions, per_series)
+        for path in one
+    ]
+    return DataSet(f"{studies} st x {series} se x {per_series} img", files)

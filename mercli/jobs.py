@@ -219,6 +219,30 @@ def resend_record(
     return {**record, "resent_from": resent_from}
 
 
+def resend_study_record(
+    job_id: str,
+    series: Sequence[Mapping[str, Any]],
+    keys: Mapping[str, Any],
+    target: Mapping[str, Any],
+    resent_from: str,
+    *,
+    priority: str = NORMAL,
+    offpeak: str | None = None,
+) -> dict[str, Any]:
+    """job.json of a resent study job: `study_record`'s shape, `rules: ["resend"]`, and where
+    it came from."""
+    record = study_record(
+        job_id,
+        series,
+        keys,
+        (RESEND_RULE,),
+        target=target,
+        priority=priority,
+        offpeak=offpeak,
+    )
+    return {**record, "resent_from": resent_from}
+
+
 def job_priority(record: Mapping[str, Any]) -> str:
     """A job record's priority: normal when missing (jobs older than priorities) or unknown."""
     value = record.get("priority")

@@ -19,6 +19,16 @@ All filters must match.
   target's own priority (normal if it has none); an offpeak target's job waits for the `offpeak`
   window given with it (the rules file's `[route] offpeak`).
 
+**Study items** (job.json `"study": true`: a study job, or a discarded incomplete study; SPEC
+§4.1) keep their shape: back through routing, each series becomes its own batch in
+`incoming/<series>/` (one transaction for all of them), so study rules hold and complete the
+study again; to a target (given, or a failed job's own), the copy is one new study job with
+the same series, in the same order, in the same `<series>/` sub-folders (`study_record`),
+and a failed job's `delivered` (`<series>/<name>` keys) carried over. `--study` selects them
+by their StudyInstanceUID; `--series` selects a study item holding that series (the whole
+item is resent). A study item with a folder its job.json does not list, or instances outside
+its series folders, is refused and left alone: its source would go, those files with it.
+
 **Safety.** Each item is claimed, its copy prepared as the output of a transaction (hard links,
 never copies of pixel data) and the commit deletes the source: killed at any instant, either
 the source is still there (rolled back) or the copy is published (rolled forward), never both
@@ -30,7 +40,9 @@ again) copies that have come back to that state since, e.g. routed to discard/ a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +50,7 @@ from typing import Any
 
 from mercli.durations import parse_duration
 from mercli.errors import UsageError
+from mercli.fsutil import make_dir
 from mercli.jobs import (
     DISPATCH_FILE,
     JOB_KEYS,
@@ -47,6 +60,8 @@ from mercli.jobs import (
     job_priority,
     read_json_object,
     resend_record,
+    resend_study_record,
+    study_series,
 )
 from mercli.names import new_id, safe_name
 from mercli.spool import (
@@ -61,6 +76,7 @@ from mercli.spool import (
     SUCCESS,
     Claim,
     Spool,
+    Transaction,
     Worker,
     write_json,
 )
@@ -101,11 +117,15 @@ class Filters:
             self.until is None or entered < self.until
         )
 
-    def match_keys(self, keys: Mapping[str, str]) -> bool:
-        return all(
-            getattr(self, name) is None or keys.get(keyword) == getattr(self, name)
-            for name, keyword in _FILTER_KEYS.items()
-        )
+    def match_keys(self, keys: Mapping[str, str | frozenset[str]]) -> bool:
+        """Every filter given equals its key (or is one of them: a study item's series)."""
+        for name, keyword in _FILTER_KEYS.items():
+            wanted, value = getattr(self, name), keys.get(keyword)
+            if wanted is None or value == wanted:
+                continue
+            if not (isinstance(value, frozenset) and wanted in value):
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -123,11 +143,17 @@ class Selected:
 
 @dataclass
 class ResendReport:
-    """What resend did: the copies made (source label, new label), and what it could not do."""
+    """What resend did: the copies made (source label, new label; a study item back to routing
+    makes one per series), and what it could not do."""
 
     resent: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
     vanished: int = 0  # claimed by another process (resend, purge) first
+
+    @property
+    def items(self) -> int:
+        """How many items were resent."""
+        return len({source for source, _copy in self.resent})
 
 
 def parse_id(text: str, state: str) -> str:
@@ -180,8 +206,18 @@ def select(spool: Spool, state: str, filters: Filters) -> tuple[list[Selected], 
     return found, missing
 
 
-def item_keys(path: Path) -> dict[str, str]:
-    """The JOB_KEYS of an item: from job.json, else its first sidecar, else its instance."""
+def item_keys(path: Path) -> dict[str, str | frozenset[str]]:
+    """The JOB_KEYS of an item: from job.json, else its first sidecar, else its instance.
+    A study item's SeriesInstanceUID is the set of its series' UIDs."""
+    job = read_json_object(path / JOB_FILE)
+    if job.get("study") is True:
+        keys: dict[str, str | frozenset[str]] = {
+            key: str(job[key]) for key in JOB_KEYS if key in job
+        }
+        entries = job.get("series")
+        uids = [e.get("SeriesInstanceUID") for e in entries or () if isinstance(e, dict)]
+        keys["SeriesInstanceUID"] = frozenset(str(uid) for uid in uids if uid)
+        return keys
     for source in (path / JOB_FILE, *sorted(path.glob(f"*{SIDECAR_SUFFIX}"))[:1]):
         record = read_json_object(source)
         if any(key in record for key in JOB_KEYS):
@@ -218,14 +254,20 @@ def resend_items(
 class _Plan:
     """The copy of one item: which files, under which names, going where."""
 
-    links: list[tuple[str, str]]  # (name in the item, name in the copy)
+    links: list[tuple[str, str]]  # (name in the item, name in the copy); study: `<series>/NAME`
     sidecars: dict[str, dict[str, Any]]  # rebuilt sidecars to write into the copy
-    tags: list[Mapping[str, Any]]  # one per instance, for job.json
-    series: str  # incoming/<series> folder name
+    tags: list[Mapping[str, Any]]  # one per instance, for job.json (series items)
+    series: str  # incoming/<series> folder name (series items)
     target: dict[str, Any] | None  # None: back through routing
     keep_delivered: bool
     priority: str = NORMAL
     offpeak: str | None = None
+    study: list[dict[str, Any]] | None = None  # study items: job.json `series` of the copy
+    keys: dict[str, Any] = field(default_factory=dict)  # study items: JOB_KEYS, received range
+
+    def groups(self) -> list[str]:
+        """The incoming/ groups the copy makes when it goes back through routing."""
+        return [self.series] if self.study is None else [s["series"] for s in self.study]
 
 
 @dataclass(frozen=True)
@@ -254,21 +296,37 @@ def _resend_one(
         report.vanished += 1
         return
     try:
-        transaction, label = _prepare(claim, plan)
+        transaction, labels = _prepare(claim, plan)
     except BaseException:
         claim.release()
         raise
     transaction.commit()
     if plan.target is None:
-        worker.write_hint(plan.series, {"ended": "resent"})
-    worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
-    report.resent.append((item.label, label))
+        _hint(worker, plan.groups())
+    for label in labels:  # one event per copy: a study back to routing makes one per series
+        worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
+        report.resent.append((item.label, label))
+
+
+def _hint(worker: Worker, groups: Sequence[str]) -> None:
+    """Completion hints for the batches of a copy, so route takes them after `settle`. A study's
+    get strictly increasing times (a hint's time is its file's), so that study rules hold its
+    series again in their order, whatever the clock's granularity."""
+    stamp = time.time_ns()  # after the commit: no earlier than the batches' own times
+    for n, series in enumerate(groups):
+        worker.write_hint(series, {"ended": "resent"})
+        if len(groups) > 1:
+            with suppress(OSError):  # advisory, as the hint itself
+                os.utime(worker.spool.hints / series, ns=(stamp + n * 1000,) * 2)
 
 
 def _plan(folder: Path, state: str, destination: _Destination) -> _Plan:
     job = read_json_object(folder / JOB_FILE)
-    if job.get("study") is True:  # series in sub-folders: not a shape resend knows yet
-        raise Unresendable("it is a study job; resending study jobs is not supported yet")
+    if job.get("study") is True:
+        links, study = _study_links(folder, job)
+        keys = {k: job[k] for k in (*JOB_KEYS, "first_received", "last_received") if k in job}
+        plan = _Plan(links, {}, [], "", None, False, study=study, keys=keys)
+        return _aim(plan, job, state, destination)
     names = sorted(p.name for p in folder.iterdir())
     instances = [n for n in names if n.endswith(INSTANCE_SUFFIX)]
     if not instances:
@@ -283,16 +341,62 @@ def _plan(folder: Path, state: str, destination: _Destination) -> _Plan:
             for n in instances
         ]
     series = str(job.get("series") or "") or safe_name(str(tags[0].get("SeriesInstanceUID", "")))
+    return _aim(_Plan(links, sidecars, tags, series, None, False), job, state, destination)
+
+
+def _aim(plan: _Plan, job: Mapping[str, Any], state: str, destination: _Destination) -> _Plan:
+    """Where the copy goes: the given target, a failed job's own target, or routing."""
     target = destination.target
     if target is not None:
-        to_json, offpeak = target.to_json(), destination.offpeak
-        priority = target.priority or NORMAL
-        return _Plan(links, sidecars, tags, series, to_json, False, priority, offpeak)
-    if state == ERROR and isinstance(job.get("target"), dict):
+        plan.target, plan.offpeak = target.to_json(), destination.offpeak
+        plan.priority = target.priority or NORMAL
+    elif state == ERROR and isinstance(job.get("target"), dict):
         window = job.get("offpeak")
-        offpeak = window if isinstance(window, str) else None
-        return _Plan(links, sidecars, tags, series, job["target"], True, job_priority(job), offpeak)
-    return _Plan(links, sidecars, tags, series, None, False)
+        plan.target, plan.keep_delivered = dict(job["target"]), True
+        plan.priority, plan.offpeak = job_priority(job), window if isinstance(window, str) else None
+    return plan
+
+
+def _study_links(
+    folder: Path, job: Mapping[str, Any]
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """A study item's instances (`<series>/NAME`) and its series list as the copy has it:
+    in job.json's order, each series with the instances its folder holds (none: left out)."""
+    try:
+        names = study_series(job)
+        uids = [str(entry.get("SeriesInstanceUID", "")) for entry in job["series"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise Unresendable(f"its job.json does not list its series ({exc})") from None
+    if len(set(names)) != len(names):
+        raise Unresendable("its job.json lists a series twice")
+    with os.scandir(folder) as entries:  # FileNotFoundError: claimed meanwhile
+        present = {e.name: e.is_dir(follow_symlinks=False) for e in entries}
+    unlisted = sorted(n for n, is_dir in present.items() if is_dir and n not in names)
+    if unlisted:
+        raise Unresendable(f"it holds folders its job.json does not list: {', '.join(unlisted)}")
+    if any(n.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX)) for n in present):
+        raise Unresendable("it holds instances outside its series folders")
+    links: list[tuple[str, str]] = []
+    study: list[dict[str, Any]] = []
+    for name, uid in zip(names, uids, strict=True):
+        if not present.get(name):
+            raise Unresendable(f"series folder {name} is missing or not a folder")
+        with os.scandir(folder / name) as entries:
+            files = sorted(
+                (e.name, e.is_file(follow_symlinks=False))
+                for e in entries
+                if e.name.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX))
+            )
+        irregular = [n for n, regular in files if not regular]
+        if irregular:  # never linked on: a symlink could point anywhere
+            raise Unresendable(f"{name}/{irregular[0]} is not a regular file")
+        instances = [n[: -len(INSTANCE_SUFFIX)] for n, _ in files if n.endswith(INSTANCE_SUFFIX)]
+        if instances:
+            links += [(f"{name}/{n}", f"{name}/{n}") for n, _ in files]
+            study.append({"series": name, "SeriesInstanceUID": uid, "instances": instances})
+    if not study:
+        raise Unresendable("it holds no instances")
+    return links, study
 
 
 def _rebuild_quarantined(
@@ -316,9 +420,12 @@ def _rebuild_quarantined(
     )
 
 
-def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
-    """The copy, prepared (not yet committed) as the output of a transaction on the claim."""
+def _prepare(claim: Claim, plan: _Plan) -> tuple[Transaction, list[str]]:
+    """The copy, prepared (not yet committed) as the output of a transaction on the claim,
+    and the labels of what it makes."""
     transaction = claim.transaction()
+    if plan.study is not None:
+        return transaction, _prepare_study(transaction, claim, plan)
     if plan.target is None:
         state, name = INCOMING, plan.series
     else:
@@ -343,4 +450,36 @@ def _prepare(claim: Claim, plan: _Plan) -> tuple[Any, str]:
         delivered = Progress.load(claim.path).delivered if plan.keep_delivered else []
         if delivered:
             write_json(folder / DISPATCH_FILE, asdict(Progress(delivered=list(delivered))))
-    return transaction, f"{state}/{name}"
+    return transaction, [f"{state}/{name}"]
+
+
+def _prepare_study(transaction: Transaction, claim: Claim, plan: _Plan) -> list[str]:
+    """A study item's copy: one incoming/ batch per series (routing), or one study job."""
+    assert plan.study is not None
+    series = [entry["series"] for entry in plan.study]
+    if plan.target is None:
+        folders = {name: transaction.new_item(INCOMING, name) for name in series}
+        for source, destination in plan.links:
+            name, _, instance = destination.partition("/")
+            os.link(claim.path / source, folders[name] / instance, follow_symlinks=False)
+        return [f"{INCOMING}/{name}" for name in series]
+    job_id = new_id()
+    folder = transaction.new_item(OUTGOING, job_id)
+    for name in series:
+        make_dir(folder / name)
+    for source, destination in plan.links:
+        os.link(claim.path / source, folder / destination, follow_symlinks=False)
+    record = resend_study_record(
+        job_id,
+        plan.study,
+        plan.keys,
+        plan.target,
+        f"{claim.state}/{claim.name}",
+        priority=plan.priority,
+        offpeak=plan.offpeak,
+    )
+    write_json(folder / JOB_FILE, record)
+    delivered = Progress.load(claim.path).delivered if plan.keep_delivered else []
+    if delivered:
+        write_json(folder / DISPATCH_FILE, asdict(Progress(delivered=list(delivered))))
+    return [f"{OUTGOING}/{job_id}"]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,21 @@ from click.testing import CliRunner
 
 from mercli.cli import cli
 from mercli.errors import UsageError
+from mercli.jobs import study_record
 from mercli.purge import KeepFree, delete_items, retention_for, select_expired
 from mercli.rules.config import PurgeSettings
 from mercli.spool import (
     DISCARD,
     ERROR,
     INCOMING,
+    JOB_FILE,
     OUTGOING,
     SUCCESS,
     Spool,
     Worker,
+    link_instances,
     recover,
+    write_json,
 )
 from tests.crashkit import run_until_done
 from tests.spoolkit import assert_whole_instances, receive_instance
@@ -42,6 +47,33 @@ def make_item(spool: Spool, state: str, name: str, instances: int = 2, size: int
         claim = worker.claim(INCOMING, series)
         assert claim is not None
         return claim.move_to(state, name).path
+
+
+def make_study_item(spool: Spool, state: str, name: str, instances: int = 2) -> Path:
+    """A study job of `state` (SPEC §4.1: one sub-folder per series, job.json listing them),
+    made as study completion makes one: one transaction consuming its two series."""
+    prefix = f"1.2.{abs(hash(name)) % 10**8}"
+    with Worker(spool, "test") as worker:
+        claims = []
+        for series in (f"{prefix}.1", f"{prefix}.2"):
+            for n in range(instances):
+                receive_instance(worker, series, f"{series}.{n}")
+            claim = worker.claim(INCOMING, series)
+            assert claim is not None
+            claims.append(claim)
+        transaction = claims[0].transaction()
+        folder = transaction.new_item(state, name)
+        entries = []
+        for claim in claims:
+            os.mkdir(folder / claim.name)
+            link_instances(claim.path, folder / claim.name)
+            names = sorted(p.stem for p in (folder / claim.name).glob("*.dcm"))
+            entries.append({"series": claim.name, "instances": names})
+        target = {"name": "pacs", "type": "folder", "path": "/nowhere"}
+        write_json(folder / JOB_FILE, study_record(name, entries, {}, ["brain"], target=target))
+        transaction.commit()
+        claims[1].transaction().commit()
+    return spool.state_dir(state) / name
 
 
 def entered(spool: Spool, state: str, name: str) -> float:
@@ -104,6 +136,28 @@ def test_purge_deletes_and_logs_each_item(spool: Spool) -> None:
         (SUCCESS, "s1", 2 * 4296, success_age),
         (DISCARD, "d1", 3 * 4296, 5),
     ]
+    assert list(spool.claims.iterdir()) == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_an_old_study_job_goes_whole_and_a_young_one_stays(spool: Spool) -> None:
+    old = make_study_item(spool, SUCCESS, "study-old")
+    while time.time() <= entered(spool, SUCCESS, "study-old") + 0.05:  # ctimes apart
+        time.sleep(0.01)
+    young = make_study_item(spool, SUCCESS, "study-young", instances=3)
+    born, young_born = entered(spool, SUCCESS, "study-old"), entered(spool, SUCCESS, "study-young")
+    assert young_born > born
+    kept = listing(young)
+    now = born + DAY + (young_born - born) / 2  # the old one just past a day, the young not
+    candidates = select_expired(spool, {SUCCESS: DAY}, now)
+    assert [c.label for c in candidates] == ["success/study-old"]
+    assert candidates[0].size == 2 * 2 * 4296 + (old / JOB_FILE).stat().st_size  # sub-folders
+    report = delete_items(spool, candidates, now)
+    assert [c.label for c in report.purged] == ["success/study-old"]
+    assert not old.exists() and [i.name for i in spool.items(SUCCESS)] == ["study-young"]
+    assert not any("study-old" in path for path, _, _ in listing(spool.root))  # nothing left
+    assert listing(young) == kept and len(list(young.rglob("*.dcm"))) == 6
+    (event,) = [e for e in spool.events.read() if e["event"] == "purged"]
+    assert (event["item"], event["bytes"]) == ("study-old", candidates[0].size)
     assert list(spool.claims.iterdir()) == [] and list(spool.tmp.iterdir()) == []
 
 

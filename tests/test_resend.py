@@ -7,15 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mercli.cli import cli
-from mercli.jobs import DISPATCH_FILE, Target
+from mercli.jobs import DISPATCH_FILE, Target, study_record
 from mercli.resend import Filters, parse_time, resend_items, select
-from mercli.rules.config import load_rules
+from mercli.route.router import Router, RouteSummary
+from mercli.rules.config import RuleSet, load_rules
 from mercli.spool import (
     DISCARD,
     ERROR,
@@ -23,6 +25,7 @@ from mercli.spool import (
     JOB_FILE,
     OUTGOING,
     STATES,
+    STUDIES,
     SUCCESS,
     Spool,
     Worker,
@@ -30,6 +33,7 @@ from mercli.spool import (
     recover,
     write_json,
 )
+from tests import test_studies as studies
 from tests.crashkit import run_until_done
 from tests.dicomfiles import make_instance
 from tests.netkit import free_port
@@ -370,14 +374,279 @@ def test_failed_job_resent_after_the_target_comes_back(
     assert sorted(n for _, n, _ in scp.received) == [0, 1, 2]
 
 
-def test_a_study_job_is_refused_with_the_reason_and_left_alone(spool: Spool) -> None:
-    failed = spool.state_dir(ERROR) / "20261130T000000.000000-study"
-    (failed / "1.2.3").mkdir(parents=True)
-    (failed / "1.2.3" / "1.2.3.1.dcm").write_bytes(b"x")
-    study = {"id": failed.name, "study": True, "series": [{"series": "1.2.3"}]}
-    (failed / JOB_FILE).write_text(json.dumps(study))
-    selected, _ = select(spool, ERROR, Filters())
-    report = resend_items(spool, selected)
-    assert report.resent == [] and len(report.failed) == 1
-    assert "study job" in report.failed[0][1]
-    assert (failed / "1.2.3" / "1.2.3.1.dcm").read_bytes() == b"x"
+# -- study jobs and discarded studies (SPEC §4.1) -------------------------------------------------
+
+BRAIN = (("T1", 1000), ("DWI", 1005), ("FLAIR", 1010))  # the study's series, in arrival order
+BRAIN_SERIES = [studies.series_uid(description, at) for description, at in BRAIN]
+
+
+def study_items(
+    tmp_path: Path, spool: Spool, state: str | None = SUCCESS, pacs: str = "port = 104"
+) -> tuple[Path, dict[str, str]]:
+    """The brain study completed into study jobs for pacs and archive (and T1's series job for
+    ai), moved to `state` (None: left in outgoing/); the rules file, and the items by target."""
+    path = studies.rules_file(tmp_path)
+    path.write_text(path.read_text().replace("port = 104", pacs))
+    rules = load_rules(path)
+    for description, at in BRAIN:
+        studies.send_series(tmp_path, spool, rules, description, at)
+    assert len(studies.complete_due(spool, rules, 1020)[0]) == 2
+    items = {}
+    with Worker(spool, "test") as worker:
+        for item in spool.items(OUTGOING):
+            items[json.loads((item.path / JOB_FILE).read_text())["target"]["name"]] = item.name
+            claim = worker.claim(OUTGOING, item.name)
+            assert claim is not None
+            if state == ERROR:
+                claim.quarantine("test: refused")
+            elif state is not None:
+                claim.move_to(state)
+            else:
+                claim.release()
+    return path, items
+
+
+def route_due(spool: Spool, rules: RuleSet) -> None:
+    summary = RouteSummary()
+    with Worker(spool, "route") as worker:
+        router = Router(spool, worker, rules)
+        for state in router.due(float("inf"))[0]:
+            router.route(state, summary)
+
+
+def tree_inodes(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_ino
+        for p in folder.rglob("*")
+        if p.suffix in (".dcm", ".tags")
+    }
+
+
+def test_study_items_are_selected_by_study_and_by_their_series(
+    tmp_path: Path, spool: Spool
+) -> None:
+    _, items = study_items(tmp_path, spool)
+    label = {target: f"success/{name}" for target, name in items.items()}
+
+    def chosen(*args: str) -> list[str]:
+        code, out, _ = resend(spool, "--from", "success", "--dry-run", *args)
+        assert code == 0
+        return sorted(out)
+
+    assert chosen("--study", studies.STUDY) == sorted(label.values())
+    assert chosen("--study", "1.2.3") == []
+    both = sorted([label["pacs"], label["archive"]])
+    assert chosen("--series", studies.series_uid("DWI", 1005)) == both  # held by the studies
+    assert chosen("--series", studies.series_uid("T1", 1000)) == sorted(label.values())
+    assert chosen("--series", studies.series_uid("DWI", 1005), "--patient-id", "nobody") == []
+
+
+def test_a_study_job_resent_to_a_target_stays_one_study_job(tmp_path: Path, spool: Spool) -> None:
+    rules, items = study_items(tmp_path, spool)
+    source = spool.state_dir(SUCCESS) / items["pacs"]
+    original = json.loads((source / JOB_FILE).read_text())
+    linked = tree_inodes(source)
+    assert len(linked) == 14
+    args = ["--from", "success", "--rules", str(rules), "--target", "archive", items["pacs"]]
+    code, out, _ = resend(spool, *args)
+    assert code == 0 and len(out) == 1 and out[0].startswith("outgoing/")
+    job_dir = spool.root / out[0]
+    assert tree_inodes(job_dir) == linked and not source.exists()  # hard links, same folders
+    job = json.loads((job_dir / JOB_FILE).read_text())
+    assert set(job) == set(original) | {"resent_from"}
+    assert job["study"] is True and job["series"] == original["series"]
+    assert (job["id"], job["rules"], job["instances"]) == (job_dir.name, ["resend"], 7)
+    assert job["resent_from"] == f"success/{items['pacs']}"
+    assert job["target"] == load_rules(rules).targets["archive"].to_json()
+    for key in ("StudyInstanceUID", "PatientID", "Modality", "first_received", "last_received"):
+        assert job[key] == original[key], key
+    assert not (job_dir / DISPATCH_FILE).exists()
+    result = dispatch_once(spool)
+    assert result.returncode == 0, result.stderr
+    delivered = tmp_path / "archive" / job_dir.name
+    assert sorted(p.name for p in delivered.iterdir()) == sorted(BRAIN_SERIES)
+    assert len(list(delivered.rglob("*.dcm"))) == 7
+
+
+def test_a_failed_study_job_goes_back_to_its_target_with_only_the_missing(
+    tmp_path: Path, spool: Spool
+) -> None:
+    refuse = {("FLAIR", 1)}
+    server = Scp(
+        status=lambda ds: 0xA700 if (ds.SeriesDescription, ds.InstanceNumber) in refuse else 0
+    )
+    try:
+        study_items(tmp_path, spool, None, f"port = {server.port}\nmax_attempts = 1")
+        assert dispatch_once(spool).returncode == 1
+        (failed,) = spool.items(ERROR)
+        refuse.clear()  # the target is fixed
+        code, out, _ = resend(spool, "--from", "error", "--study", studies.STUDY)
+        assert code == 0 and len(out) == 1 and out[0].startswith("outgoing/")
+        job_dir = spool.root / out[0]
+        job = json.loads((job_dir / JOB_FILE).read_text())
+        assert job["study"] is True and job["target"]["port"] == server.port
+        assert [s["series"] for s in job["series"]] == BRAIN_SERIES
+        assert job["resent_from"] == f"error/{failed.name}" and job["priority"] == "normal"
+        progress = json.loads((job_dir / DISPATCH_FILE).read_text())
+        assert (len(progress["delivered"]), progress["attempts"]) == (6, 0)
+        assert all("/" in key for key in progress["delivered"])
+        result = dispatch_once(spool)
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.close()
+    order = [(uid, number) for uid, number, _ in server.received]
+    expected = [
+        (studies.series_uid(d, at), n)
+        for d, at in BRAIN
+        for n in range(studies.SERIES[d])
+        if (d, n) != ("FLAIR", 1)
+    ]
+    assert order == [*expected, (studies.series_uid("FLAIR", 1010), 1)]  # the missing one, once
+    assert spool.items(ERROR) == [] and spool.items(OUTGOING) == []
+
+
+def test_a_study_back_through_routing_is_held_and_completed_again(
+    tmp_path: Path, spool: Spool
+) -> None:
+    path, items = study_items(tmp_path, spool)
+    rules = load_rules(path)
+    source = spool.state_dir(SUCCESS) / items["archive"]
+    linked = tree_inodes(source)
+    code, out, _ = resend(spool, "--from", "success", items["archive"])
+    assert (code, out) == (0, [f"incoming/{uid}" for uid in BRAIN_SERIES])
+    assert not source.exists()
+    for uid in BRAIN_SERIES:
+        group = spool.state_dir(INCOMING) / uid
+        assert {f"{uid}/{name}": ino for name, ino in inodes(group).items()} == {
+            key: ino for key, ino in linked.items() if key.startswith(f"{uid}/")
+        }
+        assert spool.read_hint(uid) is not None  # route takes it after `settle`
+    events = [e for e in spool.events.read() if e["event"] == "resent"]
+    assert [e["to"] for e in events] == out
+    route_due(spool, rules)
+    (group,) = spool.items(STUDIES)
+    assert len(list(group.path.iterdir())) == 3
+    made, _ = studies.complete_due(spool, rules, time.time() + 3600)
+    assert len(made) == 2
+    jobs = studies.study_jobs(spool)
+    assert sorted(job["target"]["name"] for job in jobs) == ["archive", "pacs"]
+    for job in jobs:
+        assert [s["series"] for s in job["series"]] == BRAIN_SERIES  # in their order again
+        assert job["instances"] == 7 and job["rules"] == ["brain"]
+
+
+def test_a_discarded_incomplete_study_goes_back_through_routing(
+    tmp_path: Path, spool: Spool
+) -> None:
+    rules = load_rules(studies.rules_file(tmp_path, "discard"))
+    for description, at in BRAIN[:2]:
+        studies.send_series(tmp_path, spool, rules, description, at)
+    studies.complete_due(spool, rules, 1905)
+    (discarded,) = studies.study_jobs(spool, DISCARD)
+    assert discarded["reason"].startswith("study incomplete: missing")
+    code, out, _ = resend(spool, "--from", "discard", "--study", studies.STUDY)
+    assert (code, out) == (0, [f"incoming/{uid}" for uid in BRAIN_SERIES[:2]])
+    assert spool.items(DISCARD) == []
+    studies.send_series(tmp_path, spool, rules, "FLAIR", 1010)  # the missing series, late
+    made, _ = studies.complete_due(spool, rules, time.time() + 3600)
+    assert len(made) == 2 and spool.items(STUDIES) == []
+    for job in studies.study_jobs(spool):
+        assert sorted(s["series"] for s in job["series"]) == sorted(BRAIN_SERIES)
+        assert job["instances"] == 7
+
+
+def test_a_study_item_resend_cannot_copy_whole_is_refused_and_left_alone(spool: Spool) -> None:
+    listed = {"id": "x", "study": True, "series": [{"series": "1.2.3"}]}
+    unlisted = spool.state_dir(ERROR) / "20261130T000000.000000-unlisted"
+    (unlisted / "1.2.3").mkdir(parents=True)
+    (unlisted / "1.2.3" / "1.2.3.1.dcm").write_bytes(b"x")
+    (unlisted / "1.2.4").mkdir()
+    (unlisted / "1.2.4" / "1.2.4.1.dcm").write_bytes(b"y")
+    (unlisted / JOB_FILE).write_text(json.dumps(listed))
+    linked = spool.state_dir(ERROR) / "20261130T000000.000000-symlink"
+    (linked / "1.2.3").mkdir(parents=True)
+    (linked / "1.2.3" / "1.2.3.1.dcm").symlink_to("/etc/passwd")
+    (linked / JOB_FILE).write_text(json.dumps(listed))
+    before = listing(spool.root)
+    report = resend_items(spool, select(spool, ERROR, Filters())[0])
+    assert report.resent == [] and report.vanished == 0
+    reasons = dict(report.failed)
+    assert "folders its job.json does not list: 1.2.4" in reasons[f"error/{unlisted.name}"]
+    assert "1.2.3/1.2.3.1.dcm is not a regular file" in reasons[f"error/{linked.name}"]
+    assert listing(spool.root) == before  # not even claimed
+
+
+CRASH_STUDY = {"1.2.840.6": 2, "1.2.840.7": 3}  # series -> instances
+CRASH_STUDY_INSTANCES = sorted(f"{s}.{n}" for s, count in CRASH_STUDY.items() for n in range(count))
+
+
+def _crash_study_setup(root: Path) -> None:
+    """discard/s1: a discarded study of two series, made as completion makes one."""
+    shutil.rmtree(root, ignore_errors=True)
+    spool = Spool.open(root)
+    with Worker(spool, "route") as worker:
+        claims = []
+        for series, count in CRASH_STUDY.items():
+            for n in range(count):
+                receive_instance(worker, series, f"{series}.{n}")
+            claim = worker.claim(INCOMING, series)
+            assert claim is not None
+            claims.append(claim)
+        transaction = claims[0].transaction()
+        folder = transaction.new_item(DISCARD, "s1")
+        entries = []
+        for claim in claims:
+            os.mkdir(folder / claim.name)
+            link_instances(claim.path, folder / claim.name)
+            names = sorted(p.stem for p in (folder / claim.name).glob("*.dcm"))
+            entries.append(
+                {"series": claim.name, "SeriesInstanceUID": claim.name, "instances": names}
+            )
+        keys = {"StudyInstanceUID": "1.9.6", "first_received": None, "last_received": None}
+        record = study_record("s1", entries, keys, ["r"], reason="study incomplete: missing x")
+        write_json(folder / JOB_FILE, record)
+        transaction.commit()
+        claims[1].transaction().commit()  # consumed too
+
+
+def _whole_tree(folder: Path) -> list[str]:
+    """The instance names of an item, its series sub-folders included, each checked whole."""
+    names = sorted(assert_whole_instances(folder))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        names += sorted(assert_whole_instances(sub))
+    return names
+
+
+@pytest.mark.parametrize("to_target", [False, True], ids=["routing", "target"])
+def test_resending_a_study_survives_kill_at_every_step(tmp_path: Path, to_target: bool) -> None:
+    root = tmp_path / "spool"
+    target = Target(name="archive", type="folder", path=tmp_path / "archive") if to_target else None
+    routed = {f"{INCOMING}/{series}" for series in CRASH_STUDY}
+
+    def scenario() -> None:
+        spool = Spool(root)
+        resend_items(spool, select(spool, DISCARD, Filters())[0], target=target)
+
+    def check(step: int) -> None:
+        spool = Spool(root)
+        recover(spool, tmp_grace=0)
+        seen = {
+            f"{state}/{item.name}": _whole_tree(item.path)
+            for state in STATES
+            for item in spool.items(state)
+        }
+        everything = sorted(name for names in seen.values() for name in names)
+        assert everything == CRASH_STUDY_INSTANCES, (step, seen)  # exactly one copy of each
+        if set(seen) == routed:
+            for series in CRASH_STUDY:
+                assert all(n.startswith(series) for n in seen[f"{INCOMING}/{series}"]), step
+        elif set(seen) != {"discard/s1"}:
+            assert to_target, (step, seen)
+            (where,) = seen
+            assert where.startswith("outgoing/"), (step, where)
+            job = json.loads((spool.root / where / JOB_FILE).read_text())
+            assert [s["series"] for s in job["series"]] == list(CRASH_STUDY), step
+            assert job["resent_from"] == "discard/s1" and job["study"] is True, step
+        assert list(spool.claims.iterdir()) == [] and list(spool.tmp.iterdir()) == []
+
+    assert run_until_done(scenario, check, setup=lambda: _crash_study_setup(root)) > 20

@@ -82,8 +82,16 @@ def series_uid(description: str, follow_up: int = 0) -> str:
     return f"{STUDY}.{follow_up + 1}{len(description)}{ord(description[0])}"
 
 
-def send_series(tmp: Path, spool: Spool, rules: RuleSet, description: str, at: float) -> None:
-    """Receive one series of the study and route it, its sender having ended at `at`."""
+def send_series(
+    tmp: Path,
+    spool: Spool,
+    rules: RuleSet,
+    description: str,
+    at: float,
+    received: str | None = None,
+) -> None:
+    """Receive one series of the study and route it, its sender having ended at `at` (its
+    instances received at `received`, an ISO time, if given)."""
     uid = series_uid(description, int(at))
     files = series_files(
         tmp / "files" / uid,
@@ -93,9 +101,10 @@ def send_series(tmp: Path, spool: Spool, rules: RuleSet, description: str, at: f
         modality="MR",
         SeriesDescription=description,
     )
+    meta = {} if received is None else {"ReceivedAt": received}
     with Worker(spool, "receive") as worker:
         for path in files:
-            receive_file(worker, path)
+            receive_file(worker, path, **meta)
     os.utime(spool.state_dir(INCOMING) / uid, (at, at))
     summary = RouteSummary()
     with Worker(spool, "route") as worker:
@@ -372,6 +381,68 @@ def test_study_job_goes_over_one_association_in_order(tmp_path: Path, spool: Spo
         series_uid(d, at): SERIES[d] for d, at in (("T1", 1000), ("DWI", 1005), ("FLAIR", 1010))
     }
     assert len(list(archive.rglob("*.dcm"))) == 7 and len(spool.items(SUCCESS)) == 3
+
+
+ORDERED_RULES = """
+[route]
+study_settle = "10s"
+
+[targets.pacs]
+type = "dicom"
+host = "127.0.0.1"
+port = {port}
+called_aet = "PACS"
+ordered = true
+retry_delay = "0s"
+
+[[rules]]
+name = "brain"
+trigger = "study"
+when = '"LOC" not in SeriesDescription'
+require = ['"T1" in SeriesDescription', '"FLAIR" in SeriesDescription']
+targets = ["pacs"]
+
+[[rules]]
+name = "now"
+when = '"DWI" in SeriesDescription or "LOC" in SeriesDescription'
+targets = ["pacs"]
+"""
+
+
+def test_ordered_target_sends_study_and_series_jobs_by_first_received(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """On an ordered target a study job and the series jobs of its study leave in the order
+    their first instance was received, whichever job was made first: the DWI series job,
+    made before the study completed, waits for the study job (received earlier); the LOC
+    series job, made last but received first, goes before both."""
+    server = Scp()
+    try:
+        path = tmp_path / "rules.toml"
+        path.write_text(ORDERED_RULES.format(port=server.port))
+        rules = load_rules(path)
+        sent = (("T1", 1000, 1), ("FLAIR", 1001, 2), ("DWI", 1002, 3))
+        for description, at, second in sent:
+            received = f"2026-11-28T00:00:{second:02d}+00:00"
+            send_series(tmp_path, spool, rules, description, at, received)
+        [dwi] = [r["id"] for r in records(spool) if not r.get("study")]  # before the study job
+        [study] = complete_due(spool, rules, 1012)[0]
+        send_series(tmp_path, spool, rules, "LOC", 1003, "2026-11-28T00:00:00+00:00")
+        [loc] = [r["id"] for r in records(spool) if r["id"] not in (dwi, study)]
+        assert dwi < study < loc  # made in this order: the names alone would send DWI first
+        result = dispatch_once(spool, "--workers", "2")
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.close()
+    uid = {description: series_uid(description, at) for description, at, _ in sent}
+    uid["LOC"] = series_uid("LOC", 1003)
+    expected = ["LOC"] + [d for d, _, _ in sent for _ in range(SERIES[d])] + ["DWI"] * 2
+    assert [series for series, _, _ in server.received] == [uid[d] for d in expected]
+    assert [e["item"] for e in spool.events.read() if e["event"] == "dispatched"] == [
+        loc,
+        study,
+        dwi,
+    ]
 
 
 def test_study_job_reaches_storescp_byte_for_byte(tmp_path: Path, spool: Spool) -> None:

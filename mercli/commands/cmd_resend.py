@@ -93,6 +93,12 @@ def resend(
       --rules F --target T   straight to target T of rules file F, one new job per item
 
     \b
+    A study job or discarded study (SPEC 4.1) stays one: to a target it becomes one new
+    study job with the same series; back to routing each of its series goes to
+    incoming/<series> (one line each), and study rules collect the study again.
+    --series selects a study item holding that series.
+
+    \b
     The source item is deleted only once its copy is safely in place; a crash leaves one or
     the other, never both. Resending twice is harmless: the second run finds nothing unless
     the copies came back to that state meanwhile. New items are printed on stdout
@@ -175,7 +181,7 @@ def _summarize(
     if report is None:
         click.echo(f"would resend {len(selected)} item(s) to {where}", err=True)
         return
-    line = f"resent {len(report.resent)} of {len(selected)} item(s) to {where}"
+    line = f"resent {report.items} of {len(selected)} item(s) to {where}"
     if report.vanished:
         line += f"; {report.vanished} taken by another process first"
     click.echo(line, err=True)

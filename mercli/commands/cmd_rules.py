@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from mercli.durations import format_duration
 from mercli.errors import ExitCode
-from mercli.rules.config import RuleSet, load_rules
+from mercli.rules.config import Rule, RuleSet, load_rules
 from mercli.rules.decide import MATCH, Decision, RuleTrace, decide, trace
 from mercli.tags import UnreadableDicom, read_tags
 
@@ -23,13 +25,15 @@ def rules() -> None:
     """Check a rules file, and try it on DICOM files before route uses it.
 
     rules.toml says where each series goes: [route] timing, [targets.NAME] to send to,
-    and [[rules]] with a `when` expression (see SPEC §4). `route` refuses to start on a
-    file that `rules check` rejects, so run it after every edit.
+    and [[rules]] with a `when` expression (see SPEC §4; `trigger = "study"` rules hold
+    series until their study is complete, §4.1). `route` refuses to start on a file that
+    `rules check` rejects, so run it after every edit.
 
     \b
     Examples:
       mercli rules check /etc/mercli/rules.toml
       mercli rules test /etc/mercli/rules.toml scan/*.dcm
+      mercli rules test /etc/mercli/rules.toml study-folder/
       mercli rules test --set SenderAET=CT01 --json rules.toml image.dcm | jq .
     """
 
@@ -64,7 +68,7 @@ def _summary(action: str, targets: Sequence[str], final: bool, fallback: bool) -
 @rules.command("test")
 @_RULES_ARG
 @click.argument(
-    "files", metavar="FILE...", nargs=-1, required=True, type=click.Path(path_type=Path)
+    "files", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path)
 )
 @click.option(
     "--set",
@@ -78,13 +82,21 @@ def _summary(action: str, targets: Sequence[str], final: bool, fallback: bool) -
 def test(
     rules_file: Path, files: tuple[Path, ...], overrides: tuple[str, ...], as_json: bool
 ) -> None:
-    """Show which rules each DICOM FILE matches, why the others do not, and the result.
+    """Show which rules each DICOM file matches, why the others do not, and the result.
 
-    Each FILE is taken as a series of its own. For every rule: match; false (with the
-    values of the keywords the rule reads, so Modality="MR" shows why a CT rule did
-    not match); error (the expression could not be evaluated: the rule counts as false);
-    skipped (a final rule above matched); not-needed (a fallback, and another rule
-    matched). Then the decision: the targets, or discard and why.
+    A directory stands for every file in it, recursively (files that do not read as DICOM
+    are reported, exit 1). Each file is decided on its own. For every rule: match; false
+    (with the values of the keywords the rule reads, so Modality="MR" shows why a CT rule
+    did not match); error (the expression could not be evaluated: the rule counts as
+    false); skipped (a final rule above matched); not-needed (a fallback, and another rule
+    matched). Then the decision: the targets, or discard and why; a matching study rule
+    (`trigger = "study"`) holds the file's series for its study instead of sending it.
+
+    Then, per StudyInstanceUID and study rule that holds any of the files' series: which
+    `require` expressions are met and by which series, which are missing, and what route
+    would do: one study job per target `study_settle` after the last series, or wait, and
+    what `on_timeout` does after `study_timeout`. Give all series of a study (a folder,
+    say) to see whether it would be complete.
 
     Only keywords that a rule reads are shown: patient names and IDs appear only when a
     rule uses them. A file on disk has no receive metadata; add it with --set.
@@ -93,14 +105,16 @@ def test(
     Examples:
       mercli rules test rules.toml ct/IM0001.dcm
       mercli rules test --set SenderAET=CT01 rules.toml ct/*.dcm
+      mercli rules test rules.toml mr-study/            # every series of a study
       mercli rules test --json rules.toml a.dcm | jq '.files[].decision'
+      mercli rules test --json rules.toml mr-study/ | jq '.studies[].rules[].verdict'
     """
     ruleset = load_rules(rules_file)
     extra = _parse_overrides(overrides)
-    reports, failed = [], 0
+    reports, read, failed = [], [], 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about odd values; `tags -v` shows them
-        for path in files:
+        for path in _expand(files):
             try:
                 tags = read_tags(path) | extra
             except UnreadableDicom as exc:
@@ -108,13 +122,34 @@ def test(
                 click.echo(f"Error: {exc} ({path})", err=True)
                 continue
             reports.append(_report(ruleset, path, tags))
+            read.append(tags)
+    studies = _studies(ruleset, reports, read)
     if as_json:
-        click.echo(json.dumps({"rules": str(ruleset.path), "files": reports}, indent=2))
+        document = {"rules": str(ruleset.path), "files": reports, "studies": studies}
+        click.echo(json.dumps(document, indent=2))
     else:
         for report in reports:
             _print_report(report)
+        for study in studies:
+            _print_study(study)
     if failed:
         click.get_current_context().exit(int(ExitCode.SOME_FAILED))
+
+
+def _expand(paths: Sequence[Path]) -> Iterator[Path]:
+    """The files to test: each path given, a directory as every file under it (sorted)."""
+    for path in paths:
+        if not path.is_dir():
+            yield path
+            continue
+        found = 0
+        for folder, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                found += 1
+                yield Path(folder) / name
+        if not found:
+            yield path  # read_tags reports it: a directory is not DICOM
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -131,10 +166,14 @@ def _report(ruleset: RuleSet, path: Path, tags: dict[str, Any]) -> dict[str, Any
     """The JSON-ready explanation for one file; values only of keywords rules read."""
     label = str(tags.get("SeriesInstanceUID") or path)
     (decision,) = decide(ruleset, [(str(path), tags)], series_label=label)
+    held = [
+        {"rule": rule, "study": str(tags.get("StudyInstanceUID") or ""), "met": list(met)}
+        for rule, met in decision.study
+    ]
     return {
         "file": str(path),
         "rules": [_trace_json(result, tags) for result in trace(ruleset, tags)],
-        "decision": _decision_json(decision),
+        "decision": _decision_json(decision) | {"held": held},
     }
 
 
@@ -168,13 +207,131 @@ def _print_report(report: dict[str, Any]) -> None:
             detail = f"{rule['detail']}; {values}" if rule["detail"] else values
         click.echo(f"  {rule['result']:<10} {rule['rule']:<{width}}  {detail}".rstrip())
     decision = report["decision"]
+    held = decision["held"]
     if decision["discarded"]:
         click.echo(f"  => discard: {decision['reason']}")
-    else:
+    elif not held:
         click.echo(f"  => {', '.join(decision['targets'])}: {decision['reason']}")
+    elif decision["targets"]:  # the reason names the study rules too: say who sends it
+        studied = {entry["rule"] for entry in held}
+        series_rules = ", ".join(f'"{r}"' for r in decision["matched"] if r not in studied)
+        click.echo(f"  => {', '.join(decision['targets'])}: routed by rule {series_rules}")
+    for entry in held:
+        meets = f"; meets {', '.join(entry['met'])}" if entry["met"] else ""
+        study = entry["study"] or _NO_STUDY
+        click.echo(f'  => held for study {study} (study rule "{entry["rule"]}"){meets}')
     for warning in decision["warnings"]:
         click.echo(f"  warning: {warning}")
 
 
 def _show(value: Any) -> str:
     return "(missing)" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+_NO_STUDY = "(no StudyInstanceUID)"
+
+
+def _studies(
+    ruleset: RuleSet, reports: Sequence[dict[str, Any]], read: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per study and study rule that holds any series of the files: what route would do."""
+    held: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # study > rule > series > info
+    for report, tags in zip(reports, read, strict=True):
+        label = str(tags.get("SeriesInstanceUID") or report["file"])
+        for entry in report["decision"]["held"]:
+            rules = held.setdefault(entry["study"], {})
+            series = rules.setdefault(entry["rule"], {}).setdefault(
+                label,
+                {
+                    "SeriesInstanceUID": label,
+                    "SeriesDescription": tags.get("SeriesDescription"),
+                    "files": [],
+                    "met": [],
+                },
+            )
+            series["files"].append(report["file"])
+            series["met"] += [text for text in entry["met"] if text not in series["met"]]
+    return [
+        {
+            "study": study,
+            "rules": [
+                _study_rule(ruleset, rule, list(rules[rule.name].values()))
+                for rule in ruleset.rules
+                if rule.study and rule.name in rules
+            ],
+        }
+        for study, rules in held.items()
+    ]
+
+
+def _study_rule(ruleset: RuleSet, rule: Rule, series: list[dict[str, Any]]) -> dict[str, Any]:
+    """One study rule on the series it holds of one study: requires met, missing, verdict."""
+    require = [
+        {
+            "expression": need.text,
+            "met_by": [
+                {key: s[key] for key in ("SeriesInstanceUID", "SeriesDescription")}
+                for s in series
+                if need.text in s["met"]
+            ],
+        }
+        for need in rule.require
+    ]
+    met = {text for s in series for text in s["met"]}
+    missing = [need.text for need in rule.require if need.text not in met]
+    complete = bool(rule.require) and not missing
+    return {
+        "rule": rule.name,
+        "targets": list(rule.targets),
+        "series": series,
+        "require": require,
+        "missing": missing,
+        "complete": complete,
+        "after": "study_settle" if complete else "study_timeout",
+        "on_timeout": rule.on_timeout,
+        "verdict": _verdict(ruleset, rule, missing),
+    }
+
+
+def _verdict(ruleset: RuleSet, rule: Rule, missing: Sequence[str]) -> str:
+    """What route would do with the study for `rule`, in words (SPEC §4.1)."""
+    settings = ruleset.settings
+    each = "" if len(rule.targets) == 1 else "each "
+    jobs = f"one study job {each}to {', '.join(rule.targets)}"
+    timeout = f"study_timeout ({_duration(settings.study_timeout)})"
+    if not rule.require:
+        return f"no require: {jobs} after {timeout}"
+    if not missing:
+        return f"complete: {jobs} after study_settle ({_duration(settings.study_settle)})"
+    wait = f"would wait for: {', '.join(missing)}; after {timeout}: "
+    if rule.on_timeout == "discard":
+        return wait + f"discard (study incomplete: missing {', '.join(missing)})"
+    return wait + "proceed (send what is there)"
+
+
+def _print_study(study: dict[str, Any]) -> None:
+    click.echo(f"study {study['study'] or _NO_STUDY}")
+    for rule in study["rules"]:
+        click.echo(f'  study rule "{rule["rule"]}" holds {len(rule["series"])} series:')
+        for series in rule["series"]:
+            files = len(series["files"])
+            click.echo(f"    {_series_label(series)} ({files} file{'' if files == 1 else 's'})")
+        width = max((len(need["expression"]) for need in rule["require"]), default=0)
+        for need in rule["require"]:
+            if need["met_by"]:
+                by = ", ".join(_series_label(s) for s in need["met_by"])
+                click.echo(f"  {'met':<10} {need['expression']:<{width}}  by {by}")
+            else:
+                click.echo(f"  {'missing':<10} {need['expression']}")
+        click.echo(f"  => {rule['verdict']}")
+
+
+def _duration(seconds: float) -> str:
+    """`15m` rather than format_duration's `15m 0s`."""
+    return format_duration(seconds).removesuffix(" 0s").removesuffix(" 0m").removesuffix(" 0h")
+
+
+def _series_label(series: dict[str, Any]) -> str:
+    description = series["SeriesDescription"]
+    uid = series["SeriesInstanceUID"]
+    return uid if description is None else f"{uid} {_show(description)}"
