@@ -18,6 +18,15 @@ sub-folder per series (`<series>/NAME.dcm` + `.tags`), and `series` is then a li
 arrival order, of `{"series": <sub-folder>, "SeriesInstanceUID", "instances": [NAME, ...]}`;
 `instances` is the total count, the `JOB_KEYS` are the first series' (SeriesInstanceUID aside).
 A discarded incomplete study has the same shape with `reason` instead of `target`.
+
+A **processing job** (SPEC §7, in processing/; `processing_record`) is a series or study job
+without `target`. Instead it has `process` (the module chain, each as `Module.to_json()`),
+`process_settings` (the rule's), `targets` (a list of `Target.to_json()` for the output) or
+`results: "route"` (the output goes back to incoming/ as new series), `rules` (the one rule
+that asked for it), `priority` and `processing_hops`: how many processing runs the output
+will have been through. Output sidecars carry it as HOPS_KEY and `SenderAET` PROCESS_SENDER +
+the module, so routing never processes a series by the module that made it again, and never
+past MAX_PROCESS_HOPS.
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT
 from mercli.spool import JOB_FILE, NotRegularFile, Worker, read_regular
 
 DISPATCH_FILE = "dispatch.json"
+PROCESS_FILE = "process.json"
 JOB_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "AccessionNumber", "Modality")
 RESEND_RULE = "resend"  # the `rules` of a job that resend made
 PRIORITIES = ("urgent", "normal", "offpeak")  # highest first
@@ -127,6 +137,100 @@ class Target:
         if values.get("path") is not None:
             values["path"] = Path(values["path"])
         return cls(**values)
+
+
+PROCESS_SENDER = "mercli-process:"  # + module name: the SenderAET of processing output
+HOPS_KEY = "ProcessingHops"  # sidecar key: processing runs a series has been through
+MAX_PROCESS_HOPS = 4
+CONTAINERS = ("docker", "podman", "apptainer")  # engines a module's `image` can run under
+
+
+@dataclass(frozen=True)
+class Module:
+    """`[modules.NAME]`: a processing module (SPEC §7) and how `process` retries it (seconds).
+
+    The one place module defaults live. A processing job carries each module of its chain as
+    `to_json()`, so `process` needs no rules file. Exactly one of `command` (argv, run on the
+    host) and `image` (run by `container`, one of CONTAINERS) is set. `settings` go to the
+    module in task.json (merged with the rule's `process_settings`), `env` into its
+    environment. The retry fields mean what a Target's do; the defaults retry less, because a
+    module that fails usually fails again, and every try costs its run time.
+    """
+
+    name: str
+    command: tuple[str, ...] = ()
+    image: str | None = None
+    container: str | None = None
+    timeout: float = 1800.0
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    retry_delay: float = 30.0
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 600.0
+    max_attempts: int = 3
+    max_age: float = 86400.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data |= {"command": list(self.command), "settings": dict(self.settings)}
+        data["env"] = dict(self.env)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Module:
+        """The module `to_json` wrote; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["command"] = tuple(values.get("command") or ())
+        return cls(**values)
+
+
+def input_hops(sidecars: Iterable[Mapping[str, Any]]) -> int:
+    """The processing runs some instances have been through (HOPS_KEY; 0 for received ones)."""
+    hops = 0
+    for sidecar in sidecars:
+        value = sidecar.get(HOPS_KEY, 0)
+        if isinstance(value, int) and not isinstance(value, bool):
+            hops = max(hops, value)
+    return hops
+
+
+def processed_again(chain: Sequence[str], sidecars: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why a chain must not run on these instances (the loop guard), or None if it may."""
+    hops = 0
+    for sidecar in sidecars:
+        sender = str(sidecar.get("SenderAET", ""))
+        if sender.startswith(PROCESS_SENDER) and sender[len(PROCESS_SENDER) :] in chain:
+            return f'made by module "{sender[len(PROCESS_SENDER) :]}", not processed by it again'
+        hops = max(hops, input_hops([sidecar]))
+    if hops >= MAX_PROCESS_HOPS:
+        return f"processed {hops} times already (at most {MAX_PROCESS_HOPS})"
+    return None
+
+
+def processing_record(
+    record: Mapping[str, Any],
+    modules: Sequence[Module],
+    targets: Sequence[Target],
+    *,
+    results: str | None,
+    settings: Mapping[str, Any],
+    hops: int,
+    priority: str,
+) -> dict[str, Any]:
+    """job.json of a processing job: a series or study record made without a target (its
+    empty `reason` dropped), with the processing keys described above."""
+    document = {key: value for key, value in record.items() if key != "reason"}
+    document["process"] = [module.to_json() for module in modules]
+    document["process_settings"] = dict(settings)
+    if results is not None:
+        document["results"] = results
+    else:
+        document["targets"] = [target.to_json() for target in targets]
+    document["priority"] = priority
+    document["processing_hops"] = hops
+    return document
 
 
 def job_record(
@@ -315,6 +419,8 @@ def _window(record: Mapping[str, Any]) -> OffpeakWindow | None:
 class Progress:
     """dispatch.json: how far a job has got."""
 
+    FILE: ClassVar[str] = DISPATCH_FILE
+
     attempts: int = 0
     next_attempt: float = 0.0  # wall-clock seconds; 0 = now
     delivered: list[str] = field(default_factory=list)
@@ -322,9 +428,9 @@ class Progress:
     finished: str | None = None
 
     @classmethod
-    def load(cls, folder: Path) -> Progress:
+    def load(cls, folder: Path) -> Self:
         try:
-            record = json.loads(read_regular(folder / DISPATCH_FILE))
+            record = json.loads(read_regular(folder / cls.FILE))
         except (FileNotFoundError, NotRegularFile):  # dispatch fails a job holding a symlink
             return cls()
         known = {key: record[key] for key in asdict(cls()) if key in record}
@@ -335,4 +441,10 @@ class Progress:
 
     def save(self, worker: Worker, folder: Path) -> None:
         """Replace dispatch.json in a claimed job, durably."""
-        worker.replace_file(folder / DISPATCH_FILE, self.to_bytes())
+        worker.replace_file(folder / self.FILE, self.to_bytes())
+
+
+class ProcessProgress(Progress):
+    """process.json: the runs of a processing job so far (`delivered` unused)."""
+
+    FILE: ClassVar[str] = PROCESS_FILE

@@ -15,6 +15,8 @@ All filters must match.
 - A failed job (error/ with a job.json naming a target) goes back to that target by default:
   a new job with the same target definition and priority, carrying over which instances the
   target already has (dispatch.json `delivered`), attempts starting again from zero.
+- A failed processing job (error/ with a job.json naming a module chain, SPEC §7) goes back
+  to `processing/` whole, as a new job that runs its chain again with all its attempts.
 - With a target from a rules file: one new job per item, straight to that target, at the
   target's own priority (normal if it has none); an offpeak target's job waits for the `offpeak`
   window given with it (the rules file's `[route] offpeak`).
@@ -72,6 +74,7 @@ from mercli.spool import (
     INSTANCE_SUFFIX,
     JOB_FILE,
     OUTGOING,
+    PROCESSING,
     SIDECAR_SUFFIX,
     SUCCESS,
     Claim,
@@ -283,6 +286,9 @@ def _resend_one(
 ) -> None:
     """Plan from the published item (a still-unreadable one is never touched), then move it."""
     folder = worker.spool.state_dir(item.state) / item.name
+    if item.state == ERROR and destination.target is None and _processing(folder):
+        _resend_processing(worker, item, report)
+        return
     try:
         plan = _plan(folder, item.state, destination)
     except FileNotFoundError:
@@ -306,6 +312,45 @@ def _resend_one(
     for label in labels:  # one event per copy: a study back to routing makes one per series
         worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
         report.resent.append((item.label, label))
+
+
+def _processing(folder: Path) -> bool:
+    """A failed processing job (SPEC §7): job.json with a module chain."""
+    return isinstance(read_json_object(folder / JOB_FILE).get("process"), list)
+
+
+def _resend_processing(worker: Worker, item: Selected, report: ResendReport) -> None:
+    """A failed processing job goes back to processing/ whole, as a new job: its instances (a
+    study's sub-folders too) and job.json with a new id, created now and `resent_from`; not
+    its error.json, process.json or module.log, so it runs with all its attempts again."""
+    claim = worker.claim(item.state, item.name)
+    if claim is None:
+        report.vanished += 1
+        return
+    try:
+        job = read_json_object(claim.path / JOB_FILE)
+        name = new_id()
+        transaction = claim.transaction()
+        folder = transaction.new_item(PROCESSING, name)
+        for entry in sorted(claim.path.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                make_dir(folder / entry.name)
+                for instance in entry.iterdir():
+                    os.link(instance, folder / entry.name / instance.name, follow_symlinks=False)
+            elif entry.name.endswith((INSTANCE_SUFFIX, SIDECAR_SUFFIX)):
+                os.link(entry, folder / entry.name, follow_symlinks=False)
+        created = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        source = f"{claim.state}/{claim.name}"
+        write_json(
+            folder / JOB_FILE, {**job, "id": name, "created": created, "resent_from": source}
+        )
+    except BaseException:
+        claim.release()
+        raise
+    transaction.commit()
+    label = f"{PROCESSING}/{name}"
+    worker.spool.log("resent", **{"from": item.label}, item=item.name, to=label)
+    report.resent.append((item.label, label))
 
 
 def _hint(worker: Worker, groups: Sequence[str]) -> None:

@@ -61,6 +61,7 @@ class RunConfig:
     receive_args: tuple[str, ...] = ()
     workers: int = 4
     purge_every: float = 3600.0  # 0 = no purge
+    process: bool = False  # the rules define modules: run `mercli process` too (SPEC §7)
 
 
 def _mercli(*args: str) -> list[str]:
@@ -70,11 +71,14 @@ def _mercli(*args: str) -> list[str]:
 def plan(config: RunConfig) -> list[Part]:
     """The parts, in pipeline order."""
     spool = ["--spool", str(config.spool)]
-    return [
+    parts = [
         Part("receive", _mercli("receive", *spool, *config.receive_args)),
         Part("route", _mercli("route", *spool, "--rules", str(config.rules))),
         Part("dispatch", _mercli("dispatch", *spool, "--workers", str(config.workers))),
     ]
+    if config.process:
+        parts.insert(2, Part("process", _mercli("process", *spool)))
+    return parts
 
 
 class Supervisor:
@@ -88,7 +92,7 @@ class Supervisor:
         self.next_purge = time.monotonic() + config.purge_every
 
     def run(self) -> None:
-        stop_on_signals(self.stop, "stopping receive, route, dispatch")
+        stop_on_signals(self.stop, "stopping " + ", ".join(part.name for part in self.parts))
         try:
             for part in self.parts:
                 self._start(part)

@@ -135,7 +135,7 @@ ERRORS = [
     (
         "rout = 1\n" + DICOM + RULE,
         1,
-        'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, rules)',
+        'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, modules, rules)',
     ),
     (
         '[route]\nsettle = "2x"\n' + DICOM + RULE,
@@ -198,7 +198,7 @@ ERRORS = [
     (
         DICOM + RULE + 'tagets = ["x"]\n',
         9,
-        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority, trigger, action_trigger, require, on_timeout)',
+        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority, trigger, action_trigger, require, on_timeout, process, process_settings, results)',
     ),
     (DICOM + RULE + 'final = "yes"\n', 9, 'rule "r": "final" must be true or false, not a string'),
     (

@@ -13,6 +13,7 @@ import click
 # command name -> module in mercli.commands (the click command object has the same name)
 COMMAND_MODULES: dict[str, str] = {
     "dispatch": "cmd_dispatch",
+    "process": "cmd_process",
     "purge": "cmd_purge",
     "receive": "cmd_receive",
     "resend": "cmd_resend",

@@ -54,14 +54,15 @@ def check(rules_file: Path) -> None:
     ruleset = load_rules(rules_file)
     click.echo(f"ok: {rules_file}: {len(ruleset.targets)} targets, {len(ruleset.rules)} rules")
     for rule in ruleset.rules:
-        click.echo(
-            f"  {rule.name}: {_summary(rule.action, rule.targets, rule.final, rule.fallback)}"
-        )
+        click.echo(f"  {rule.name}: {_summary(rule)}")
 
 
-def _summary(action: str, targets: Sequence[str], final: bool, fallback: bool) -> str:
-    text = "discard" if action == "discard" else "-> " + ", ".join(targets)
-    flags = [flag for flag, on in (("final", final), ("fallback", fallback)) if on]
+def _summary(rule: Rule) -> str:
+    outputs: Sequence[str] = ("(rules)",) if rule.results == "route" else rule.targets
+    text = "discard" if rule.discard else "-> " + ", ".join(outputs)
+    if rule.process:
+        text = "process " + " | ".join(rule.process) + " " + text
+    flags = [flag for flag, on in (("final", rule.final), ("fallback", rule.fallback)) if on]
     return f"{text} ({', '.join(flags)})" if flags else text
 
 

@@ -1,8 +1,10 @@
-"""`mercli run`: the embedded default for a single box — receive, route, dispatch, purge."""
+"""`mercli run`: the embedded default for a single box — receive, route, dispatch, purge (and
+process, when the rules define modules)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -73,7 +75,7 @@ def run(
       mercli run --rules /etc/mercli/rules.toml --port 104 --aet ROUTER --workers 8
       TCP_NODELAY=1 storescu -aec MERCLI localhost 11112 *.dcm
     """
-    load_rules(rules_path)  # a broken rules file is reported before anything listens
+    ruleset = load_rules(rules_path)  # a broken rules file is reported before anything listens
     receive_args = ["--port", str(port), "--aet", aet, "--engine", engine]
     receive_args += ["--host", host] if host else []
     receive_args += [arg for ae in allow_aets for arg in ("--allow-aet", ae)]
@@ -84,6 +86,7 @@ def run(
     receive_args += [] if shutdown_grace is None else ["--shutdown-grace", f"{shutdown_grace}"]
     verbosity = _verbosity()
     config = RunConfig(spool, rules_path.resolve(), tuple(receive_args), workers, purge_every)
+    config = replace(config, process=bool(ruleset.modules))
     Supervisor(config, verbosity).run()
 
 

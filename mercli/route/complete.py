@@ -1,7 +1,8 @@
 """Completing studies: held series in `studies/<study>/` become study jobs (SPEC §4.1).
 
 When and how is described in `mercli.route.studies`; this module claims a study group and
-makes its outputs in one transaction.
+makes its outputs in one transaction: study jobs for the targets of the study rules done,
+a processing study job (SPEC §7) for each of them with `process`, discards.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mercli.jobs import study_record
+from mercli.jobs import input_hops, study_record
 from mercli.names import new_id
 from mercli.route.studies import HELD_FILE, HeldCache, HeldSeries, Study, held_record, study_rule
 from mercli.rules.config import RuleSet
@@ -23,6 +24,7 @@ from mercli.spool import (
     INSTANCE_SUFFIX,
     JOB_FILE,
     OUTGOING,
+    PROCESSING,
     SIDECAR_SUFFIX,
     STUDIES,
     Claim,
@@ -102,6 +104,15 @@ class Completer:
                 item, folder = self._output(transaction, claim, DISCARD, held)
                 write_json(folder / JOB_FILE, self._record(item, held, [name], reason))
                 made.append((DISCARD, item, reason, [name]))
+                continue
+            if rule.process:
+                held = study.holding(name)
+                item, folder = self._output(transaction, claim, PROCESSING, held)
+                record = self._record(item, held, [name])
+                record.pop("reason", None)
+                hops = input_hops(batch.keys for batch in held) + 1
+                write_json(folder / JOB_FILE, self.rules.processing_job(name, record, hops))
+                made.append((PROCESSING, item, name, [name]))
                 continue
             for target in rule.targets:
                 proceed.setdefault(target, []).append(name)
@@ -202,6 +213,9 @@ class Completer:
             if state == OUTGOING:
                 done.jobs.append(item)
                 self.spool.log("routed", item=item, study=study, rules=rules, target=what)
+            elif state == PROCESSING:
+                done.jobs.append(item)
+                self.spool.log("routed", item=item, study=study, rules=rules, process=True)
             else:
                 done.discarded.append(item)
                 self.spool.log("discarded", item=item, study=study, rules=rules, reason=what)

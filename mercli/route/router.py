@@ -13,7 +13,8 @@ instances there are or how often it runs.
 **Routing a series** claims it (an exclusive lock keeps instances being received out of it:
 they start a new batch of the series, routed in turn), reads the sidecars, applies the rules
 (`mercli.rules.decide`), and in one transaction creates a job in `outgoing/` per target (hard
-links, no copies) or an item in `discard/` with the reason. Killed at any point, the claim is
+links, no copies), a processing job in `processing/` per rule with `process` (SPEC §7), or an
+item in `discard/` with the reason. Killed at any point, the claim is
 rolled back (routed again later) or forward (routed once), never half.
 
 **A series whose rules run out of time** (`[route] rule_timeout`, `re()` included: SPEC §9)
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mercli.jobs import job_record
+from mercli.jobs import input_hops, job_record
 from mercli.names import new_id, safe_name
 from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
@@ -47,6 +48,7 @@ from mercli.spool import (
     INSTANCE_SUFFIX,
     JOB_FILE,
     OUTGOING,
+    PROCESSING,
     SIDECAR_SUFFIX,
     STUDIES,
     Claim,
@@ -92,6 +94,7 @@ class RouteSummary:
     jobs: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
     held: list[str] = field(default_factory=list)  # studies/<study>/<batch> held for study rules
+    processing: list[str] = field(default_factory=list)  # processing jobs (also in `jobs`)
     errors: list[str] = field(default_factory=list)  # items put in error/ (counted in failed)
     failed: int = 0
 
@@ -187,12 +190,17 @@ class Router:
                 [(DISCARD, "")]
                 if decision.discarded
                 else [(OUTGOING, target) for target in decision.targets]
+                + [(PROCESSING, rule) for rule in decision.process]
             )
             for state, target_name in outputs:
                 item = new_id()
                 folder = transaction.new_item(state, item)
                 self._fill(folder, claim.path, decision.instances)
-                record = self._record(item, claim.name, tags, decision, target_name)
+                if state == PROCESSING:
+                    record = job_record(item, claim.name, tags, [target_name])
+                    record = self.rules.processing_job(target_name, record, input_hops(tags) + 1)
+                else:
+                    record = self._record(item, claim.name, tags, decision, target_name)
                 write_json(folder / JOB_FILE, record)
                 made.append((state, item, target_name, decision))
         transaction.commit()
@@ -290,6 +298,10 @@ class Router:
             if state == OUTGOING:
                 summary.jobs.append(item)
                 self.spool.log("routed", **fields, target=target)
+            elif state == PROCESSING:
+                summary.jobs.append(item)
+                summary.processing.append(item)
+                self.spool.log("routed", **{**fields, "rules": [target]}, process=True)
             elif state == STUDIES:
                 summary.held.append(item)
                 held_for = [rule for rule, _ in decision.study]
@@ -298,6 +310,7 @@ class Router:
                 summary.discarded.append(item)
                 self.spool.log("discarded", **fields, reason=decision.reason)
         targets = sorted({target for state, _, target, _ in made if state == OUTGOING})
+        targets += sorted({f"processing by rule {r}" for s, _, r, _ in made if s == PROCESSING})
         discards = sum(state == DISCARD for state, _, _, _ in made)
         log.info(
             "series %s: %d instance(s) -> %s%s",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mercli.jobs import JOB_KEYS
+from mercli.jobs import HOPS_KEY, JOB_KEYS, input_hops
 from mercli.rules.config import Rule, RuleSet
 from mercli.spool import STUDIES, Spool, read_regular
 
@@ -81,6 +81,8 @@ def held_record(
     keys: dict[str, Any] = {key: first[key] for key in JOB_KEYS if key in first}
     keys["first_received"] = received[0] if received else None
     keys["last_received"] = received[-1] if received else None
+    if hops := input_hops(sidecars):
+        keys[HOPS_KEY] = hops  # processing output held for a study (SPEC §7 loop guard)
     return {
         "series": series,
         "arrived": arrived,

@@ -12,6 +12,7 @@ tomllib gives no line numbers, so `_Lines` finds them in the raw text: the heade
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -21,7 +22,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mercli.errors import ConfigError
-from mercli.jobs import NORMAL, PRIORITIES, OffpeakWindow, Target, highest_priority
+from mercli.jobs import (
+    CONTAINERS,
+    HOPS_KEY,
+    NORMAL,
+    PRIORITIES,
+    Module,
+    OffpeakWindow,
+    Target,
+    highest_priority,
+    processing_record,
+)
 from mercli.rules.tables import Lines, Table
 
 if TYPE_CHECKING:  # expr imports pydicom's dictionary: only loading rules needs it, not Target
@@ -47,7 +58,11 @@ _COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority")
 _RULE_KEYS = (
     *("name", "when", "targets", "action", "final", "fallback", "priority"),
     *("trigger", "action_trigger", "require", "on_timeout"),
+    *("process", "process_settings", "results"),
 )
+_MODULE_KEYS = ("command", "image", "container", "timeout", "settings", "env", *_RETRY_KEYS)
+_MODULE_DIRS = ("MERCURE_IN_DIR", "MERCURE_OUT_DIR", "MERCLI_IN_DIR", "MERCLI_OUT_DIR")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TRIGGERS = ("series", "study")
 ON_TIMEOUT = ("proceed", "discard")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -109,6 +124,9 @@ class Rule:
     trigger: str = "series"
     require: tuple[Expression, ...] = ()
     on_timeout: str = "proceed"
+    process: tuple[str, ...] = ()
+    process_settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    results: str | None = None
 
     @property
     def study(self) -> bool:
@@ -130,12 +148,15 @@ class RuleSet:
     rules: tuple[Rule, ...]
     path: Path
     purge: PurgeSettings = field(default_factory=PurgeSettings)
+    modules: Mapping[str, Module] = field(default_factory=dict)
     keywords: tuple[str, ...] = field(init=False)
     cache: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         used = {kw for rule in self.rules if rule.when for kw in rule.when.keywords}
         used |= {kw for rule in self.rules for need in rule.require for kw in need.keywords}
+        if any(rule.process for rule in self.rules):
+            used |= {"SenderAET", HOPS_KEY}  # the loop guard reads them (SPEC §7)
         object.__setattr__(self, "keywords", tuple(sorted(used)))
 
     def job_priority(self, target: str, rules: Iterable[str]) -> str:
@@ -146,6 +167,22 @@ class RuleSet:
         return highest_priority(
             ([own] if own else [])
             + [r.priority for r in self.rules if r.name in named and target in r.targets]
+        )
+
+    def processing_job(
+        self, rule_name: str, record: Mapping[str, Any], hops: int
+    ) -> dict[str, Any]:
+        """job.json of the processing job a rule with `process` makes from a series or study
+        `record` (`mercli.jobs.processing_record`); `hops` counts this run."""
+        rule = next(rule for rule in self.rules if rule.name == rule_name)
+        return processing_record(
+            record,
+            [self.modules[name] for name in rule.process],
+            [self.targets[name] for name in rule.targets],
+            results=rule.results,
+            settings=rule.process_settings,
+            hops=hops,
+            priority=rule.priority,
         )
 
     @property
@@ -184,7 +221,7 @@ class _Loader:
     def load(self, document: dict[str, Any]) -> RuleSet:
         """Validate the top level, then [route], [purge], [targets.*] and [[rules]]."""
         top = Table(document, self.lines, None, "")
-        top.check_keys(("route", "purge", "targets", "rules"))
+        top.check_keys(("route", "purge", "targets", "modules", "rules"))
         settings = self.settings(top.table("route", self.lines.table("route")))
         self.offpeak = settings.offpeak
         purge = self.purge(top.table("purge", self.lines.table("purge")))
@@ -193,8 +230,13 @@ class _Loader:
             name: self.target(name, targets_table.table(name, self.lines.table(f"targets.{name}")))
             for name in targets_table.raw
         }
-        rules = self.rules(top, targets)
-        return RuleSet(settings, targets, rules, self.path.absolute(), purge)
+        modules_table = top.table("modules", self.lines.table("modules"))
+        modules = {
+            name: self.module(name, modules_table.table(name, self.lines.table(f"modules.{name}")))
+            for name in modules_table.raw
+        }
+        rules = self.rules(top, targets, modules)
+        return RuleSet(settings, targets, rules, self.path.absolute(), purge, modules)
 
     def settings(self, table: Table) -> RouteSettings:
         """`[route]`, all keys optional."""
@@ -248,6 +290,26 @@ class _Loader:
             values["link"] = table.boolean("link") if "link" in table.raw else None
         return Target(**{key: value for key, value in values.items() if value is not None})
 
+    def module(self, name: str, table: Table) -> Module:
+        """One `[modules.NAME]`: `command` or `image` + `container`, and how to run it."""
+        table.context = f'module "{name}"'
+        if not _TARGET_NAME.fullmatch(name):
+            raise table.fail(None, "module names are letters, digits, '.', '_' and '-'")
+        table.check_keys(_MODULE_KEYS)
+        if ("command" in table.raw) == ("image" in table.raw):
+            message = 'give "command" (argv, run on the host) or "image" (a container), not both'
+            raise table.fail(None if "command" not in table.raw else "image", message)
+        values: dict[str, Any] = {"name": name, **self.retry(table)}
+        if "command" in table.raw:
+            values["command"] = _argv(table)
+        else:
+            values |= _image(table)
+        if "timeout" in table.raw:
+            values["timeout"] = table.duration("timeout", positive=True)
+        values["settings"] = _json_table(table, "settings")
+        values["env"] = _env(table)
+        return Module(**{key: value for key, value in values.items() if value is not None})
+
     def retry(self, table: Table) -> dict[str, Any]:
         """The retry keys every target type has."""
         values: dict[str, Any] = {}
@@ -262,7 +324,9 @@ class _Loader:
         path = Path(os.path.expanduser(text or ""))
         return Path(os.path.normpath(self.path.parent.absolute() / path))
 
-    def rules(self, top: Table, targets: Mapping[str, Target]) -> tuple[Rule, ...]:
+    def rules(
+        self, top: Table, targets: Mapping[str, Target], modules: Mapping[str, Module]
+    ) -> tuple[Rule, ...]:
         """Every `[[rules]]`, with unique names and known targets."""
         raw = top.raw.get("rules", [])
         if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
@@ -273,7 +337,7 @@ class _Loader:
         result = []
         for index, item in enumerate(raw):
             table = Table(item, self.lines, self.lines.rule(index), f"rule #{index + 1}")
-            rule = self.rule(table, targets)
+            rule = self.rule(table, targets, modules)
             if rule.name in seen:
                 message = f"duplicate rule name (first used at line {seen[rule.name]})"
                 raise table.fail("name", message)
@@ -281,7 +345,9 @@ class _Loader:
             result.append(rule)
         return tuple(result)
 
-    def rule(self, table: Table, targets: Mapping[str, Target]) -> Rule:
+    def rule(
+        self, table: Table, targets: Mapping[str, Target], modules: Mapping[str, Module]
+    ) -> Rule:
         """One rule: keys, expression, action and targets."""
         table.check_keys(_RULE_KEYS)
         name = table.string("name", required=True) or ""
@@ -295,7 +361,14 @@ class _Loader:
         if action == "discard" and names:
             raise table.fail("targets", 'a rule with action = "discard" cannot have targets')
         priority = self.priority(table)  # on a discard rule: checked, then without effect
-        if action == "route" and not names:
+        processing = self.processing(table, action, modules)
+        if processing.get("results") == "route" and names:
+            message = 'results = "route" sends the output back through the rules: no targets'
+            raise table.fail("targets", message)
+        if action == "route" and not names and "results" not in processing:
+            if processing:
+                message = 'no targets for the output (add targets = [...], or results = "route")'
+                raise table.fail(None, message)
             raise table.fail(None, 'no targets (add targets = [...], or action = "discard")')
         for target in names:
             if target not in targets:
@@ -310,7 +383,36 @@ class _Loader:
             line=table.line or 0,
             priority=priority or NORMAL,
             **self.study(table, action),
+            **processing,
         )
+
+    def processing(
+        self, table: Table, action: str, modules: Mapping[str, Module]
+    ) -> dict[str, Any]:
+        """`process` (a chain of known modules, none twice), `process_settings`, `results`."""
+        chain = table.string_list("process")
+        if not chain:
+            for only in ("process_settings", "results"):
+                if only in table.raw:
+                    raise table.fail(only, f'"{only}" needs process = ["module", ...]')
+            return {}
+        if action == "discard":
+            raise table.fail("process", 'a rule with action = "discard" cannot process')
+        for index, name in enumerate(chain):
+            if name not in modules:
+                known = _known(name, modules, "modules")
+                raise table.fail("process", f'unknown module "{name}"{known}')
+            if name in chain[:index]:
+                message = f'module "{name}" twice in the chain (a loop): a module runs once'
+                raise table.fail("process", message)
+        values: dict[str, Any] = {"process": tuple(chain)}
+        values["process_settings"] = _json_table(table, "process_settings")
+        results = table.string("results")
+        if results is not None:
+            if results != "route":
+                raise table.fail("results", f'results must be "route", not "{results}"')
+            values["results"] = results
+        return values
 
     def study(self, table: Table, action: str) -> dict[str, Any]:
         """`trigger` (or mercure's `action_trigger`), and the study-only `require`, `on_timeout`."""
@@ -369,12 +471,65 @@ def _dicom(table: Table) -> dict[str, Any]:
     }
 
 
+def _argv(table: Table) -> tuple[str, ...]:
+    """`command`: a non-empty list of strings, the first one not empty."""
+    value = table.raw["command"]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise table.fail("command", '"command" must be a list of strings (argv, no shell)')
+    if not value or not value[0].strip():
+        raise table.fail("command", '"command" must name a program first')
+    return tuple(value)
+
+
+def _image(table: Table) -> dict[str, Any]:
+    """`image` and its `container` engine."""
+    image = table.string("image", required=True) or ""
+    if not image.strip() or any(ch.isspace() or not ch.isprintable() for ch in image):
+        raise table.fail("image", f"bad image {image!r}")
+    container = table.string("container")
+    if container is None:
+        engines = ", ".join(f'"{name}"' for name in CONTAINERS)
+        raise table.fail(None, f'"image" needs container = {engines}')
+    if container not in CONTAINERS:
+        message = f'unknown container "{container}" (known: {", ".join(CONTAINERS)})'
+        raise table.fail("container", message)
+    return {"image": image, "container": container}
+
+
+def _json_table(table: Table, key: str) -> dict[str, Any]:
+    """A table handed to a module as JSON: no TOML dates or times in it."""
+    value = table.raw.get(key, {})
+    if not isinstance(value, dict):
+        raise table.fail(key, f'"{key}" must be a table ({key} = {{...}})')
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        message = f'"{key}" must hold strings, numbers, booleans, arrays and tables only'
+        raise table.fail(key, message + " (no dates, inf or nan)") from None
+    return value
+
+
+def _env(table: Table) -> dict[str, str]:
+    """`env`: variable names to strings; the in/out folder variables are mercli's own."""
+    value = table.raw.get("env", {})
+    if not isinstance(value, dict):
+        raise table.fail("env", '"env" must be a table (env = { NAME = "value" })')
+    for name, item in value.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise table.fail("env", f"bad environment variable name {name!r}")
+        if name in _MODULE_DIRS:
+            raise table.fail("env", f'"{name}" is set by mercli, not by env')
+        if not isinstance(item, str) or "\0" in item:
+            raise table.fail("env", f'env "{name}" must be a string (quote numbers)')
+    return dict(value)
+
+
 def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _known(name: str, targets: Mapping[str, Target]) -> str:
-    close = difflib.get_close_matches(name, list(targets), n=1)
+def _known(name: str, defined: Mapping[str, object], section: str = "targets") -> str:
+    close = difflib.get_close_matches(name, list(defined), n=1)
     if close:
         return f' (did you mean "{close[0]}"?)'
-    return f" (defined: {', '.join(targets)})" if targets else " (no [targets] defined)"
+    return f" (defined: {', '.join(defined)})" if defined else f" (no [{section}] defined)"

@@ -43,6 +43,7 @@ from time import monotonic
 from typing import Any
 
 from mercli.errors import MercliError
+from mercli.jobs import processed_again
 from mercli.rules.config import Rule, RuleSet
 from mercli.rules.expr import EvalError, EvalTimeout
 
@@ -61,6 +62,8 @@ class Decision:
     `study`: the study rules (`trigger = "study"`) that matched, each with the texts of its
     `require` expressions these instances meet: the series is held for them (SPEC §4.1).
     Their targets are not in `targets`, which only series rules fill.
+    `process`: the series rules with `process` (SPEC §7) that make a processing job of these
+    instances; their targets are not in `targets` either (they get the module's output).
     """
 
     instances: tuple[str, ...]
@@ -70,6 +73,7 @@ class Decision:
     rules: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     study: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    process: tuple[str, ...] = ()
 
 
 class RuleTimeout(MercliError):
@@ -100,6 +104,7 @@ class _Outcome:
     matched: tuple[str, ...]
     errors: tuple[tuple[str, str], ...]  # (rule name, message)
     study: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    process: tuple[str, ...] = ()
 
 
 def trace(
@@ -187,11 +192,20 @@ def _outcome(traces: Sequence[RuleTrace], tags: Mapping[str, Any], deadline: flo
         if errors:
             reason += f" ({len(errors)} could not be evaluated)"
         return _Outcome((), True, reason, names, errors)
-    series = [rule for rule in matched if not rule.study]
+    guarded = {
+        r.name: why for r in matched if r.process and (why := processed_again(r.process, [tags]))
+    }
+    applied = [rule for rule in matched if rule.name not in guarded]
+    series = [rule for rule in applied if not rule.study and not rule.process]
     targets = tuple(dict.fromkeys(target for rule in series for target in rule.targets))
-    held = tuple((rule.name, _met(rule, tags, deadline)) for rule in matched if rule.study)
+    held = tuple((rule.name, _met(rule, tags, deadline)) for rule in applied if rule.study)
+    process = tuple(rule.name for rule in applied if rule.process and not rule.study)
+    if not (targets or held or process):
+        rule, why = next(iter(guarded.items()))
+        return _Outcome((), True, f'rule "{rule}": {why}', names, errors)
     quoted = ", ".join(f'"{name}"' for name in names)
-    return _Outcome(targets, False, f"routed by rule {quoted}", names, errors, held)
+    reason = f"routed by rule {quoted}"
+    return _Outcome(targets, False, reason, names, errors, held, process)
 
 
 def _freeze(value: Any) -> Any:
@@ -267,4 +281,5 @@ def _decision(outcome: _Outcome, names: list[str], label: str, split: str) -> De
         rules=outcome.matched,
         warnings=tuple(warnings),
         study=outcome.study,
+        process=outcome.process,
     )

@@ -14,6 +14,8 @@ Layout::
                                    NAME.dcm + NAME.tags, NAME = safe_name(SOPInstanceUID)
       studies/<study>/           series held for study rules (SPEC §4.1), a group like incoming/:
         <batch>/                   one held series batch: its instances and held.json
+      processing/<job>/          processing jobs waiting for (or in) `mercli process` (SPEC §7):
+                                   job.json + instances, laid out as a series or study job
       outgoing/<job>/            jobs waiting for dispatch (job.json + instances; a study job
                                    has them in one sub-folder per series)
       success/<job>/             delivered jobs
@@ -94,6 +96,7 @@ from mercli.spool.items import (
     JOB_FILE,
     LOCK_DEADLINE,
     OUTGOING,
+    PROCESSING,
     SIDECAR_SUFFIX,
     STATES,
     STUDIES,
@@ -120,6 +123,7 @@ __all__ = [
     "JOB_FILE",
     "LOCK_DEADLINE",
     "OUTGOING",
+    "PROCESSING",
     "SIDECAR_SUFFIX",
     "STATES",
     "STUDIES",

@@ -29,8 +29,8 @@ from mercli.errors import SpoolError
 from mercli.fsutil import fsync_dir, unlink_quietly, write_new
 
 INCOMING, OUTGOING, SUCCESS, DISCARD, ERROR = "incoming", "outgoing", "success", "discard", "error"
-STUDIES = "studies"
-STATES: tuple[str, ...] = (INCOMING, STUDIES, OUTGOING, SUCCESS, DISCARD, ERROR)
+STUDIES, PROCESSING = "studies", "processing"
+STATES: tuple[str, ...] = (INCOMING, STUDIES, PROCESSING, OUTGOING, SUCCESS, DISCARD, ERROR)
 GROUP_STATES = frozenset({INCOMING, STUDIES})  # states whose items keep growing after publish
 TMP, LEASES, CLAIMS, HINTS = "tmp", "leases", "claims", "hints"
 STAGING = "staging"  # what storescp is writing (`receive --engine dcmtk` only)

@@ -1,0 +1,277 @@
+"""One run of a processing job's module chain in a scratch folder (SPEC §7 module contract).
+
+For each module of the chain, `run_chain` makes `<work>/<k>/in/` and an empty `<k>/out/`:
+`in/` holds the instances as hard links named as mercure names them,
+`<SeriesInstanceUID>#<SOPInstanceUID>.dcm` (the raw UIDs from the sidecars, through
+`safe_name`), each with its `.tags` sidecar, and `task.json` in mercure's task layout. The
+module runs with `MERCURE_IN_DIR`/`MERCURE_OUT_DIR` (and `MERCLI_…`) set, in a process group
+of its own, killed with its parent (`PR_SET_PDEATHSIG`); after `timeout` the whole group gets
+SIGTERM, then SIGKILL. Its stdout and stderr are kept, the last LOG_LIMIT bytes of them.
+
+Exit 0 is success only if `out/` holds nothing but regular files (no symlinks, no folders),
+each DICOM with SOP, Series and Study Instance UIDs, plus an optional `result.json`, and at
+least one DICOM file. The output of module k is the input of module k+1. Anything else is a
+`ModuleFailure` naming the module and the file; the caller retries or gives up.
+
+The scratch folder is the worker's own (`Worker.tmp_path`): a crash leaves it to recovery,
+and the next run starts from a fresh, empty `out/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mercli.jobs import Module
+from mercli.names import safe_name
+from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX, write_json
+from mercli.tags import UnreadableDicom, read_tags
+
+log = logging.getLogger(__name__)
+
+LOG_LIMIT = 1024 * 1024  # bytes of module output kept (the tail)
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a timed-out module
+RESULT_FILE = "result.json"
+TASK_FILE = "task.json"
+_PR_SET_PDEATHSIG = 1
+
+
+class ModuleFailure(Exception):
+    """A module run that did not produce usable output: why, with the exit status if any."""
+
+    def __init__(self, module: str, reason: str, status: int | None = None) -> None:
+        super().__init__(f'module "{module}": {reason}')
+        self.module = module
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class ChainResult:
+    """What the chain made: the output instances (path, sidecar) of its last module, its
+    result.json if any, and every module's exit status."""
+
+    outputs: list[tuple[Path, dict[str, Any]]]
+    result: dict[str, Any] | None
+    statuses: list[int] = field(default_factory=list)
+
+
+class Tail:
+    """The last `limit` bytes written to it, and how many were dropped before them."""
+
+    def __init__(self, limit: int = LOG_LIMIT) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > self.limit:
+            cut = len(self.data) - self.limit
+            del self.data[:cut]
+            self.dropped += cut
+
+    def text(self, last: int | None = None) -> str:
+        data = bytes(self.data if last is None else self.data[-last:])
+        return data.decode("utf-8", "replace")
+
+    def to_bytes(self) -> bytes:
+        head = f"[{self.dropped} earlier bytes dropped]\n".encode() if self.dropped else b""
+        return head + bytes(self.data)
+
+
+def run_chain(
+    modules: Sequence[Module],
+    inputs: Sequence[tuple[Path, Mapping[str, Any]]],
+    work: Path,
+    task: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    output: Tail,
+) -> ChainResult:
+    """Run every module on the output of the one before; ModuleFailure on the first failure."""
+    current: Sequence[tuple[Path, Mapping[str, Any]]] = inputs
+    result: dict[str, Any] | None = None
+    statuses: list[int] = []
+    for index, module in enumerate(modules):
+        step = work / str(index + 1)
+        in_dir, out_dir = step / "in", step / "out"
+        in_dir.mkdir(parents=True)
+        out_dir.mkdir()
+        prepare_input(in_dir, current)
+        document = task_document(task, module, {**module.settings, **settings})
+        write_json(in_dir / TASK_FILE, document)
+        status = run_module(module, in_dir, out_dir, output)
+        statuses.append(status)
+        if status != 0:
+            raise ModuleFailure(module.name, _status_text(status), status)
+        found, result = check_output(module.name, out_dir)
+        current = found
+    return ChainResult([(p, dict(t)) for p, t in current], result, statuses)
+
+
+def prepare_input(in_dir: Path, instances: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+    """Hard-link each instance as `<series>#<sop>.dcm` and write its sidecar next to it."""
+    for path, tags in instances:
+        series = safe_name(str(tags.get("SeriesInstanceUID", "")))
+        sop = safe_name(str(tags.get("SOPInstanceUID", "")))
+        name = f"{series}#{sop}"
+        os.link(path, in_dir / f"{name}{INSTANCE_SUFFIX}", follow_symlinks=False)
+        write_json(in_dir / f"{name}{SIDECAR_SUFFIX}", dict(tags))
+
+
+def task_document(
+    task: Mapping[str, Any], module: Module, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """task.json for one module: mercure's Task layout (id, info, process, dispatch, study)."""
+    return {
+        **task,
+        "process": {
+            "module_name": module.name,
+            "module_config": {"docker_tag": module.image or "", "settings": dict(module.settings)},
+            "settings": dict(settings),
+            "retain_input_images": False,
+        },
+    }
+
+
+def module_argv(module: Module, in_dir: Path, out_dir: Path) -> list[str]:
+    """The command that runs a module: its `command`, or its container's command line."""
+    if module.command:
+        return list(module.command)
+    from mercli.process.containers import container_argv
+
+    return container_argv(
+        module.container or "", module.image or "", in_dir, out_dir, dict(module.env)
+    )
+
+
+def run_module(module: Module, in_dir: Path, out_dir: Path, output: Tail) -> int:
+    """Run one module to its end or its timeout; its exit status (negative: a signal)."""
+    env = {**os.environ, **module.env}
+    for prefix in ("MERCURE", "MERCLI"):
+        env[f"{prefix}_IN_DIR"], env[f"{prefix}_OUT_DIR"] = str(in_dir), str(out_dir)
+    output.add(f"--- module {module.name}\n".encode())
+    process = subprocess.Popen(
+        module_argv(module, in_dir, out_dir),
+        cwd=in_dir.parent,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    assert process.stdout is not None
+    reader = threading.Thread(target=_pump, args=(process.stdout, output), daemon=True)
+    reader.start()
+    try:
+        status = process.wait(module.timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        output.add(f"--- killed after the {module.timeout:g} s timeout\n".encode())
+        raise ModuleFailure(module.name, f"timed out after {module.timeout:g} s") from None
+    except BaseException:
+        _kill_group(process)
+        raise
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)  # whatever it left running
+        reader.join(KILL_GRACE)
+        process.stdout.close()
+    return status
+
+
+def check_output(module: str, out_dir: Path) -> tuple[list[tuple[Path, dict[str, Any]]], Any]:
+    """The DICOM files in `out/` with their sidecars, and result.json; ModuleFailure naming the
+    first file that is not a regular DICOM file with the three UIDs."""
+    found: list[tuple[Path, dict[str, Any]]] = []
+    result: dict[str, Any] | None = None
+    seen: dict[str, str] = {}
+    for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            kind = "a symlink" if entry.is_symlink() else "not a regular file"
+            raise ModuleFailure(module, f"output {entry.name!r} is {kind}")
+        path = Path(entry.path)
+        if entry.name == RESULT_FILE:
+            result = _result(module, path)
+            continue
+        try:
+            with open(path, "rb", opener=_no_follow) as stream:
+                tags = read_tags(stream)
+        except (UnreadableDicom, OSError) as exc:
+            raise ModuleFailure(module, f"output {entry.name!r} is not DICOM ({exc})") from None
+        missing = [
+            key
+            for key in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+            if not tags.get(key)
+        ]
+        if missing:
+            message = f"output {entry.name!r} lacks {', '.join(missing)}"
+            raise ModuleFailure(module, message)
+        first = seen.setdefault(str(tags["SOPInstanceUID"]), entry.name)
+        if first != entry.name:
+            message = f"outputs {first!r} and {entry.name!r} have the same SOPInstanceUID"
+            raise ModuleFailure(module, message)
+        found.append((path, tags))
+    if not found:
+        raise ModuleFailure(module, "wrote no DICOM output")
+    return found, result
+
+
+def _result(module: str, path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ModuleFailure(module, f"{RESULT_FILE} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModuleFailure(module, f"{RESULT_FILE} is not a JSON object")
+    return value
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
+def _pump(stream: Any, output: Tail) -> None:
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        output.add(chunk)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the module's process group, SIGKILL after KILL_GRACE."""
+    _signal_group(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(KILL_GRACE)
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _status_text(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
+
+
+def elapsed(started: float) -> float:
+    return round(time.monotonic() - started, 3)
