@@ -11,6 +11,7 @@ from benchmarks import (
     bench_dcmtk_engine,
     bench_dispatch,
     bench_e2e,
+    bench_process,
     bench_receive,
     bench_route,
     bench_spool,
@@ -25,6 +26,7 @@ SUITES = [
     bench_route,
     bench_studies,
     bench_dispatch,
+    bench_process,
     bench_e2e,
 ]
 

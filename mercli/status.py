@@ -2,7 +2,8 @@
 
 `priorities` counts the jobs of outgoing/ (the backlog) and error/ per priority (urgent,
 normal, offpeak; a job.json without one is normal); each target's backlog is split the same
-way (`targets.<name>.priorities`).
+way (`targets.<name>.priorities`). `running` lists the processing modules running right now
+(job, module, started, seconds), from the claims' `running.json`.
 
 Read-only: it looks at leases without recovering them, so `mercli status` is safe to run
 anywhere, any time, as often as a monitoring system likes.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mercli.jobs import PRIORITIES, job_priority, read_json_object
+from mercli.process.running import running_modules
 from mercli.spool import (
     ERROR,
     ERROR_FILE,
@@ -83,6 +85,7 @@ def collect_status(spool: Spool) -> dict[str, Any]:
         "priorities": priorities,
         "recent_errors": _recent_errors(spool),
         "workers": _workers(spool),
+        "running": running_modules(spool, now),
     }
 
 

@@ -6,11 +6,13 @@ import json
 import signal
 import subprocess
 import sys
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.dicomfiles import dataset_bytes, make_instance
 from tests.netkit import DCMTK_ENV, free_port, port_open, storescu, wait_until
@@ -229,3 +231,107 @@ def _failed_uids(spool: Path) -> dict[str, set[str]]:
         for tags in item.glob("*.tags"):
             failed.setdefault(target, set()).add(json.loads(tags.read_text())["SOPInstanceUID"])
     return failed
+
+
+INVERT = Path(__file__).resolve().parent.parent / "examples" / "modules" / "invert" / "invert.py"
+
+PROCESS_RULES = """
+[route]
+settle = "0.5s"
+series_timeout = "30s"
+
+[targets.storescp]
+type = "dicom"
+host = "127.0.0.1"
+port = {storescp_port}
+called_aet = "STORESCP"
+retry_delay = "1s"
+
+[modules.invert]
+command = [{python}, {invert}]
+timeout = "60s"
+retry_delay = "1s"
+settings = {{ prefix = "E2E-INV ", series_number_offset = 500 }}
+
+[[rules]]
+name = "ct-inverted"
+when = 'Modality == "CT"'
+process = ["invert"]
+targets = ["storescp"]
+
+[[rules]]
+name = "ct-originals"
+when = 'Modality == "CT"'
+targets = ["storescp"]
+"""
+
+
+def _pixels(ds: Dataset) -> array[int]:
+    values = array("H")
+    values.frombytes(bytes(ds.PixelData))
+    return values
+
+
+def test_process_invert_module_through_mercli_run_to_storescp(tmp_path: Path) -> None:
+    """storescu -> `mercli run` -> module invert (host command) -> storescp: the derived series
+    (new UIDs, prefix from the module's settings, pixels = max - original) and, by a second
+    rule, the originals byte for byte."""
+    (tmp_path / "series").mkdir()
+    study, series = "1.2.826.0.1.3680043.10.1234.7", "1.2.826.0.1.3680043.10.1234.7.1"
+    originals = [
+        make_instance(
+            tmp_path / "series",
+            series=series,
+            study=study,
+            number=n,
+            rows=16,
+            columns=16,
+            SeriesNumber=3,
+            SeriesDescription="Chest",
+        )
+        for n in range(1, 7)
+    ]
+    spool, received = tmp_path / "spool", tmp_path / "storescp"
+    with storescp(received) as storescp_port:
+        rules = tmp_path / "rules.toml"
+        rules.write_text(
+            PROCESS_RULES.format(
+                storescp_port=storescp_port,
+                python=json.dumps(sys.executable),
+                invert=json.dumps(str(INVERT)),
+            )
+        )
+        with mercli_run(spool, rules) as port:
+            assert storescu(port, originals).returncode == 0
+            wait_until(
+                lambda: len(by_uid(received)) >= 2 * len(originals),
+                timeout=25,
+                what="originals and derived series at storescp",
+            )
+            wait_until(
+                lambda: not _pending(spool) and not any((spool / "processing").iterdir()),
+                timeout=10,
+                what="processing and outgoing to drain",
+            )
+    at_storescp = {uid: dcmread(path) for uid, path in by_uid(received).items()}
+    sent = {str(dcmread(p).SOPInstanceUID): p for p in originals}
+    assert set(sent) <= set(at_storescp) and len(at_storescp) == 2 * len(originals)
+    for uid, path in sent.items():  # the originals, unchanged
+        assert dataset_bytes(by_uid(received)[uid]) == dataset_bytes(path)
+    derived = [ds for uid, ds in at_storescp.items() if uid not in sent]
+    assert len({str(ds.SeriesInstanceUID) for ds in derived}) == 1
+    assert str(derived[0].SeriesInstanceUID) != series
+    assert {str(ds.StudyInstanceUID) for ds in derived} == {study}
+    by_number = {int(ds.InstanceNumber): ds for ds in derived}
+    assert len(by_number) == len(originals)
+    for path in originals:
+        original = dcmread(path)
+        inverted = by_number[int(original.InstanceNumber)]
+        assert inverted.SeriesDescription == "E2E-INV Chest"
+        assert int(inverted.SeriesNumber) == 503 and inverted.ImageType[0] == "DERIVED"
+        before, after = _pixels(original), _pixels(inverted)
+        assert len(after) == len(before) and after != before
+        assert list(after) == [max(before) - value for value in before]
+    (processed,) = [job for job in (spool / "success").iterdir() if (job / "module.log").exists()]
+    assert "invert: 6 instance(s) written" in (processed / "module.log").read_text()
+    assert list((spool / "error").iterdir()) == []

@@ -57,6 +57,12 @@ def test_brain_mr_study_rules() -> None:
 
 def test_systemd_units_run_mercli_commands() -> None:
     units = sorted((EXAMPLES / "systemd").glob("*.service"))
-    assert {u.name for u in units} >= {"mercli-receive.service", "mercli-dispatch@.service"}
+    assert {u.name for u in units} >= {
+        "mercli-receive.service",
+        "mercli-dispatch@.service",
+        "mercli-process.service",
+    }
     for unit in units:
         assert "ExecStart=/opt/mercli/.venv/bin/mercli " in unit.read_text()
+    process = (EXAMPLES / "systemd" / "mercli-process.service").read_text()
+    assert "\nKillMode=mixed\n" in process  # mercli finishes its modules, SIGKILL for the rest

@@ -838,3 +838,116 @@ def test_derived_series_reaches_dcmtk_storescp(tmp_path: Path, spool: Spool) -> 
     assert len(datasets) == 3
     assert {ds.SeriesDescription for ds in datasets} == {"PROC CHEST"}
     assert len({ds.SeriesInstanceUID for ds in datasets} - {SERIES}) == 1
+
+
+WAITING_MODULE = (
+    """\
+import pathlib, time
+go = pathlib.Path(__file__).with_name("go")
+pathlib.Path(__file__).with_name("started").write_text("1")
+while not go.exists():
+    time.sleep(0.02)
+"""
+    + PLAIN_COPY
+)
+
+
+def status_json(spool: Spool) -> dict[str, object]:
+    result = CliRunner().invoke(cli, ["status", "--json", "--spool", str(spool.root)])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def test_status_shows_the_running_module_while_it_runs(tmp_path: Path, spool: Spool) -> None:
+    rules = process_rules(tmp_path, WAITING_MODULE)
+    receive_series(tmp_path, spool, SERIES, 2)
+    route_all(spool, rules)
+    (job,) = spool.items(PROCESSING)
+    command = [sys.executable, "-m", "mercli", "process", "--once", "--spool", str(spool.root)]
+    service = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: bool(status_json(spool)["running"]), timeout=30, what="running.json")
+        (running,) = status_json(spool)["running"]  # type: ignore[misc]
+        assert running["job"] == job.name and running["module"] == "copy"
+        assert running["seconds"] >= 0 and running["started"].endswith("+00:00")
+        (record_path,) = spool.claims.glob(f"*/processing~{job.name}/running.json")
+        record = json.loads(record_path.read_text())
+        assert sorted(record) == [
+            "attempt", "boot_id", "module", "pgid", "pid", "start_ticks", "started"
+        ]  # fmt: skip
+        assert record["attempt"] == 1 and record["pid"] == record["pgid"] > 1
+        wide = {"COLUMNS": "200"}  # the job's id in one piece
+        table = CliRunner().invoke(cli, ["status", "--spool", str(spool.root)], env=wide)
+        assert f"running copy on {job.name}" in table.output
+        (tmp_path / "go").write_text("")
+        assert service.wait(timeout=60) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    assert status_json(spool)["running"] == []
+    assert len(spool.items(SUCCESS)) == 1
+
+
+ORPHANING_MODULE = (
+    """\
+import os, pathlib, subprocess, time
+marker = pathlib.Path(__file__).with_name("grandchild.pid")
+if not marker.exists():
+    child = subprocess.Popen(["sleep", "300"])
+    marker.write_text(str(child.pid))
+    time.sleep(600)
+"""
+    + PLAIN_COPY
+)
+
+
+def test_kill_9_mid_module_then_restart_kills_the_modules_grandchildren(
+    tmp_path: Path, spool: Spool
+) -> None:
+    rules = process_rules(tmp_path, ORPHANING_MODULE)
+    receive_series(tmp_path, spool, SERIES, 2)
+    route_all(spool, rules)
+    command = [sys.executable, "-m", "mercli", "process", "--spool", str(spool.root)]
+    service = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "grandchild.pid"
+    try:
+        wait_until(lambda: marker.exists() and bool(marker.read_text()), timeout=30)
+        wait_until(lambda: bool(list(spool.claims.glob("*/*/running.json"))), timeout=10)
+    finally:
+        os.kill(service.pid, signal.SIGKILL)
+        service.wait()
+    grandchild = int(marker.read_text())
+    assert not gone(grandchild)  # PR_SET_PDEATHSIG killed the module, not what it started
+    try:
+        assert process_once(spool).processed == 1  # kills the orphan, recovers, runs again
+        wait_until(lambda: gone(grandchild), timeout=10, what="the grandchild to be killed")
+    finally:
+        if not gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+    assert len(spool.items(SUCCESS)) == 1 and not list(spool.claims.glob("*/*/running.json"))
+
+
+def test_a_reused_or_foreign_process_group_is_never_killed(tmp_path: Path, spool: Spool) -> None:
+    from mercli.process.running import RUNNING_FILE, kill_orphans, running_record
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        record = running_record("copy", 1, other.pid)
+        with Worker(spool, "process") as worker:
+            dead_owner = worker.claims_dir.name
+        for name, change in [
+            ("a", {"start_ticks": record["start_ticks"] - 1}),
+            ("b", {"boot_id": "x"}),
+        ]:
+            folder = spool.claims / dead_owner / f"processing~{name}"
+            folder.mkdir(parents=True)
+            (folder / RUNNING_FILE).write_text(json.dumps({**record, **change}))
+        assert kill_orphans(spool) == 0 and other.poll() is None
+        (spool.claims / dead_owner / "processing~a" / RUNNING_FILE).write_text(json.dumps(record))
+        assert kill_orphans(spool) == 1
+        assert other.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()

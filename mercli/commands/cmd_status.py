@@ -33,6 +33,7 @@ def status(spool: Path, as_json: bool) -> None:
     Claimed items are being worked on right now and are counted in their state.
     Outgoing jobs are also counted per priority (urgent, normal, offpeak), in total and
     per target; --json has them under "priorities" and "targets.NAME.priorities".
+    Processing modules running right now get a line each ("running" in --json).
 
     \b
     Examples:
@@ -80,6 +81,10 @@ def _table(document: dict[str, Any]) -> Table:
         split = _priorities(backlog["priorities"])
         name = Text(f"  -> {printable(target)}{split}")
         table.add_row(name, str(backlog["jobs"]), "", "", "", "", style="dim")
+    for running in document.get("running", []):
+        line = f"  running {printable(running['module'])} on {printable(running['job'])}"
+        age = format_duration(running["seconds"])
+        table.add_row(Text(line), "", "", "", "", age, style="dim")
     workers = document["workers"]
     caption = f"workers: {workers['live']} live, {workers['dead']} awaiting recovery"
     if workers.get("stuck"):

@@ -28,14 +28,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mercli.fsutil import open_new
 from mercli.jobs import Module
 from mercli.names import safe_name
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX, write_json
+from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a timed-out module
 RESULT_FILE = "result.json"
 TASK_FILE = "task.json"
 _PR_SET_PDEATHSIG = 1
+
+Running = Callable[[Module, int | None], None]  # (module, pid once started / None once ended)
 
 
 class ModuleFailure(Exception):
@@ -98,8 +102,13 @@ def run_chain(
     task: Mapping[str, Any],
     settings: Mapping[str, Any],
     output: Tail,
+    running: Running | None = None,
 ) -> ChainResult:
-    """Run every module on the output of the one before; ModuleFailure on the first failure."""
+    """Run every module on the output of the one before; ModuleFailure on the first failure.
+
+    `running(module, pid)` is called once each module has started, `running(module, None)`
+    once it has ended (whatever the way).
+    """
     current: Sequence[tuple[Path, Mapping[str, Any]]] = inputs
     result: dict[str, Any] | None = None
     statuses: list[int] = []
@@ -111,7 +120,7 @@ def run_chain(
         prepare_input(in_dir, current)
         document = task_document(task, module, {**module.settings, **settings})
         write_json(in_dir / TASK_FILE, document)
-        status = run_module(module, in_dir, out_dir, output)
+        status = run_module(module, in_dir, out_dir, output, running)
         statuses.append(status)
         if status != 0:
             raise ModuleFailure(module.name, _status_text(status), status)
@@ -127,7 +136,28 @@ def prepare_input(in_dir: Path, instances: Sequence[tuple[Path, Mapping[str, Any
         sop = safe_name(str(tags.get("SOPInstanceUID", "")))
         name = f"{series}#{sop}"
         os.link(path, in_dir / f"{name}{INSTANCE_SUFFIX}", follow_symlinks=False)
-        write_json(in_dir / f"{name}{SIDECAR_SUFFIX}", dict(tags))
+        write_unsynced(in_dir / f"{name}{SIDECAR_SUFFIX}", json_bytes(dict(tags)))
+
+
+def write_unsynced(path: Path, data: bytes) -> None:
+    """Create `path` exclusively and write it, without fsync: scratch, or fsync'ed later in a
+    batch (`fsync_files`), which costs one journal commit instead of one per file."""
+    fd = open_new(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def fsync_files(paths: Sequence[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def task_document(
@@ -156,7 +186,9 @@ def module_argv(module: Module, in_dir: Path, out_dir: Path) -> list[str]:
     )
 
 
-def run_module(module: Module, in_dir: Path, out_dir: Path, output: Tail) -> int:
+def run_module(
+    module: Module, in_dir: Path, out_dir: Path, output: Tail, running: Running | None = None
+) -> int:
     """Run one module to its end or its timeout; its exit status (negative: a signal)."""
     env = {**os.environ, **module.env}
     for prefix in ("MERCURE", "MERCLI"):
@@ -176,6 +208,8 @@ def run_module(module: Module, in_dir: Path, out_dir: Path, output: Tail) -> int
     reader = threading.Thread(target=_pump, args=(process.stdout, output), daemon=True)
     reader.start()
     try:
+        if running is not None:
+            running(module, process.pid)
         status = process.wait(module.timeout)
     except subprocess.TimeoutExpired:
         _kill_group(process)
@@ -188,6 +222,8 @@ def run_module(module: Module, in_dir: Path, out_dir: Path, output: Tail) -> int
         _signal_group(process.pid, signal.SIGKILL)  # whatever it left running
         reader.join(KILL_GRACE)
         process.stdout.close()
+        if running is not None:
+            running(module, None)
     return status
 
 

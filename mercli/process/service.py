@@ -14,8 +14,10 @@ gets `process.json` (attempts, next attempt, last error) and, once settled, `mod
 - Failure: retried after the failed module's `retry_delay * retry_backoff^(n-1)` (at most
   `retry_max_delay`), until `max_attempts` or `max_age`; then `error/` with the reason, the
   exit status and the tail of the log. Event `retry` or `failed`.
-- `kill -9` mid-module: the module dies with its parent thread (PR_SET_PDEATHSIG), recovery
-  releases the claim and reaps the scratch; the next run starts from an empty `out/`. Nothing
+- `kill -9` mid-module: the module dies with its parent thread (PR_SET_PDEATHSIG); what it
+  started is killed by the next `mercli process` through the claim's `running.json` (its
+  process group, see `mercli.process.running`) before recovery releases the claim and reaps
+  the scratch; the next run starts from an empty `out/`. Nothing
   was published: the transaction is the only way output reaches a target.
 """
 
@@ -48,9 +50,13 @@ from mercli.process.runner import (
     RESULT_FILE,
     ChainResult,
     ModuleFailure,
+    Running,
     Tail,
+    fsync_files,
     run_chain,
+    write_unsynced,
 )
+from mercli.process.running import RUNNING_FILE, kill_orphans, running_record
 from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
 from mercli.spool import (
     INCOMING,
@@ -207,6 +213,7 @@ class Processor:
                 self._task(claim.name, job),
                 job.record.get("process_settings") or {},
                 output,
+                self._running(claim, progress.attempts),
             )
             self._publish(claim, job, result, output, progress)
         except ModuleFailure as failure:
@@ -222,6 +229,22 @@ class Processor:
             time.monotonic() - started,
         )
         return True
+
+    def _running(self, claim: Claim, attempt: int) -> Running:
+        """The runner's hook that keeps `running.json` in the claim folder (status, orphans)."""
+        path = claim.key_dir / RUNNING_FILE
+
+        def running(module: Module, pid: int | None) -> None:
+            if pid is not None:
+                record = running_record(module.name, attempt, pid)
+                self.worker.replace_file(path, json.dumps(record).encode())
+                return
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # harmless: the claim folder goes with the claim
+                log.warning("cannot remove %s: %s", path, exc)
+
+        return running
 
     def _task(self, name: str, job: ProcessingJob) -> dict[str, Any]:
         """task.json's common part (mercure's Task: id, info, dispatch, study)."""
@@ -377,10 +400,19 @@ def _output_sidecars(result: ChainResult, module: str, hops: int) -> list[dict[s
 
 
 def _fill(folder: Path, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+    """Link the instances in and write their sidecars, all fsync'ed after the last is written
+    (the transaction's commit fsyncs the folders). The instances too: the module wrote them
+    and never synced them, and a job must not be committed with data a power cut can lose
+    (an inode already synced for another target's job costs nothing the second time)."""
+    written = []
     for path, tags in files:
         name = safe_name(str(tags["SOPInstanceUID"]))
-        os.link(path, folder / f"{name}{INSTANCE_SUFFIX}", follow_symlinks=False)
-        write_json(folder / f"{name}{SIDECAR_SUFFIX}", dict(tags))
+        instance = folder / f"{name}{INSTANCE_SUFFIX}"
+        os.link(path, instance, follow_symlinks=False)
+        sidecar = folder / f"{name}{SIDECAR_SUFFIX}"
+        write_unsynced(sidecar, json.dumps(dict(tags), indent=1).encode())
+        written += [instance, sidecar]
+    fsync_files(written)
 
 
 def _link_tree(source: Path, destination: Path) -> None:
@@ -413,8 +445,13 @@ class ProcessService:
         self.stop = threading.Event()
         self.wake = threading.Event()
 
-    def run(self, *, once: bool) -> ProcessSummary:
+    def recover(self) -> None:
+        """Kill what dead workers' modules left running, then recover their claims."""
+        kill_orphans(self.spool)
         recover(self.spool)
+
+    def run(self, *, once: bool) -> ProcessSummary:
+        self.recover()
         with Worker(self.spool, "process") as worker:
             processor = Processor(self.spool, worker, once=once)
             if once:
@@ -457,5 +494,5 @@ class ProcessService:
 
     def _recover_periodically(self) -> None:
         while not self.stop.wait(RECOVER_EVERY):
-            recover(self.spool)
+            self.recover()
             self.wake.set()

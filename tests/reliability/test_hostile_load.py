@@ -145,16 +145,19 @@ class Trickler(threading.Thread):
 
     def run(self) -> None:
         for byte in self.data:
-            if self.stop.wait(self.every):
+            # Wait for the receiver's answer *before* each byte: a byte sent after its A-ABORT
+            # and close draws a reset, which would destroy the unread A-ABORT on our side.
+            readable = select.select([self.sock], [], [], self.every)[0]
+            if self.stop.is_set():
+                return
+            if readable:
+                answer = read_pdu(self.sock)
+                self.ended = "abort" if answer and answer[0] == ABORT else "closed"
                 return
             try:
                 self.sock.send(bytes([byte]))
             except OSError:
                 self.ended = "closed"
-                return
-            if select.select([self.sock], [], [], 0)[0]:
-                answer = read_pdu(self.sock)
-                self.ended = "abort" if answer and answer[0] == ABORT else "closed"
                 return
 
     def __enter__(self) -> Trickler:
