@@ -104,6 +104,12 @@ class Target:
     spool's filesystem, instead of copying them. Off by default: a linked file is the spool's
     own (and every other target's) copy, so a consumer editing it in place would edit those
     too. A job without the key (written before it existed) copies.
+
+    The other types' keys follow (SPEC §5.1): `tls*` for dicom targets, `url`, `auth`,
+    `batch` for dicomweb, `user`, `key_file`, `known_hosts` (and `host`, `port`, `path`: a
+    remote path, as given) for sftp, `bucket`, `prefix`, `endpoint_url`, `region` for s3.
+    Secrets are only ever references: a file path (`*_file`, `tls_key`) or `"${NAME}"`
+    (`password`, `token`), read at send time by `mercli.secrets.read_secret`.
     """
 
     name: str
@@ -122,11 +128,39 @@ class Target:
     max_age: float = 3 * 86400.0
     link: bool = False
     priority: str | None = None
+    # DICOM TLS (dicom targets; tls_ca/tls_cert/tls_key also for https dicomweb targets)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # dicomweb (STOW-RS)
+    url: str | None = None
+    auth: str = "none"
+    username: str | None = None
+    password: str | None = None  # "${ENV}" only: secrets are references (mercli.secrets)
+    password_file: str | None = None
+    token: str | None = None  # "${ENV}" only
+    token_file: str | None = None
+    batch: int = 50
+    # sftp (host, port, path and password/password_file as above)
+    user: str | None = None
+    key_file: str | None = None
+    known_hosts: str | None = None
+    # s3
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    credentials_file: str | None = None
+    profile: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (path as a string)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["path"] = None if self.path is None else str(self.path)
+        for key in _TRANSPORT_KEYS:  # only what this target's type uses
+            if data[key] == _DEFAULTS[key]:
+                del data[key]
         return data
 
     @classmethod
@@ -137,6 +171,10 @@ class Target:
         if values.get("path") is not None:
             values["path"] = Path(values["path"])
         return cls(**values)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Target)}
+_TRANSPORT_KEYS = tuple(list(_DEFAULTS)[list(_DEFAULTS).index("tls") :])
 
 
 PROCESS_SENDER = "mercli-process:"  # + module name: the SenderAET of processing output

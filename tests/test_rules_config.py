@@ -224,9 +224,9 @@ ERRORS = [
     ),
     (DICOM + RULE + "when = 1\n", 9, 'rule "r": "when" must be a string, not an integer'),
     (
-        '[targets.pacs]\ntype = "sftp"\n' + RULE,
+        '[targets.pacs]\ntype = "ftp"\n' + RULE,
         2,
-        'target "pacs": unknown type "sftp" (known: dicom, folder)',
+        'target "pacs": unknown type "ftp" (known: dicom, folder, dicomweb, sftp, s3)',
     ),
     ('[targets.pacs]\nhost = "h"\n' + RULE, 1, 'target "pacs": missing key "type"'),
     (
@@ -277,7 +277,7 @@ ERRORS = [
     (
         DICOM + 'path = "/x"\n' + RULE,
         6,
-        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
+        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, tls, tls_ca, tls_cert, tls_key, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
     ),
     (DICOM + "timeout = 0\n" + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
     (
@@ -296,7 +296,7 @@ ERRORS = [
         'target "pacs": "max_attempts" must be between 0 and 1000000, not -1',
     ),
     (DICOM + 'host = "a b"\n', 6, "invalid TOML: Cannot overwrite a value (at line 6, column 13)"),
-    (DICOM.replace('"h"', '"a b"') + RULE, 3, 'target "pacs": bad host "a b"'),
+    (DICOM.replace('"h"', '"a b"') + RULE, 3, "target \"pacs\": bad host 'a b'"),
     ('[targets.pacs]\ntype = "folder"\n' + RULE, 1, 'target "pacs": missing key "path"'),
     (
         '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,

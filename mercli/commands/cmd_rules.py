@@ -15,6 +15,7 @@ from mercli.durations import format_duration
 from mercli.errors import ExitCode
 from mercli.rules.config import Rule, RuleSet, load_rules
 from mercli.rules.decide import MATCH, Decision, RuleTrace, decide, trace
+from mercli.secrets import exposure_warnings
 from mercli.tags import UnreadableDicom, read_tags
 
 _RULES_ARG = click.argument("rules_file", metavar="RULES", type=click.Path(path_type=Path))
@@ -45,7 +46,9 @@ def check(rules_file: Path) -> None:
 
     Errors name file, line and rule, e.g.
     `Error: rules.toml:12: rule "ct-to-pacs": unknown target "pcas"`.
-    On success prints a one-line summary and the rules in the order route checks them.
+    On success prints a one-line summary and the rules in the order route checks them,
+    then warnings (on stderr, exit still 0) about targets' secret files: missing,
+    unreadable, or open to other users.
 
     \b
     Examples:
@@ -55,6 +58,9 @@ def check(rules_file: Path) -> None:
     click.echo(f"ok: {rules_file}: {len(ruleset.targets)} targets, {len(ruleset.rules)} rules")
     for rule in ruleset.rules:
         click.echo(f"  {rule.name}: {_summary(rule)}")
+    for name, target in ruleset.targets.items():
+        for warning in exposure_warnings(target.to_json()):
+            click.echo(f'warning: target "{name}": {warning}', err=True)
 
 
 def _summary(rule: Rule) -> str:

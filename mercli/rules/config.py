@@ -34,6 +34,7 @@ from mercli.jobs import (
     processing_record,
 )
 from mercli.rules.tables import Lines, Table
+from mercli.secrets import env_reference
 
 if TYPE_CHECKING:  # expr imports pydicom's dictionary: only loading rules needs it, not Target
     from mercli.rules.expr import Expression
@@ -48,12 +49,30 @@ __all__ = [
     "load_rules",
 ]
 
-TARGET_TYPES = ("dicom", "folder")
+TARGET_TYPES = ("dicom", "folder", "dicomweb", "sftp", "s3")
 _RETRY_KEYS = ("retry_delay", "retry_backoff", "retry_max_delay", "max_attempts", "max_age")
+_TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
 _TARGET_KEYS = {
-    "dicom": ("type", "host", "port", "called_aet", "calling_aet", "ordered", "timeout"),
+    "dicom": (
+        *("type", "host", "port", "called_aet", "calling_aet", "ordered", "timeout", "tls"),
+        *_TLS_KEYS,
+    ),
     "folder": ("type", "path", "link"),
+    "dicomweb": (
+        *("type", "url", "auth", "username", "password", "password_file", "token"),
+        *("token_file", "batch", "timeout", *_TLS_KEYS),
+    ),
+    "sftp": (
+        *("type", "host", "port", "user", "key_file", "password", "password_file"),
+        *("known_hosts", "path", "timeout"),
+    ),
+    "s3": (
+        *("type", "bucket", "prefix", "endpoint_url", "region", "credentials_file", "profile"),
+        *("timeout", "tls_ca"),
+    ),
 }
+AUTH_KINDS = ("none", "basic", "bearer")
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority")
 _RULE_KEYS = (
     *("name", "when", "targets", "action", "final", "fallback", "priority"),
@@ -284,11 +303,136 @@ class _Loader:
         values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
         values["priority"] = self.priority(table)
         if kind == "dicom":
-            values |= _dicom(table)
-        else:
+            values |= _dicom(table) | self.tls(table)
+        elif kind == "folder":
             values["path"] = self.folder(table.string("path", required=True))
             values["link"] = table.boolean("link") if "link" in table.raw else None
+        elif kind == "dicomweb":
+            values |= self.dicomweb(table)
+        elif kind == "sftp":
+            values |= self.sftp(table)
+        else:
+            values |= self.s3(table)
+        if kind != "folder" and "timeout" in table.raw:
+            values["timeout"] = table.duration("timeout", positive=True)
         return Target(**{key: value for key, value in values.items() if value is not None})
+
+    def secret_file(self, table: Table, key: str) -> str | None:
+        """A secret file's path, absolute against the rules file's folder (job.json keeps
+        the path, and dispatch may run anywhere)."""
+        text = table.string(key)
+        if text is None:
+            return None
+        if not text.strip():
+            raise table.fail(key, f'"{key}" is empty')
+        return str(self.folder(text))
+
+    def tls(self, table: Table, *, url: str | None = None) -> dict[str, Any]:
+        """`tls` (dicom targets) and the files: CA bundle, client certificate and key."""
+        on = table.boolean("tls") if url is None else url.startswith("https://")
+        values: dict[str, Any] = {key: self.secret_file(table, key) for key in _TLS_KEYS}
+        given = [key for key in _TLS_KEYS if values[key] is not None]
+        if given and not on:
+            needs = "tls = true" if url is None else "an https:// url"
+            raise table.fail(given[0], f'"{given[0]}" needs {needs}')
+        if values["tls_key"] and not values["tls_cert"]:
+            raise table.fail("tls_key", '"tls_key" needs "tls_cert" (the client certificate)')
+        if url is None:
+            values["tls"] = on or None
+        return values
+
+    def dicomweb(self, table: Table) -> dict[str, Any]:
+        """A STOW-RS endpoint: url, auth and its secret, batch size, TLS files."""
+        url = (table.string("url", required=True) or "").strip()
+        if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+            raise table.fail("url", f'"url" must be an http:// or https:// URL, not {url!r}')
+        auth = table.string("auth") or "none"
+        if auth not in AUTH_KINDS:
+            raise table.fail("auth", f'unknown auth "{auth}" (known: {", ".join(AUTH_KINDS)})')
+        values: dict[str, Any] = {"url": url.rstrip("/"), "auth": auth}
+        values["batch"] = table.integer("batch", 1, 10_000)
+        values["username"] = table.string("username")
+        values |= self.credentials(table, auth)
+        return values | self.tls(table, url=url)
+
+    def credentials(self, table: Table, auth: str) -> dict[str, Any]:
+        """The secret an auth kind needs: one of password/password_file (basic, with a
+        username) or token/token_file (bearer); none for "none"."""
+        wanted = {"basic": ("password", "password_file"), "bearer": ("token", "token_file")}
+        allowed = wanted.get(auth, ())
+        for key in ("username", "password", "password_file", "token", "token_file"):
+            if (
+                key in table.raw
+                and key not in allowed
+                and not (key == "username" and auth == "basic")
+            ):
+                raise table.fail(key, f'"{key}" does not go with auth = "{auth}"')
+        values: dict[str, Any] = {}
+        if not allowed:
+            return values
+        if auth == "basic" and not table.string("username"):
+            raise table.fail(None, 'auth = "basic" needs "username"')
+        values |= self.one_secret(table, *allowed)
+        return values
+
+    def one_secret(self, table: Table, env_key: str, file_key: str) -> dict[str, Any]:
+        """Exactly one of `env_key` ("${NAME}") and `file_key` (a path)."""
+        if (env_key in table.raw) == (file_key in table.raw):
+            message = f'give "{file_key}" (a file) or {env_key} = "${{ENV_VAR}}", one of them'
+            raise table.fail(None if env_key not in table.raw else file_key, message)
+        if file_key in table.raw:
+            return {file_key: self.secret_file(table, file_key)}
+        value = table.string(env_key) or ""
+        if env_reference(value) is None:
+            message = (
+                f'"{env_key}" must be "${{ENV_VAR}}": a secret written here would be copied '
+                f'into every job.json; put it in "{file_key}" or the environment'
+            )
+            raise table.fail(env_key, message)
+        return {env_key: value.strip()}
+
+    def sftp(self, table: Table) -> dict[str, Any]:
+        """An SFTP server: host, user, known_hosts (required), key and/or password."""
+        values = {
+            "host": _host(table),
+            "port": table.integer("port", 1, 65535) or 22,
+            "user": table.string("user", required=True),
+            "known_hosts": self.secret_file(table, "known_hosts"),
+            "key_file": self.secret_file(table, "key_file"),
+            "path": Path(table.string("path") or "."),
+        }
+        if values["known_hosts"] is None:
+            message = 'missing key "known_hosts" (unknown host keys are refused; see README)'
+            raise table.fail(None, message)
+        if "password" in table.raw or "password_file" in table.raw:
+            values |= self.one_secret(table, "password", "password_file")
+        elif values["key_file"] is None:
+            raise table.fail(None, 'give "key_file" or "password_file" (or password = "${ENV}")')
+        return values
+
+    def s3(self, table: Table) -> dict[str, Any]:
+        """An S3-compatible bucket: bucket, prefix, endpoint, region, credentials."""
+        bucket = table.string("bucket", required=True) or ""
+        if not _S3_BUCKET.fullmatch(bucket):
+            raise table.fail("bucket", f"bad bucket name {bucket!r} (3-63 of a-z, 0-9, '.', '-')")
+        prefix = table.string("prefix") or ""
+        if prefix.startswith("/") or any(not c.isprintable() for c in prefix):
+            raise table.fail("prefix", f'"prefix" must not start with "/": {prefix!r}')
+        endpoint = table.string("endpoint_url")
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise table.fail("endpoint_url", '"endpoint_url" must be an http(s):// URL')
+        values: dict[str, Any] = {
+            "bucket": bucket,
+            "prefix": prefix,
+            "endpoint_url": endpoint,
+            "region": table.string("region"),
+            "credentials_file": self.secret_file(table, "credentials_file"),
+            "profile": table.string("profile"),
+            "tls_ca": self.secret_file(table, "tls_ca"),
+        }
+        if values["tls_ca"] and endpoint and not endpoint.startswith("https://"):
+            raise table.fail("tls_ca", '"tls_ca" needs an https:// endpoint_url')
+        return values
 
     def module(self, name: str, table: Table) -> Module:
         """One `[modules.NAME]`: `command` or `image` + `container`, and how to run it."""
@@ -456,18 +600,21 @@ class _Loader:
             raise table.fail("when", f"bad expression: {exc}") from None
 
 
-def _dicom(table: Table) -> dict[str, Any]:
-    """The keys of a dicom target."""
+def _host(table: Table) -> str:
     host = table.string("host", required=True) or ""
-    if not host.strip() or any(ch.isspace() for ch in host):
-        raise table.fail("host", f'bad host "{host}"')
+    if not host.strip() or any(ch.isspace() or not ch.isprintable() for ch in host):
+        raise table.fail("host", f"bad host {host!r}")
+    return host
+
+
+def _dicom(table: Table) -> dict[str, Any]:
+    """The keys of a dicom target (TLS aside)."""
     return {
-        "host": host,
+        "host": _host(table),
         "port": table.integer("port", 1, 65535, required=True),
         "called_aet": table.ae_title("called_aet", required=True),
         "calling_aet": table.ae_title("calling_aet"),
         "ordered": table.boolean("ordered") if "ordered" in table.raw else None,
-        "timeout": table.duration("timeout", positive=True) if "timeout" in table.raw else None,
     }
 
 
