@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,12 @@ from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 class Orthanc:
     """A running Orthanc; `get` talks to its REST API."""
 
-    def __init__(self, folder: Path, aet: str = "ORTHANC") -> None:
+    def __init__(
+        self, folder: Path, aet: str = "ORTHANC", config: Mapping[str, Any] | None = None
+    ) -> None:
         self.folder = folder
         self.aet = aet
+        self.extra = dict(config or {})  # merged over the defaults (plugins, TLS, users...)
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -39,6 +42,7 @@ class Orthanc:
             "UnknownSopClassAccepted": True,
             "StorageCompression": False,
             "Plugins": [],
+            **self.extra,
         }
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         self.log = (self.folder / "orthanc.log").open("wb")
@@ -90,8 +94,10 @@ class Orthanc:
 
 
 @contextmanager
-def orthanc(folder: Path, aet: str = "ORTHANC") -> Iterator[Orthanc]:
-    running = Orthanc(folder, aet).start()
+def orthanc(
+    folder: Path, aet: str = "ORTHANC", config: Mapping[str, Any] | None = None
+) -> Iterator[Orthanc]:
+    running = Orthanc(folder, aet, config).start()
     try:
         yield running
     finally:
