@@ -39,6 +39,27 @@ except AttributeError:  # pragma: no cover - glibc < 2.28 or not Linux
 
 _noreplace_supported = _renameat2 is not None
 
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - not Linux
+    _sync_file_range = None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now, without waiting.
+
+    For files we will fsync soon, among many: the fsyncs then find the data on its way (or
+    written) instead of issuing one write-and-wait after the other; 300 CT instances fsync'ed
+    in about half the time on the development VM. Only a hint: errors are ignored (the
+    fsync that follows reports them).
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename src to dst atomically, failing with FileExistsError if dst exists.

@@ -494,6 +494,19 @@ targets = ["orig"]
 """
 
 
+# The fields mercure's task model (pydantic, extra fields forbidden at the top) requires,
+# from its documented contract: a module that loads task.json with it must find them.
+MERCURE_TASK_INFO_REQUIRED = {
+    *("action", "uid", "uid_type", "triggered_rules", "applied_rule", "patient_name", "mrn"),
+    *("acc", "mercure_version", "mercure_appliance", "mercure_server"),
+}
+MERCURE_TASK_PROCESSING_REQUIRED = {"module_name", "settings", "retain_input_images"}
+MERCURE_TASK_STUDY_REQUIRED = {
+    *("study_uid", "complete_trigger", "complete_required_series", "creation_time"),
+    "last_receive_time",
+}
+
+
 def process_rules(
     tmp_path: Path,
     module: str = COPY_MODULE,
@@ -542,6 +555,9 @@ def test_copy_module_output_reaches_the_target(tmp_path: Path, spool: Spool) -> 
     assert f"{SERIES}#" in result["inputs"][0] and "task.json" in result["inputs"]
     task = result["task"]
     assert task["id"] == job.name
+    assert set(task) == {"id", "info", "dispatch", "process", "study"}
+    assert MERCURE_TASK_INFO_REQUIRED <= set(task["info"]) and task["study"] == {}
+    assert MERCURE_TASK_PROCESSING_REQUIRED <= set(task["process"])
     assert task["info"]["uid"] == SERIES and task["info"]["uid_type"] == "series"
     assert task["info"]["triggered_rules"] == {"ai": True}
     assert task["process"]["module_name"] == "copy"
@@ -592,6 +608,9 @@ def test_study_processing_gets_every_series(tmp_path: Path, spool: Spool) -> Non
     result = json.loads((done.path / "result.json").read_text())
     assert result["task"]["info"]["uid_type"] == "study"
     assert result["task"]["info"]["uid"] == study
+    task_study = result["task"]["study"]
+    assert MERCURE_TASK_STUDY_REQUIRED <= set(task_study) and task_study["study_uid"] == study
+    assert sorted(task_study["received_series_uid"]) == [f"{study}.1", f"{study}.2"]
     inputs = [name for name in result["inputs"] if name.endswith(".dcm")]
     assert sorted({name.partition("#")[0] for name in inputs}) == [f"{study}.1", f"{study}.2"]
     derived = [r for r in records(spool, OUTGOING) if r["target"]["name"] == "out"]  # type: ignore[index]
@@ -673,6 +692,77 @@ def test_a_hanging_module_is_killed_with_its_children(tmp_path: Path, spool: Spo
     assert "hanging" in str(error["log_tail"]) and "killed after" in str(error["log_tail"])
 
 
+MERCURE_DUMMY_PROCESSOR = """\
+#!/bin/sh
+# What mercure's own dummy processor does: copy everything in in/ to out/.
+set -e
+cp -r "$MERCURE_IN_DIR/." "$MERCURE_OUT_DIR"
+echo '{"foo": "bar"}' > "$MERCURE_OUT_DIR/result.json"
+"""
+
+
+def test_a_module_that_copies_in_to_out_as_mercure_modules_do(tmp_path: Path, spool: Spool) -> None:
+    """task.json and the .tags sidecars copied to out/ are not output (mercure takes the
+    *.dcm files too): the instances go on, byte for byte, with sidecars made anew."""
+    script = tmp_path / "dummy.sh"
+    script.write_text(MERCURE_DUMMY_PROCESSOR)
+    script.chmod(0o755)
+    rules = process_rules(tmp_path)
+    rules.write_text(
+        rules.read_text()
+        .replace(f"{json.dumps(sys.executable)}, ", "", 1)
+        .replace(f'"{tmp_path / "module.py"}", "PROC"', json.dumps(str(script)))
+    )
+    receive_series(tmp_path, spool, SERIES, 3, SeriesDescription="CHEST")
+    route_all(spool, rules)
+    (job,) = spool.items(PROCESSING)
+    inputs = {p.name: p.read_bytes() for p in job.path.glob("*.dcm")}
+    assert process_once(spool).processed == 1
+    (done,) = spool.items(SUCCESS)
+    assert json.loads((done.path / "result.json").read_text()) == {"foo": "bar"}
+    log_text = (done.path / "module.log").read_text()
+    assert "not output (not *.dcm): " in log_text and "task.json" in log_text
+    (derived,) = [
+        r
+        for r in spool.items(OUTGOING)
+        if json.loads((r.path / "job.json").read_text())["target"]["name"] == "out"
+    ]
+    outputs = {p.name: p.read_bytes() for p in derived.path.glob("*.dcm")}
+    assert sorted(outputs.values()) == sorted(inputs.values())
+    sidecars = [json.loads(p.read_text()) for p in derived.path.glob("*.tags")]
+    assert {s["SenderAET"] for s in sidecars} == {"mercli-process:copy"}
+    assert {s["SeriesInstanceUID"] for s in sidecars} == {SERIES}
+
+
+def test_in_holds_the_spools_sidecars_and_outputs_reach_every_target(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """The first module's in/ sidecars are the spool's (linked: same bytes); with two
+    targets, both jobs hold the same (linked) output."""
+    rules = process_rules(tmp_path, outputs='targets = ["out", "orig"]')
+    receive_series(tmp_path, spool, SERIES, 2, SeriesDescription="CHEST")
+    route_all(spool, rules)
+    (job,) = spool.items(PROCESSING)
+    spool_sidecars = sorted(p.read_bytes() for p in job.path.glob("*.tags"))
+    seen = tmp_path / "seen"
+    module = COPY_MODULE + (
+        "import shutil\n"
+        f"shutil.copytree(in_dir, {str(seen)!r}, ignore=shutil.ignore_patterns('*.dcm'))\n"
+    )
+    (tmp_path / "module.py").write_text(module)
+    assert process_once(spool).processed == 1
+    assert sorted(p.read_bytes() for p in seen.glob("*.tags")) == spool_sidecars
+    jobs = [r for r in spool.items(OUTGOING) if r.name != job.name]
+    derived = [j for j in jobs if SERIES not in (j.path / "job.json").read_text()]
+    assert len(derived) == 2
+    first, second = (
+        sorted(p.name for p in j.path.iterdir() if p.suffix in (".dcm", ".tags")) for j in derived
+    )
+    assert first == second and len(first) == 4
+    for name in first:
+        assert (derived[0].path / name).read_bytes() == (derived[1].path / name).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
@@ -684,8 +774,13 @@ def test_a_hanging_module_is_killed_with_its_children(tmp_path: Path, spool: Spo
             '(out_dir / "escape.dcm").symlink_to(next(in_dir.glob("*.dcm")))',
             "output 'escape.dcm' is a symlink",
         ),
-        ('(out_dir / "sub").mkdir()', "output 'sub' is not a regular file"),
-        ("pass", "wrote no DICOM output"),
+        ('(out_dir / "sub.dcm").mkdir()', "output 'sub.dcm' is not a regular file"),
+        (
+            '(out_dir / "task.json").symlink_to("/etc/passwd")',
+            "output 'task.json' is a symlink",
+        ),
+        ("pass", "wrote no DICOM output (*.dcm)"),
+        ('(out_dir / "report.txt").write_text("no DICOM here")', "wrote no DICOM output"),
     ],
 )
 def test_bad_output_is_refused_naming_the_file(

@@ -69,9 +69,11 @@ from mercli.spool import (
     Claim,
     Spool,
     Worker,
+    read_regular,
     recover,
     write_json,
 )
+from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
 
 log = logging.getLogger(__name__)
@@ -206,11 +208,12 @@ class Processor:
             self.summary.failed += 1
             return False
         try:
+            inputs = _inputs(claim.path, job.record)
             result = run_chain(
                 job.modules,
-                _inputs(claim.path, job.record),
+                inputs,
                 work,
-                self._task(claim.name, job),
+                self._task(claim.name, job, [tags for _, tags in inputs]),
                 job.record.get("process_settings") or {},
                 output,
                 self._running(claim, progress.attempts),
@@ -246,19 +249,28 @@ class Processor:
 
         return running
 
-    def _task(self, name: str, job: ProcessingJob) -> dict[str, Any]:
-        """task.json's common part (mercure's Task: id, info, dispatch, study)."""
+    def _task(
+        self, name: str, job: ProcessingJob, sidecars: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """task.json's common part, as mercure's `Task` model has it (id, info, dispatch,
+        study; process is per module): a module that loads it with mercure's own pydantic
+        model finds every field that model requires. `sidecars` are the input instances'."""
         record = job.record
         study = bool(record.get("study"))
         uid = record.get("StudyInstanceUID" if study else "SeriesInstanceUID", "")
+        first: Mapping[str, Any] = sidecars[0] if sidecars else {}
         info = {
             "action": "process" if job.results == "route" else "both",
             "uid": uid,
             "uid_type": "study" if study else "series",
             "triggered_rules": {rule: True for rule in record.get("rules") or []},
             "applied_rule": job.rule,
+            "patient_name": str(first.get("PatientName", "")),
             "mrn": record.get("PatientID", ""),
             "acc": record.get("AccessionNumber", ""),
+            "sender_address": str(first.get("SenderAddress") or "MISSING"),
+            "sender_aet": str(first.get("SenderAET") or "MISSING"),
+            "receiver_aet": str(first.get("ReceiverAET") or "MISSING"),
             "mercure_version": "mercli",
             "mercure_appliance": "mercli",
             "mercure_server": os.uname().nodename,
@@ -267,7 +279,7 @@ class Processor:
             "id": name,
             "info": info,
             "dispatch": {},
-            "study": {"study_uid": uid} if study else {},
+            "study": _task_study(uid, record, sidecars) if study else {},
         }
 
     # -- settling ------------------------------------------------------------------------
@@ -293,10 +305,12 @@ class Processor:
                 _fill(transaction.new_item(INCOMING, series), files)
                 made.append((INCOMING, series))
                 continue
+            first: Path | None = None
             for target in job.targets:
                 item = new_id()
                 folder = transaction.new_item(OUTGOING, item)
-                _fill(folder, files)
+                _fill(folder, files, first)
+                first = first or folder
                 record = job_record(
                     item,
                     series,
@@ -383,7 +397,7 @@ def _inputs(folder: Path, record: Mapping[str, Any]) -> list[tuple[Path, dict[st
         for path in sorted(where.glob(f"*{INSTANCE_SUFFIX}")):
             sidecar = path.with_suffix(SIDECAR_SUFFIX)
             try:
-                tags = json.loads(sidecar.read_bytes())
+                tags = json.loads(read_regular(sidecar))
             except (OSError, ValueError):
                 try:
                     tags = read_tags(path)
@@ -393,24 +407,53 @@ def _inputs(folder: Path, record: Mapping[str, Any]) -> list[tuple[Path, dict[st
     return found
 
 
+def _task_study(
+    uid: str, record: Mapping[str, Any], sidecars: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """mercure's `TaskStudy` for a study job: the study was complete (by its rule's
+    `require`, which has no mercure equivalent: "complete_required_series" holds none)."""
+    descriptions: dict[str, str] = {}
+    for tags in sidecars:
+        series = str(tags.get("SeriesInstanceUID", ""))
+        descriptions.setdefault(series, str(tags.get("SeriesDescription", "")))
+    return {
+        "study_uid": uid,
+        "complete_trigger": "received_series",
+        "complete_required_series": "",
+        "creation_time": str(record.get("first_received") or ""),
+        "last_receive_time": str(record.get("last_received") or ""),
+        "received_series": list(descriptions.values()),
+        "received_series_uid": list(descriptions),
+        "complete_force": False,
+        "complete_force_action": "discard",
+    }
+
+
 def _output_sidecars(result: ChainResult, module: str, hops: int) -> list[dict[str, Any]]:
     now = datetime.now(UTC).isoformat(timespec="milliseconds")
     meta = {"SenderAET": PROCESS_SENDER + module, "ReceiverAET": RECEIVER_AET, "ReceivedAt": now}
     return [{**tags, **meta, HOPS_KEY: hops} for _, tags in result.outputs]
 
 
-def _fill(folder: Path, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+def _fill(
+    folder: Path, files: Sequence[tuple[Path, Mapping[str, Any]]], first: Path | None = None
+) -> None:
     """Link the instances in and write their sidecars, all fsync'ed after the last is written
     (the transaction's commit fsyncs the folders). The instances too: the module wrote them
-    and never synced them, and a job must not be committed with data a power cut can lose
-    (an inode already synced for another target's job costs nothing the second time)."""
+    and never synced them, and a job must not be committed with data a power cut can lose.
+    The jobs of further targets link both from the `first` target's job (same inodes, synced
+    already): spool files are never changed in place, so sharing them is safe, as route does."""
     written = []
     for path, tags in files:
         name = safe_name(str(tags["SOPInstanceUID"]))
         instance = folder / f"{name}{INSTANCE_SUFFIX}"
-        os.link(path, instance, follow_symlinks=False)
         sidecar = folder / f"{name}{SIDECAR_SUFFIX}"
-        write_unsynced(sidecar, json.dumps(dict(tags), indent=1).encode())
+        if first is not None:
+            os.link(first / instance.name, instance, follow_symlinks=False)
+            os.link(first / sidecar.name, sidecar, follow_symlinks=False)
+            continue
+        os.link(path, instance, follow_symlinks=False)
+        write_unsynced(sidecar, json_bytes(dict(tags)), writeback=True)
         written += [instance, sidecar]
     fsync_files(written)
 
