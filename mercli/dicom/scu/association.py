@@ -18,10 +18,11 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT, part10
@@ -44,6 +45,7 @@ from mercli.dicom.dimse import (
     us,
 )
 from mercli.dicom.scu.acse import decode_associate_ac, encode_associate_rq
+from mercli.dicom.tls import describe_failure
 from mercli.errors import ConfigError, PeerError
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 OUR_MAX_PDU = 1 << 20  # what we accept: responses are tiny; some peers mishandle 0 (unlimited)
 BLOCK = 1 << 20  # dataset bytes read and sent per sendmsg call (and PDV size if unlimited)
 IOV_MAX = 1024
+NEGOTIATING = "negotiating the association"
+TLS_GATHER = 64 * 1024  # bytes gathered into one TLS write
 MAX_INCOMING_PDU = 16 << 20  # a larger PDU from the peer is taken as garbage
 A_ABORT_RQ = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source: service-user, no reason
 
@@ -71,13 +75,18 @@ _ABORT_SOURCE = {0: "the peer application", 2: "the peer's DICOM stack"}
 
 @dataclass(frozen=True)
 class DicomPeer:
-    """Where a `dicom` target listens, and how long to wait for it (connect and each answer)."""
+    """Where a `dicom` target listens, and how long to wait for it (connect and each answer).
+
+    `tls`: a client context (`mercli.dicom.tls.client_context`) to speak DICOM over TLS
+    (PS3.15 Annex B); the server's certificate is checked against `host`.
+    """
 
     host: str
     port: int
     called_aet: str
     calling_aet: str = DEFAULT_AET
     timeout: float = NETWORK_TIMEOUT
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("called_aet", "calling_aet"):
@@ -104,6 +113,12 @@ class PeerRefused(PeerError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class PeerTlsError(PeerError):
+    """The TLS handshake failed: a certificate not trusted or not for this host, no common
+    protocol version, a client certificate the peer wanted and refused, or a peer that does
+    not speak TLS on that port. Retrying cannot help before somebody changes a setting."""
 
 
 class PeerAborted(PeerError):
@@ -140,7 +155,7 @@ class Association:
     ) -> Association:
         """Connect and negotiate the proposed (abstract syntax, transfer syntaxes) contexts."""
         association = cls(_connect(peer), peer, proposed)
-        with association._guard("negotiating the association"):
+        with association._guard(NEGOTIATING):
             association._sock.sendall(_request_pdu(peer, proposed))
             pdu_type, body = association._read_pdu()
             if pdu_type == A_ASSOCIATE_RJ_TYPE and len(body) >= 4:
@@ -246,6 +261,9 @@ class Association:
         return parts
 
     def _sendmsg_all(self, parts: list[object]) -> None:
+        if isinstance(self._sock, ssl.SSLSocket):  # no sendmsg: coalesce into TLS records
+            self._send_coalesced(parts)
+            return
         views = [memoryview(cast(bytes, part)) for part in parts]
         index = 0
         while index < len(views):
@@ -257,6 +275,25 @@ class Association:
                     index += 1
                 else:
                     views[index], sent = head[sent:], 0
+
+    def _send_coalesced(self, parts: list[object]) -> None:
+        """Send parts over TLS: small ones gathered (a PDV header alone would cost a record
+        and a system call of its own), large ones as they are."""
+        pending = bytearray()
+        for part in parts:
+            view = memoryview(cast(bytes, part))
+            if len(pending) + len(view) <= TLS_GATHER:
+                pending += view
+                continue
+            if pending:
+                self._sock.sendall(pending)
+                pending.clear()
+            if len(view) <= TLS_GATHER:
+                pending += view
+            else:
+                self._sock.sendall(view)
+        if pending:
+            self._sock.sendall(pending)
 
     def receive_response(self, command_field: int) -> int:
         """Wait for the response to the last request; returns its status."""
@@ -342,6 +379,16 @@ class Association:
         except PeerError:
             self._close()
             raise
+        except ssl.SSLError as exc:
+            self._close()
+            if doing == NEGOTIATING:  # TLS 1.3: a refused client certificate shows up here
+                message = (
+                    f"{self.where} closed the TLS connection before the association "
+                    f"({exc.reason or exc}): does it want a client certificate "
+                    "(tls_cert/tls_key) it trusts?"
+                )
+                raise PeerTlsError(message) from exc
+            raise PeerAborted(f"TLS connection to {self.where} lost {doing}: {exc}") from exc
         except OSError as exc:
             self._close()
             why = exc.strerror or str(exc) or type(exc).__name__
@@ -391,7 +438,19 @@ def _connect(peer: DicomPeer) -> socket.socket:
     except OSError as exc:
         raise PeerUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if peer.tls is None:
+        return sock
+    try:  # the handshake is bounded by the socket's timeout, as every other wait
+        return peer.tls.wrap_socket(sock, server_hostname=peer.host)
+    except TimeoutError as exc:
+        sock.close()
+        raise PeerTimeout(f"no TLS handshake with {where} within {peer.timeout:g}s") from exc
+    except (ssl.SSLError, ConnectionError) as exc:
+        sock.close()
+        raise PeerTlsError(f"{where}: {describe_failure(exc)}") from exc
+    except OSError as exc:
+        sock.close()
+        raise PeerTlsError(f"{where}: TLS handshake failed: {exc.strerror or exc}") from exc
 
 
 def _request_pdu(peer: DicomPeer, proposed: Sequence[tuple[str, tuple[str, ...]]]) -> bytes:

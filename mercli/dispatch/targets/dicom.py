@@ -6,6 +6,12 @@ association too: its series in arrival order, each in InstanceNumber order, each
 recorded as delivered as `<series>/<name>`. A failure status leaves the job to be
 retried; an instance no codec can convert fails the job for good, as does a job with more
 presentation contexts than one association can carry.
+
+With `tls = true` the association runs over TLS (`mercli.dicom.tls`: TLS 1.2+, the server's
+chain checked against `tls_ca` and its name against `host`; `tls_cert`/`tls_key` for mutual
+TLS), built afresh for each attempt, so a renewed certificate is picked up without a
+restart. A failed handshake fails the attempt with the reason (not trusted, wrong host name,
+client certificate refused); it is retried as any other failure, since an admin fixes it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from mercli.dicom.scu.session import (
     TooManyContexts,
     status_category,
 )
+from mercli.dicom.tls import TlsConfigError, client_context
 from mercli.dispatch.targets.base import Attempt
 from mercli.errors import PeerError
 from mercli.jobs import JobInfo, Progress
@@ -45,8 +52,12 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
     """Send the job's instances the peer does not have yet, in order, over one association."""
     target = job.target
     assert target.host is not None and target.port is not None and target.called_aet is not None
+    try:
+        tls = client_context(target.tls_ca, target.tls_cert, target.tls_key) if target.tls else None
+    except TlsConfigError as exc:  # a file an admin can fix: retried, with the reason
+        return Attempt(error=str(exc))
     peer = DicomPeer(
-        target.host, target.port, target.called_aet, target.calling_aet, target.timeout
+        target.host, target.port, target.called_aet, target.calling_aet, target.timeout, tls
     )
     done = set(progress.delivered)
     keyed = [(path.stem, path) for path in instances_in_order(folder)] if not job.series else []
