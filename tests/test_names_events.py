@@ -106,3 +106,26 @@ def test_concurrent_appends_never_interleave(tmp_path: Path) -> None:
         (w, n) for w in range(4) for n in range(500)
     ]
     assert next(iter(EventLog(tmp_path).read()))["event"] == "received"
+
+
+def test_read_after_a_cursor_reads_only_new_whole_lines(tmp_path: Path) -> None:
+    from mercli.spool.events import Cursor, EventLog
+
+    log = EventLog(tmp_path)
+    for n in range(3):
+        log.append("x", n=n)
+    read = list(log.read_after(Cursor()))
+    assert [e["n"] for e, _ in read] == [0, 1, 2]
+    cursor = read[-1][1]
+    assert list(log.read_after(cursor)) == []
+    (day,) = tmp_path.glob("*.ndjson")
+    with day.open("ab") as stream:
+        stream.write(b'{"event": "x", "n": 3')  # a writer mid-line
+    assert list(log.read_after(cursor)) == []
+    with day.open("ab") as stream:
+        stream.write(b"}\nnot json\n")
+    ((event, after),) = log.read_after(cursor)
+    assert event["n"] == 3 and after.offset > cursor.offset
+    (tmp_path / "2999-01-01.ndjson").write_text('{"n": 4}\n')
+    assert [e["n"] for e, _ in log.read_after(after)] == [4]
+    assert Cursor.from_json(after.to_json()) == after and Cursor.from_json("junk") == Cursor()

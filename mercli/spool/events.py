@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,31 @@ from typing import Any
 from mercli.fsutil import FILE_MODE, set_file_mode
 
 EVENTS_DIR = "events"
+
+
+READ_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A place in the event log: just after the last whole line read of day file `day`
+    (`YYYY-MM-DD`; "" is the very beginning). Readers that follow the log (metrics, the
+    `mercli log` index, notifications) keep one and read only what came after it, never
+    the history again. JSON-ready as `[day, offset]`."""
+
+    day: str = ""
+    offset: int = 0
+
+    def to_json(self) -> list[object]:
+        return [self.day, self.offset]
+
+    @classmethod
+    def from_json(cls, value: object) -> Cursor:
+        if isinstance(value, list) and len(value) == 2:
+            day, offset = value
+            if isinstance(day, str) and isinstance(offset, int) and offset >= 0:
+                return cls(day, offset)
+        return cls()
 
 
 def _day_file(directory: Path, when: datetime) -> Path:
@@ -59,3 +85,38 @@ class EventLog:
                         continue
                     if since is None or record.get("at", "") >= since.isoformat():
                         yield record
+
+    def read_after(self, cursor: Cursor) -> Iterator[tuple[dict[str, Any], Cursor]]:
+        """Every whole event line after `cursor`, each with the cursor just past it.
+
+        A torn last line (a writer mid-write, or a power cut) is not read and the cursor stays
+        before it, so the next call reads it once complete. A day file shorter than the
+        cursor says (replaced by hand) is read again from its start; day files purged since
+        are skipped. Lines that are not JSON objects are skipped (their cursor still moves).
+        Reads in blocks: memory is flat however long the log.
+        """
+        for path in sorted(self.directory.glob("*.ndjson")):
+            day = path.stem
+            if day < cursor.day:
+                continue
+            offset = cursor.offset if day == cursor.day else 0
+            try:
+                stream = path.open("rb")
+            except FileNotFoundError:  # purged meanwhile
+                continue
+            with stream:
+                if os.fstat(stream.fileno()).st_size < offset:
+                    offset = 0
+                stream.seek(offset)
+                pending = b""
+                while block := stream.read(READ_BLOCK):
+                    lines = (pending + block).split(b"\n")
+                    pending = lines.pop()
+                    for raw in lines:
+                        offset += len(raw) + 1
+                        try:
+                            record = json.loads(raw)
+                        except ValueError:
+                            continue
+                        if isinstance(record, dict):
+                            yield record, Cursor(day, offset)
