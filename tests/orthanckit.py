@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
 import urllib.request
@@ -85,6 +87,25 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=30) as response:
             result: list[dict[str, Any]] = json.loads(response.read())
         return result
+
+    def get_as(self, path: str, user: str, password: str) -> Any:
+        """`get` with HTTP basic credentials, for an Orthanc with AuthenticationEnabled."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def sha256_of(self, sop_instance_uid: str) -> str:
+        """SHA-256 of a stored instance's file, streamed (instances of hundreds of MB)."""
+        (hit,) = [h for h in self.get_lookup(sop_instance_uid) if h["Type"] == "Instance"]
+        digest = hashlib.sha256()
+        url = f"http://127.0.0.1:{self.http_port}/instances/{hit['ID']}/file"
+        with urllib.request.urlopen(url, timeout=120) as response:
+            while chunk := response.read(1024 * 1024):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from mercli.commands.options import check_extra_tags, common_options, duration
+from mercli.dicom.tls import TlsConfigError
 from mercli.receive.handler import ReceiveConfig
 from mercli.receive.service import serve
 
@@ -89,6 +90,29 @@ def _positive(ctx: click.Context, param: click.Parameter, value: str) -> float:
     show_default=True,
     help="pynetdicom: mercli's own listener. dcmtk: DCMTK storescp + getdcmtags (see below).",
 )
+@click.option(
+    "--tls-cert",
+    metavar="FILE",
+    help="Serve DICOM TLS with this certificate (PEM; may hold the chain and the key).",
+)
+@click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (PEM, unencrypted).")
+@click.option(
+    "--tls-ca",
+    metavar="FILE",
+    help="CA certificate(s) (PEM) that client certificates must chain to.",
+)
+@click.option(
+    "--tls-require-client-cert",
+    is_flag=True,
+    help="Mutual TLS: refuse peers without a client certificate from --tls-ca.",
+)
+@click.option(
+    "--tls-port",
+    type=click.IntRange(0, 65535),
+    metavar="N",
+    help="Serve TLS on this port (2762 is DICOM-TLS's) and plain DICOM on --port. "
+    "Without it, --port itself serves TLS and no port is plain.",
+)
 def receive(
     spool: Path,
     port: int,
@@ -103,6 +127,11 @@ def receive(
     network_timeout: float,
     shutdown_grace: float,
     engine: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_require_client_cert: bool,
+    tls_port: int | None,
 ) -> None:
     """Receive DICOM instances (C-STORE, C-ECHO) into spool/incoming/.
 
@@ -129,11 +158,21 @@ def receive(
     (refused, exit 2);
     --acse-timeout and --shutdown-grace apply to the default engine only.
 
+    DICOM TLS (TLS 1.2 or later), both engines: --tls-cert and --tls-key make --port speak
+    TLS only; add --tls-port N to serve TLS there and plain DICOM on --port at once. With
+    --tls-ca, a client certificate is asked for and, if presented, must chain to it;
+    --tls-require-client-cert refuses peers without one. A failed handshake (plain peer, unknown
+    CA, no client certificate) is logged with the peer's address and the reason; the
+    handshake counts within --acse-timeout and against the cap on waiting connections. A
+    certificate, key or CA that cannot be used exits 2, naming the file.
+
     \b
     Examples:
       mercli receive --spool /var/spool/mercli --port 104 --aet ROUTER
       mercli receive --allow-aet CT1 --allow-aet MR2     # only these senders
       TCP_NODELAY=1 storescu -aec MERCLI localhost 11112 *.dcm
+      mercli receive --tls-cert server.pem --tls-key server.key --tls-port 2762
+      TCP_NODELAY=1 storescu +tls client.key client.pem +cf ca.pem -aec MERCLI host 2762 *.dcm
     """
     given = click.get_current_context().get_parameter_source("max_associations")
     if engine == "dcmtk" and given is ParameterSource.COMMANDLINE:
@@ -143,6 +182,7 @@ def receive(
             "(one process each) and cannot limit them; use --engine pynetdicom or a "
             "firewall's connection limit"
         )
+    _check_tls_options(tls_cert, tls_key, tls_ca, tls_require_client_cert, tls_port, port)
     config = ReceiveConfig(
         host=host,
         port=port,
@@ -156,5 +196,43 @@ def receive(
         acse_timeout=acse_timeout,
         shutdown_grace=shutdown_grace,
         engine=engine,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_require_client_cert=tls_require_client_cert,
+        tls_port=tls_port,
     )
-    serve(spool, config)
+    try:
+        serve(spool, config)
+    except TlsConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _check_tls_options(
+    cert: str | None,
+    key: str | None,
+    ca: str | None,
+    require_client_cert: bool,
+    tls_port: int | None,
+    port: int,
+) -> None:
+    """TLS options that make no sense without the others: usage errors (exit 2)."""
+    if cert is None:
+        given = [
+            name
+            for name, value in (
+                ("--tls-key", key),
+                ("--tls-ca", ca),
+                ("--tls-require-client-cert", require_client_cert or None),
+                ("--tls-port", tls_port),
+            )
+            if value is not None
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: needs --tls-cert (and --tls-key)")
+    if require_client_cert and not ca:
+        raise click.UsageError("--tls-require-client-cert: needs --tls-ca to verify them with")
+    if tls_port is not None and tls_port == port and port != 0:
+        raise click.UsageError(
+            f"--tls-port {tls_port} is --port too: leave --tls-port out to serve TLS only there"
+        )

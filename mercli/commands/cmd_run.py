@@ -36,6 +36,11 @@ _DEFAULTS = ReceiveConfig()
 @click.option("--extra-tag", "extra_tags", multiple=True, metavar="TAG", callback=check_extra_tags)
 @click.option("--network-timeout", callback=duration, help="See `mercli receive --help`.")
 @click.option("--shutdown-grace", callback=duration, help="See `mercli receive --help`.")
+@click.option("--tls-cert", metavar="FILE", help="See `mercli receive --help` (DICOM TLS).")
+@click.option("--tls-key", metavar="FILE", help="See `mercli receive --help`.")
+@click.option("--tls-ca", metavar="FILE", help="See `mercli receive --help`.")
+@click.option("--tls-require-client-cert", is_flag=True, help="See `mercli receive --help`.")
+@click.option("--tls-port", type=click.IntRange(0, 65535), help="See `mercli receive --help`.")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option(
     "--purge-every",
@@ -57,6 +62,11 @@ def run(
     extra_tags: tuple[str, ...],
     network_timeout: float | None,
     shutdown_grace: float | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_require_client_cert: bool,
+    tls_port: int | None,
     workers: int,
     purge_every: float,
 ) -> None:
@@ -84,10 +94,21 @@ def run(
     receive_args += [arg for tag in extra_tags for arg in ("--extra-tag", tag)]
     receive_args += [] if network_timeout is None else ["--network-timeout", f"{network_timeout}"]
     receive_args += [] if shutdown_grace is None else ["--shutdown-grace", f"{shutdown_grace}"]
+    receive_args += _tls_args(tls_cert, tls_key, tls_ca, tls_require_client_cert, tls_port)
     verbosity = _verbosity()
     config = RunConfig(spool, rules_path.resolve(), tuple(receive_args), workers, purge_every)
     config = replace(config, process=bool(ruleset.modules))
     Supervisor(config, verbosity).run()
+
+
+def _tls_args(
+    cert: str | None, key: str | None, ca: str | None, require: bool, port: int | None
+) -> list[str]:
+    """The --tls-* options for the receive part, as given (receive checks them)."""
+    files = (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
+    args = [arg for name, value in files if value for arg in (name, value)]
+    args += ["--tls-require-client-cert"] if require else []
+    return args + ([] if port is None else ["--tls-port", str(port)])
 
 
 def _verbosity() -> list[str]:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from mercli.dicom.scp.listener import (
     Listener,
     StoreRequest,
 )
+from mercli.dicom.tls import TlsConfigError, server_context
 from mercli.errors import ListenError
 from mercli.fsutil import open_new, unlink_quietly, write_fd
 from mercli.names import printable, safe_name
@@ -69,6 +71,24 @@ class ReceiveConfig:
     acse_timeout: float = ACSE_TIMEOUT  # for the whole association request, from connecting
     shutdown_grace: float = 30.0  # seconds open associations get on SIGTERM before A-ABORT
     engine: str = "pynetdicom"  # or "dcmtk": storescp + getdcmtags (mercli.receive.dcmtk.engine)
+    # DICOM TLS (SPEC §6.1): on with tls_cert; on tls_port (and port stays plain), else on port
+    tls_cert: str | None = None
+    tls_key: str | None = None  # None: the key is in tls_cert
+    tls_ca: str | None = None  # verifies client certificates (those presented, or required)
+    tls_require_client_cert: bool = False
+    tls_port: int | None = None
+
+    @property
+    def tls_listen_port(self) -> int | None:
+        """The port that speaks TLS, or None without TLS."""
+        if self.tls_cert is None:
+            return None
+        return self.port if self.tls_port is None else self.tls_port
+
+    @property
+    def plain_port(self) -> int | None:
+        """The port that speaks plain DICOM, or None when the only port is TLS."""
+        return self.port if self.tls_cert is None or self.tls_port is not None else None
 
 
 # -- one instance on its way to the spool --------------------------------------------------------
@@ -376,8 +396,44 @@ class InstanceStore:
         self.scratch.close()
 
 
+def tls_context(config: ReceiveConfig) -> ssl.SSLContext | None:
+    """The TLS context of the receiving side, None without TLS; TlsConfigError naming the
+    file if a certificate, key or CA cannot be used.
+
+    With a CA but without --tls-require-client-cert, a client certificate is asked for and,
+    if one is presented, must verify (DCMTK's --verify-peer-cert): an admin who names a CA
+    expects it to be used. Without a CA none is asked for."""
+    if config.tls_cert is None:
+        return None
+    for what, path in (
+        ("certificate", config.tls_cert),
+        ("key", config.tls_key),
+        ("CA file", config.tls_ca),
+    ):
+        if path is not None:
+            _check_readable(what, path)
+    context = server_context(
+        config.tls_cert, config.tls_key, config.tls_ca, config.tls_require_client_cert
+    )
+    if config.tls_ca and not config.tls_require_client_cert:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _check_readable(what: str, path: str) -> None:
+    """TlsConfigError naming exactly this file if it cannot be opened (OpenSSL's own error
+    for a missing key names the certificate it was loading with)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise TlsConfigError(f"TLS {what} {path}: no such file") from None
+    except OSError as exc:
+        raise TlsConfigError(f"TLS {what} {path}: cannot be read ({exc.strerror})") from None
+
+
 def start_listener(config: ReceiveConfig, store: InstanceStore) -> Listener:
-    """Bind and start accepting in background threads; ListenError if the port is unusable."""
+    """Bind and start accepting in background threads; ListenError if a port is unusable."""
     try:
         listener = Listener(
             config.host,
@@ -386,9 +442,10 @@ def start_listener(config: ReceiveConfig, store: InstanceStore) -> Listener:
             max_associations=config.max_associations,
             acse_timeout=config.acse_timeout,
             network_timeout=config.network_timeout,
+            tls=tls_context(config),
+            tls_port=config.tls_port,
         )
     except OSError as exc:
-        raise ListenError(
-            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-        ) from exc
+        ports = f"{config.port}" + (f" or {config.tls_port}" if config.tls_port else "")
+        raise ListenError(f"cannot listen on {config.host}:{ports}: {exc.strerror or exc}") from exc
     return listener.start()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mercli.dicom.scp.listener import Listener
 from mercli.errors import ListenError, MercliError
-from mercli.receive.handler import InstanceStore, ReceiveConfig, start_listener
+from mercli.receive.handler import InstanceStore, ReceiveConfig, start_listener, tls_context
 from mercli.service import ignore_signals, stop_on_signals
 from mercli.spool import Spool, Worker, recover
 
@@ -34,7 +34,9 @@ EARLY_EXIT = 3.0  # a listener that exits within this many seconds of starting f
 
 def serve(spool_root: Path, config: ReceiveConfig) -> None:
     """Receive until SIGINT/SIGTERM, then finish open associations (at most
-    `config.shutdown_grace` seconds, then abort them) and return."""
+    `config.shutdown_grace` seconds, then abort them) and return. Unusable TLS files raise
+    TlsConfigError before anything listens."""
+    tls_context(config)  # each listening process builds its own; this one only checks the files
     if config.engine == "dcmtk":
         from mercli.receive.dcmtk.engine import serve_dcmtk
 
@@ -60,14 +62,30 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
         store = InstanceStore(spool, worker, config)
         try:
             listener = start_listener(config, store)
-            host, port = listener.address
-            log.info("receiving on %s:%d as %s (pid %d)", host, port, config.aet, os.getpid())
+            _log_listening(listener, config.aet)
             stop.wait()
             _stop_listener(listener, config.shutdown_grace)
         finally:
             store.close()
     _ignore_late_signals()
     log.info("receiver stopped")
+
+
+def _log_listening(listener: Listener, aet: str) -> None:
+    host, port = listener.address
+    if listener.tls_address is None:
+        log.info("receiving on %s:%d as %s (pid %d)", host, port, aet, os.getpid())
+    elif listener.tls_address == listener.address:
+        log.info("receiving with TLS on %s:%d as %s (pid %d)", host, port, aet, os.getpid())
+    else:
+        log.info(
+            "receiving on %s:%d, with TLS on port %d, as %s (pid %d)",
+            host,
+            port,
+            listener.tls_address[1],
+            aet,
+            os.getpid(),
+        )
 
 
 def _stop_listener(listener: Listener, grace: float) -> None:

@@ -16,6 +16,13 @@ The limits (SPEC §9):
   a per-read timeout, so one byte every 20 s does not keep a connection.
 - A first PDU that is not an A-ASSOCIATE-RQ, or one longer than `MAX_ASSOCIATE_RQ`, is
   answered with A-ABORT as soon as its 6-byte header is read; its body is never buffered.
+
+TLS (PS3.15 Annex B): a listening socket may come with an `ssl.SSLContext`. Its connections
+do the TLS handshake here, non-blocking, before their request is read, so a handshake is a
+waiting connection like any other: counted in `cap`, and bounded by the same deadline from
+connecting. A failed handshake (a plain peer, an unknown CA, no client certificate, garbage)
+is logged with the peer's address and the reason and costs that connection only. The
+handshake's CPU (one signature, one key exchange) runs in this thread: about a millisecond.
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import errno
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from mercli.dicom.dimse import A_ABORT, A_ASSOCIATE_RQ_TYPE
 from mercli.dicom.scp.negotiation import MAX_ASSOCIATE_RQ
+from mercli.dicom.tls import describe_failure
 from mercli.names import printable
 
 log = logging.getLogger("mercli.dicom.scp.listener")  # one name for the whole accepting side
@@ -42,6 +51,14 @@ ACCEPT_BATCH = 64  # connections accepted in a row before the waiting ones are r
 WARN_EVERY = 60.0  # seconds between warnings about dropped connections
 
 OnRequest = Callable[[socket.socket, tuple[str, int], bytes], None]
+Server = tuple[socket.socket, ssl.SSLContext | None]  # a listening socket; a context: TLS on it
+
+
+def shutdown_socket(sock: socket.socket, how: int) -> None:
+    """`sock.shutdown(how)` on the file descriptor itself, also for an `ssl.SSLSocket`: its own
+    shutdown() drops the TLS state first, so a thread reading would crash and anything sent
+    afterwards (our A-ABORT) would leave in clear text."""
+    socket.socket.shutdown(sock, how)
 
 
 def answer_and_close(sock: socket.socket, pdu: bytes) -> None:
@@ -53,7 +70,7 @@ def answer_and_close(sock: socket.socket, pdu: bytes) -> None:
     """
     with suppress(OSError):
         sock.send(pdu)
-        sock.shutdown(socket.SHUT_WR)
+        shutdown_socket(sock, socket.SHUT_WR)
         for _ in range(16):
             if not sock.recv(4096):
                 break
@@ -63,7 +80,7 @@ def answer_and_close(sock: socket.socket, pdu: bytes) -> None:
 class _Waiting:
     """One connection whose A-ASSOCIATE-RQ is not whole yet."""
 
-    __slots__ = ("address", "data", "deadline", "size", "sock")
+    __slots__ = ("address", "data", "deadline", "handshaking", "size", "sock")
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], deadline: float) -> None:
         self.sock = sock
@@ -71,6 +88,7 @@ class _Waiting:
         self.deadline = deadline
         self.data = bytearray()
         self.size = HEADER  # bytes to read in all: the header, then header + PDU length
+        self.handshaking = isinstance(sock, ssl.SSLSocket)  # TLS handshake still to finish
 
 
 def header_problem(header: bytes | bytearray) -> str | None:
@@ -86,16 +104,17 @@ def header_problem(header: bytes | bytearray) -> str | None:
 
 
 class Admission:
-    """Accepts on `server` and reads each connection's A-ASSOCIATE-RQ (see module docstring).
+    """Accepts on `servers` and reads each connection's A-ASSOCIATE-RQ (see module docstring).
 
     `on_request(sock, address, pdu)` is called in this thread with the socket (still
-    non-blocking) and the whole request; from then on the socket is its to close.
+    non-blocking; an `ssl.SSLSocket`, handshake done, on a TLS server) and the whole request;
+    from then on the socket is its to close.
     """
 
     def __init__(
-        self, server: socket.socket, on_request: OnRequest, *, cap: int, timeout: float
+        self, servers: Sequence[Server], on_request: OnRequest, *, cap: int, timeout: float
     ) -> None:
-        self.server = server
+        self.servers = {server: context for server, context in servers}
         self.on_request = on_request
         self.cap = max(1, cap)
         self.timeout = timeout
@@ -111,14 +130,15 @@ class Admission:
 
     def run(self) -> None:
         """Accept and read requests until close(); then close every connection still waiting."""
-        self.server.setblocking(False)
-        self._selector.register(self.server, selectors.EVENT_READ)
+        for server in self.servers:
+            server.setblocking(False)
+            self._selector.register(server, selectors.EVENT_READ, server)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._closed.is_set():
                 for key, _ in self._selector.select(self._next_timeout()):
-                    if key.fileobj is self.server:
-                        self._accept()
+                    if isinstance(key.data, socket.socket):  # a listening socket
+                        self._accept(key.data)
                     elif key.fileobj is self._wake_r:
                         with suppress(OSError):
                             self._wake_r.recv(64)
@@ -140,10 +160,11 @@ class Admission:
 
     # -- connections ----------------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, server: socket.socket) -> None:
+        context = self.servers[server]
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self.server.accept()
+                sock, address = server.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -154,6 +175,15 @@ class Admission:
             sock.setblocking(False)
             with suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:  # nothing is exchanged yet: the handshake starts in _read
+                try:
+                    sock = context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                except (OSError, ValueError) as exc:  # reset already: this connection only
+                    log.info("connection from %s lost: %s", printable(str(address[0])), exc)
+                    sock.close()
+                    continue
             peer = (str(address[0]), int(address[1]))
             waiting = _Waiting(sock, peer, time.monotonic() + self.timeout)
             self._waiting[sock] = waiting
@@ -170,13 +200,51 @@ class Admission:
 
     def _read_if_waiting(self, waiting: _Waiting) -> None:
         """Read, unless the connection was dropped since select() reported it."""
-        if self._waiting.get(waiting.sock) is waiting:
+        if self._waiting.get(waiting.sock) is not waiting:
+            return
+        if waiting.handshaking and not self._handshake(waiting):
+            return
+        self._read(waiting)
+        # TLS may hold decrypted bytes that select() cannot see: read them now
+        while (
+            self._waiting.get(waiting.sock) is waiting
+            and isinstance(waiting.sock, ssl.SSLSocket)
+            and waiting.sock.pending()
+        ):
             self._read(waiting)
+
+    def _handshake(self, waiting: _Waiting) -> bool:
+        """One step of the TLS handshake; True once it is done and the request may be read."""
+        assert isinstance(waiting.sock, ssl.SSLSocket)
+        try:
+            waiting.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(waiting.sock, selectors.EVENT_READ, waiting)
+            return False
+        except ssl.SSLWantWriteError:
+            self._selector.modify(waiting.sock, selectors.EVENT_WRITE, waiting)
+            return False
+        except OSError as exc:  # ssl.SSLError included
+            self._handshake_failed(waiting, exc)
+            return False
+        waiting.handshaking = False
+        self._selector.modify(waiting.sock, selectors.EVENT_READ, waiting)
+        log.debug("TLS %s with %s", waiting.sock.version(), printable(waiting.address[0]))
+        return True
+
+    def _handshake_failed(self, waiting: _Waiting, exc: OSError) -> None:
+        """Log why (a peer that just closes, like a port probe, at info level) and drop it."""
+        who = printable(waiting.address[0])
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError):
+            log.info("connection from %s closed during the TLS handshake", who)
+        else:
+            log.warning("TLS connection from %s refused: %s", who, describe_failure(exc))
+        self._drop(waiting)
 
     def _read(self, waiting: _Waiting) -> None:
         try:
             chunk = waiting.sock.recv(min(waiting.size - len(waiting.data), 1 << 16))
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             self._drop(waiting)
@@ -210,7 +278,8 @@ class Admission:
             if waiting.deadline > now:
                 return  # one timeout for all: insertion order is deadline order
             log.info(
-                "no whole A-ASSOCIATE-RQ from %s within %g s: connection closed",
+                "no %s from %s within %g s: connection closed",
+                "TLS handshake" if waiting.handshaking else "whole A-ASSOCIATE-RQ",
                 printable(waiting.address[0]),
                 self.timeout,
             )

@@ -10,6 +10,11 @@ What a peer can make us buffer is capped (SPEC §9): a P-DATA-TF PDU is at most 
 we announced, a command set at most `MAX_COMMAND`, A-RELEASE-RQ exactly its 4 bytes; anything
 over is answered with A-ABORT before a byte of it is read.
 
+Over TLS `sock` is an `ssl.SSLSocket` whose handshake admission finished; reads and writes
+are the same calls. Only shutdown differs: it goes to the file descriptor
+(`shutdown_socket`), so a watchdog's `expire` neither breaks the TLS state under the reading
+thread nor makes our A-ABORT leave unencrypted.
+
 Also here: the interface the upper layer calls (`StoreHandler`, `DatasetSink`,
 `StoreRequest`), which mercli.receive.handler implements.
 """
@@ -50,6 +55,7 @@ from mercli.dicom.dimse import (
     parse_command,
 )
 from mercli.dicom.dimse import us as _us
+from mercli.dicom.scp.admission import shutdown_socket
 from mercli.dicom.scp.negotiation import (
     MAX_PDU,
     AssociationInfo,
@@ -172,12 +178,12 @@ class Connection:
         if self._expired is None:
             self._expired = reason
         with suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RD)
+            shutdown_socket(self.sock, socket.SHUT_RD)
 
     def cut(self) -> None:
         """Close both directions: the last resort for a thread stuck sending to a peer."""
         with suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            shutdown_socket(self.sock, socket.SHUT_RDWR)
 
     def _who(self) -> str:
         return f"{printable(self.admitted.calling_aet)} ({printable(self.admitted.address)})"
@@ -207,7 +213,7 @@ class Connection:
             # The reader holds a reference to the socket: without shutdown the TCP connection
             # would stay open, and a peer that aborted waits for us to close it (AA-3).
             with suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+                shutdown_socket(self.sock, socket.SHUT_RDWR)
             with suppress(OSError):
                 self.reader.close()
                 self.sock.close()

@@ -26,19 +26,25 @@ free slot); connections still without a request are capped and have a deadline; 
 associated, a peer may be silent for `network_timeout` seconds between PDUs and each PDU must
 arrive within `network_timeout` seconds too, so a peer trickling one byte at a time holds a
 slot for a bounded time; at shutdown, associations get a grace period and are then aborted.
+
+TLS (SPEC §6.1): with `tls`, one port speaks TLS: `tls_port` if given (then `port` stays
+plain, and both share the association slots and the cap on waiting connections), else `port`
+itself. The handshake is part of admission (`mercli.dicom.scp.admission`); an association
+over TLS is served like any other, through an `ssl.SSLSocket`.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from contextlib import suppress
 
 from mercli.dicom import ACSE_TIMEOUT, NETWORK_TIMEOUT
 from mercli.dicom.dimse import A_ABORT, ProtocolError
-from mercli.dicom.scp.admission import Admission, answer_and_close
+from mercli.dicom.scp.admission import Admission, Server, answer_and_close
 from mercli.dicom.scp.connection import (
     CHUNK,
     Connection,
@@ -94,7 +100,8 @@ class Listener:
     At most `max_associations` associations are served at once; further requests are
     rejected as transient (local limit exceeded), so senders retry later. At most
     `max_waiting` connections (default twice `max_associations`) may wait for their request
-    to arrive, for at most `acse_timeout` seconds from connecting.
+    to arrive (TLS handshake included), for at most `acse_timeout` seconds from connecting.
+    `address` is where `port` listens, `tls_address` where TLS does (None: no TLS).
     """
 
     def __init__(
@@ -107,21 +114,29 @@ class Listener:
         max_waiting: int | None = None,
         acse_timeout: float = ACSE_TIMEOUT,
         network_timeout: float = NETWORK_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
+        tls_port: int | None = None,
     ) -> None:
         self.handler = handler
         self.max_associations = max_associations
         self.network_timeout = network_timeout
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
+        servers: list[Server] = [(_listen(host, port), tls if tls_port is None else None)]
+        if tls is not None and tls_port is not None:
+            try:
+                servers.append((_listen(host, tls_port), tls))
+            except OSError:
+                servers[0][0].close()
+                raise
+        self._servers = [server for server, _ in servers]
+        self.sock = self._servers[0]
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self.tls_address: tuple[str, int] | None = next(
+            (server.getsockname()[:2] for server, context in servers if context), None
+        )
         self._associations: dict[threading.Thread, Connection] = {}  # one per slot taken
         self._lock = threading.Lock()
         self._admission = Admission(
-            self.sock,
+            servers,
             self._on_request,
             cap=max_waiting or 2 * max_associations,
             timeout=acse_timeout,
@@ -219,8 +234,9 @@ class Listener:
         """Stop accepting: connections without an association are closed, associations go on."""
         self._admission.close()
         self._acceptor.join(timeout=5)
-        with suppress(OSError):
-            self.sock.close()
+        for server in self._servers:
+            with suppress(OSError):
+                server.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every association to end; True if they all did."""
@@ -248,3 +264,18 @@ class Listener:
                 self.wait_idle(ABORT_WAIT)
         self._stopped.set()
         return aborted
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket that other receiving processes may share (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock

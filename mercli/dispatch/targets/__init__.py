@@ -15,13 +15,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from mercli.dispatch.targets import dicom, folder
+from mercli.dispatch.targets import dicom, dicomweb, folder, s3, sftp
 from mercli.dispatch.targets.base import Attempt
 from mercli.jobs import JobInfo, Progress
 
 Deliver = Callable[[Path, JobInfo, Progress], Attempt]
 
-DELIVER: dict[str, Deliver] = {"dicom": dicom.deliver, "folder": folder.deliver}
+DELIVER: dict[str, Deliver] = {
+    "dicom": dicom.deliver,
+    "dicomweb": dicomweb.deliver,
+    "folder": folder.deliver,
+    "s3": s3.deliver,
+    "sftp": sftp.deliver,
+}
 
 
 def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:

@@ -19,6 +19,14 @@ venv puts first on PATH. It serves every association it is offered, one process 
 could only cut those over a limit after they were answered, so `--max-associations` (other
 than its default) is refused like `--allow-aet`.
 
+TLS (SPEC §6.1): storescp listens on one port with one transport, so with TLS on --tls-port
+and plain DICOM on --port two storescp run side by side, their logs read by the same tracker
+(each line carries its child's pid). `storescp +tls KEY CERT -pw` (keys unencrypted, never a
+password prompt), `+cf CA`, and `--require-peer-cert` with --tls-require-client-cert, else
+`--verify-peer-cert` with a CA and `--ignore-peer-cert` without: what the default engine does.
+storescp forks before the handshake, so a silent or failing peer holds only its own child; a
+failed handshake is logged with the peer's address from the child's log.
+
 The one difference to the default engine: storescp acknowledges an instance when its file is
 written, before getdcmtags has made it durable and written its sidecar (a few milliseconds
 later). A power cut in that window can lose an acknowledged instance; `kill -9` cannot (the
@@ -35,15 +43,17 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mercli.dicom.sender import Sender
 from mercli.errors import ConfigError, ListenError, UsageError
 from mercli.fsutil import make_dir
+from mercli.names import printable
 from mercli.receive.dcmtk.completeness import check_complete
 from mercli.receive.dcmtk.publisher import HintBook, Publisher, RetryQueue, find_getdcmtags
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
-from mercli.receive.handler import ReceiveConfig
+from mercli.receive.handler import ReceiveConfig, tls_context
 from mercli.service import ignore_signals, stop_on_signals
 from mercli.spool import Spool, Worker, recover
 
@@ -158,6 +168,7 @@ def _dcmtk_version(path: str) -> tuple[str | None, str]:
 def serve_dcmtk(spool_root: Path, config: ReceiveConfig) -> None:
     """Receive with storescp until SIGINT/SIGTERM, then let open associations finish."""
     check_config(config)
+    tls_context(config)  # unusable files are named by us, not by a storescp that exits
     storescp = find_storescp()
     binary = find_getdcmtags()
     spool = Spool.open(spool_root)
@@ -185,7 +196,9 @@ class _Engine:
         self.tracker = StagingTracker(staging, config.aet)
         self.retries = RetryQueue()
         self.stop = threading.Event()
-        self.storescp: subprocess.Popen[bytes] | None = None
+        self.ports = _ports(config)  # port -> TLS on it
+        self.storescps: dict[int, _Storescp] = {}  # port -> the storescp listening there
+        self.pipes: dict[int, bytes] = {}  # fd of a storescp output still open -> unended line
         self.hints = HintBook(spool, worker)
         self.publisher = Publisher(binary, spool, config.processes, self.retries, self.hints)
         self.seen_association = False
@@ -193,13 +206,14 @@ class _Engine:
 
     def run(self) -> None:
         stop_on_signals(self.stop, "finishing open associations")
-        self.storescp = self._start_storescp()
-        started = time.monotonic()
+        for port in self.ports:
+            self._start_storescp(port)
         try:
-            self._pump(started)
+            self._pump()
         finally:
-            if self.storescp.poll() is None:
-                self.storescp.terminate()
+            for running in self.storescps.values():
+                if running.process.poll() is None:
+                    running.process.terminate()
             self._publish_unproven(self.tracker.sweep(everything=True))
             self.publisher.close()
             ignore_signals()
@@ -210,7 +224,7 @@ class _Engine:
             self.publisher.failed,
         )
 
-    def _start_storescp(self) -> subprocess.Popen[bytes]:
+    def _start_storescp(self, port: int) -> None:
         config_file = self.worker.tmp_path(".log4cplus")
         config_file.write_text(log_config())
         command = [
@@ -231,49 +245,44 @@ class _Engine:
             str(int(self.config.network_timeout)),
             "-pdu",
             "131072",
-            str(self.config.port),
+            *(tls_arguments(self.config) if self.ports[port] else []),
+            str(port),
         ]
         process = subprocess.Popen(
             command,
+            stdin=subprocess.DEVNULL,  # never a password prompt
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, "TCP_NODELAY": "1"},
             start_new_session=True,  # Ctrl-C must not cut the children's associations
             preexec_fn=_die_with_parent,
         )
+        assert process.stdout is not None
+        self.storescps[port] = _Storescp(process, time.monotonic())
+        self.pipes[process.stdout.fileno()] = b""
         log.info(
-            "receiving with %s (DCMTK %s) on port %d as %s; it serves every association it is "
+            "receiving with %s (DCMTK %s) on port %d%s as %s; it serves every association it is "
             "offered, one process each",
             self.storescp_path,
             self.storescp_version,
-            self.config.port,
+            port,
+            " (TLS)" if self.ports[port] else "",
             self.config.aet,
         )
-        return process
 
-    def _pump(self, started: float) -> None:
-        assert self.storescp is not None and self.storescp.stdout is not None
-        fd = self.storescp.stdout.fileno()
-        pending = b""
+    def _pump(self) -> None:
+        """Read every storescp's output until stopped and all of them (children too) are gone."""
         next_sweep = 0.0
-        while True:
-            ready, _, _ = select.select([fd], [], [], SWEEP_INTERVAL / 4)
-            if ready:
-                data = os.read(fd, 1 << 16)
-                if not data:  # storescp and every child of it are gone
-                    self.storescp.wait()
-                    if self.stop.is_set():
-                        return
-                    started = self._check_listener(started)
-                    assert self.storescp.stdout is not None
-                    fd, pending = self.storescp.stdout.fileno(), b""
-                    continue
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    self._line(line.decode("utf-8", "replace"))
-            if self.stop.is_set() and self.storescp.poll() is None:
-                self.storescp.terminate()  # no new associations; open ones go on
-            started = self._check_listener(started)
+        while self.pipes:
+            ready, _, _ = select.select(list(self.pipes), [], [], SWEEP_INTERVAL / 4)
+            for fd in ready:
+                self._read_output(fd)
+            if self.stop.is_set():
+                for running in self.storescps.values():
+                    if running.process.poll() is None:
+                        running.process.terminate()  # no new associations; open ones go on
+            else:
+                self._check_listeners()
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
                 self._publish_unproven(self.tracker.sweep())
@@ -281,34 +290,53 @@ class _Engine:
                     if path.exists():
                         self.publisher.submit(path, sender)
 
+    def _read_output(self, fd: int) -> None:
+        """Feed whole lines to the tracker; at end of output (a storescp and all its children
+        gone) close the pipe, which the next loop no longer reads."""
+        data = os.read(fd, 1 << 16)
+        if not data:
+            del self.pipes[fd]
+            for running in self.storescps.values():
+                stdout = running.process.stdout
+                if stdout is not None and not stdout.closed and stdout.fileno() == fd:
+                    running.process.wait()
+                    stdout.close()
+            return
+        *lines, self.pipes[fd] = (self.pipes[fd] + data).split(b"\n")
+        for line in lines:
+            self._line(line.decode("utf-8", "replace"))
+
     def _line(self, line: str) -> None:
         pid, _, rest = line.partition(" ")
         level, _, message = rest.partition(" ")
-        if level in ("WARN", "ERROR", "FATAL") and not message.startswith("Store SCP Failed"):
-            log.warning("storescp[%s]: %s", pid, message)
-            self.last_problem = message
         if message.startswith("Association Received in child"):
             self.seen_association = True
         for path, sender in self.tracker.feed(f"{pid} {message}"):
             self.publisher.submit(path, sender, int(pid))
+        if self.tracker.refused is not None:
+            address, reason = self.tracker.refused
+            log.warning("connection from %s refused: %s", printable(address), printable(reason))
+        elif level in ("WARN", "ERROR", "FATAL") and not message.startswith("Store SCP Failed"):
+            log.warning("storescp[%s]: %s", pid, message)
+            self.last_problem = message
         if self.tracker.ended is not None:
             self.hints.end(*self.tracker.ended)
 
-    def _check_listener(self, started: float) -> float:
-        """Raise if storescp could not start; restart it if it died later. Its start time."""
-        assert self.storescp is not None
-        code = self.storescp.poll()
-        if code is None or self.stop.is_set():
-            return started
-        if time.monotonic() - started < 3.0 and not self.seen_association:
-            raise ListenError(
-                f"storescp ({self.storescp_path}) could not listen on port {self.config.port} "
-                f"(exit {code}: {self.last_problem or 'no message'})"
-            )
-        log.error("storescp exited (%s); restarting it", code)
-        self.stop.wait(1.0)
-        self.storescp = self._start_storescp()
-        return time.monotonic()
+    def _check_listeners(self) -> None:
+        """Raise if a storescp could not start; restart one that died later."""
+        for port, running in list(self.storescps.items()):
+            code = running.process.poll()
+            if code is None:
+                continue
+            if time.monotonic() - running.started < 3.0 and not self.seen_association:
+                raise ListenError(
+                    f"storescp ({self.storescp_path}) could not listen on port {port} "
+                    f"(exit {code}: {self.last_problem or 'no message'})"
+                )
+            log.error("storescp on port %d exited (%s); restarting it", port, code)
+            self.stop.wait(1.0)
+            if not self.stop.is_set():
+                self._start_storescp(port)
 
     def _publish_unproven(self, files: list[tuple[Path, Sender, bool]]) -> None:
         """Files nobody saw finish: publish the whole ones, quarantine the rest."""
@@ -331,6 +359,37 @@ class _Engine:
             except OSError as exc:
                 log.error("cannot quarantine %s (%s); trying again later", path.name, exc)
             self.tracker.forget(path)
+
+
+@dataclass
+class _Storescp:
+    """A storescp listening on one port, and when it was started."""
+
+    process: subprocess.Popen[bytes]
+    started: float
+
+
+def _ports(config: ReceiveConfig) -> dict[int, bool]:
+    """The ports to listen on, each with whether it speaks TLS (see ReceiveConfig)."""
+    ports = {} if config.plain_port is None else {config.plain_port: False}
+    if config.tls_listen_port is not None:
+        ports[config.tls_listen_port] = True
+    return ports
+
+
+def tls_arguments(config: ReceiveConfig) -> list[str]:
+    """storescp's TLS options for `config` (the same policy as the default engine's)."""
+    assert config.tls_cert is not None
+    arguments = ["+tls", config.tls_key or config.tls_cert, config.tls_cert, "-pw"]
+    if config.tls_ca:
+        arguments += ["+cf", config.tls_ca]
+    if config.tls_require_client_cert:
+        arguments.append("--require-peer-cert")
+    elif config.tls_ca:
+        arguments.append("--verify-peer-cert")
+    else:
+        arguments.append("--ignore-peer-cert")
+    return arguments
 
 
 def _die_with_parent() -> None:

@@ -11,6 +11,8 @@ lines it needs, each prefixed with the child's pid) and feeds it line by line to
   after answering, so `Received Store Request` number n+1 proves that the first n stores of
   that child are finished, and `Association Release`/`Aborted` proves all of them are. A
   failed store (`Store SCP Failed`) has its file deleted by storescp and is not counted;
+- `Receiving Association failed: <reason>` (an error, so always kept) ends a child before
+  any association: over TLS, a failed handshake. `refused` then holds (address, reason);
 - with `+uf` the file names carry the child's pid (`<MOD>.X.1.2.276.0.7230010.3.1.4.<host>.
   <pid>.<time>.<counter>`), and the counter orders the files of one child.
 
@@ -107,13 +109,16 @@ class StagingTracker:
         self.children: dict[int, _Child] = {}
         self.handed: set[str] = set()  # names given to a publisher and not yet gone
         self.ended: tuple[int, str, Sender] | None = None  # set by feed()
+        self.refused: tuple[str, str] | None = None  # set by feed()
 
     def feed(self, line: str) -> list[tuple[Path, Sender]]:
         """One line of storescp's output; returns the files it proves complete.
 
-        When the line ends an association, `ended` holds (pid, how, sender) until the next call.
+        When the line ends an association, `ended` holds (pid, how, sender) until the next call;
+        when it says a connection failed before its association (a TLS handshake),
+        `refused` holds (peer address, reason).
         """
-        self.ended = None
+        self.ended = self.refused = None
         pid_text, _, message = line.rstrip("\n").partition(" ")
         if not pid_text.isdigit():
             return []
@@ -131,6 +136,10 @@ class StagingTracker:
             return ready
         elif message.startswith("Store SCP Failed"):
             child.failed += 1
+        elif message.startswith("Receiving Association failed:") and not child.stores:
+            reason = message.partition("failed: ")[2].strip()
+            self.refused = (child.address or "an unknown address", reason)
+            del self.children[pid]
         elif message.startswith(("Association Release", "Association Aborted")):
             ready = self._complete(pid, child, None)
             how = "released" if message.startswith("Association Release") else "aborted"
