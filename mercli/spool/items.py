@@ -30,7 +30,14 @@ from mercli.fsutil import fsync_dir, unlink_quietly, write_new
 
 INCOMING, OUTGOING, SUCCESS, DISCARD, ERROR = "incoming", "outgoing", "success", "discard", "error"
 STUDIES, PROCESSING = "studies", "processing"
-STATES: tuple[str, ...] = (INCOMING, STUDIES, PROCESSING, OUTGOING, SUCCESS, DISCARD, ERROR)
+# notifications (SPEC §8): the outbox, and where each ends, apart from jobs (resend, the job
+# states' readers and their retention never mistake one for a job)
+NOTIFY, NOTIFY_SENT, NOTIFY_FAILED = "notify", "notify_sent", "notify_failed"
+STATES: tuple[str, ...] = (
+    *(INCOMING, STUDIES, PROCESSING, OUTGOING, SUCCESS, DISCARD, ERROR),
+    *(NOTIFY, NOTIFY_SENT, NOTIFY_FAILED),
+)
+NOTIFICATION_FILE = "notification.json"
 GROUP_STATES = frozenset({INCOMING, STUDIES})  # states whose items keep growing after publish
 TMP, LEASES, CLAIMS, HINTS = "tmp", "leases", "claims", "hints"
 STAGING = "staging"  # what storescp is writing (`receive --engine dcmtk` only)
