@@ -153,13 +153,17 @@ class Target:
     region: str | None = None
     credentials_file: str | None = None
     profile: str | None = None
+    # notifications (SPEC §8): channel names and the events they get (defaults applied)
+    notify: tuple[str, ...] = ()
+    notify_on: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (path as a string)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["path"] = None if self.path is None else str(self.path)
+        data["notify"], data["notify_on"] = list(self.notify), list(self.notify_on)
         for key in _TRANSPORT_KEYS:  # only what this target's type uses
-            if data[key] == _DEFAULTS[key]:
+            if data[key] in (_DEFAULTS[key], []):
                 del data[key]
         return data
 
@@ -170,6 +174,8 @@ class Target:
         values = {key: value for key, value in data.items() if key in known}
         if values.get("path") is not None:
             values["path"] = Path(values["path"])
+        for key in ("notify", "notify_on"):
+            values[key] = tuple(values.get(key) or ())
         return cls(**values)
 
 
@@ -207,12 +213,15 @@ class Module:
     retry_max_delay: float = 600.0
     max_attempts: int = 3
     max_age: float = 86400.0
+    notify: tuple[str, ...] = ()  # channel names (SPEC §8) and the events they get
+    notify_on: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data |= {"command": list(self.command), "settings": dict(self.settings)}
         data["env"] = dict(self.env)
+        data["notify"], data["notify_on"] = list(self.notify), list(self.notify_on)
         return data
 
     @classmethod
@@ -221,6 +230,8 @@ class Module:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["command"] = tuple(values.get("command") or ())
+        for key in ("notify", "notify_on"):
+            values[key] = tuple(values.get(key) or ())
         return cls(**values)
 
 
@@ -412,6 +423,9 @@ class JobInfo:
     priority: str = NORMAL
     offpeak: OffpeakWindow | None = None  # offpeak jobs: when they may be claimed
     series: tuple[str, ...] = ()  # study jobs: their series sub-folders, in arrival order
+    notify: tuple[Mapping[str, Any], ...] = ()  # subscriptions (mercli.notify), as JSON
+    keys: Mapping[str, Any] = field(default_factory=dict)  # the JOB_KEYS job.json holds
+    rules: tuple[str, ...] = ()  # that made the job
 
     @classmethod
     def load(cls, name: str, folder: Path) -> JobInfo:
@@ -429,6 +443,9 @@ class JobInfo:
             priority=priority,
             offpeak=_window(record) if priority == "offpeak" else None,
             series=study_series(record),
+            notify=tuple(item for item in record.get("notify") or () if isinstance(item, dict)),
+            keys={key: record[key] for key in JOB_KEYS if key in record},
+            rules=tuple(str(rule) for rule in record.get("rules") or ()),
         )
 
 

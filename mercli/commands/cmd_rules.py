@@ -61,6 +61,9 @@ def check(rules_file: Path) -> None:
     for name, target in ruleset.targets.items():
         for warning in exposure_warnings(target.to_json()):
             click.echo(f'warning: target "{name}": {warning}', err=True)
+    for name, channel in ruleset.notify.items():
+        for warning in exposure_warnings(channel.to_json()):
+            click.echo(f'warning: notify "{name}": {warning}', err=True)
 
 
 def _summary(rule: Rule) -> str:

@@ -34,6 +34,8 @@ the whole normal backlog for it. The counts are per dispatcher process.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import threading
@@ -46,14 +48,17 @@ from typing import Any
 
 from mercli.dispatch.targets import Attempt, deliver
 from mercli.jobs import PRIORITIES, JobInfo, Progress, Target
+from mercli.notify.enqueue import event_variables, quarantine, settle, subscriptions_from
 from mercli.spool import (
     OUTGOING,
+    SIDECAR_SUFFIX,
     SUCCESS,
     Claim,
     NotRegularFile,
     Spool,
     Worker,
     irregular_entry,
+    read_regular,
 )
 
 log = logging.getLogger(__name__)
@@ -243,7 +248,9 @@ class Dispatcher:
             progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
             progress.last_error, progress.next_attempt = "", 0.0
             progress.save(self.worker, claim.path)
-            claim.move_to(SUCCESS)
+            subscriptions = subscriptions_from({"notify": info.notify})
+            variables = _variables("delivered", claim, info, instances=result.delivered)
+            settle(claim, SUCCESS, subscriptions, "delivered", variables, _source(claim, info))
             self.spool.log("dispatched", **fields, instances=result.delivered)
             log.info(
                 "job %s: %d instance(s) to %s in %.1f s",
@@ -264,7 +271,11 @@ class Dispatcher:
             self.summary.unreachable.add(target)
         if give_up:
             progress.save(self.worker, claim.path)
-            claim.quarantine(result.error, target=target, attempts=progress.attempts)
+            subscriptions = subscriptions_from({"notify": info.notify})
+            variables = _variables("failed", claim, info, error=result.error)
+            source = _source(claim, info)
+            detail = {"target": target, "attempts": progress.attempts}
+            quarantine(claim, result.error, subscriptions, variables, source, **detail)
             self.spool.log("failed", **fields, reason=result.error)
             log.error(
                 "job %s to %s failed for good (%s): %s", claim.name, target, give_up, result.error
@@ -298,3 +309,29 @@ def _refused(unsafe: NotRegularFile) -> Attempt:
 
 def summary_fields(summary: DispatchSummary) -> dict[str, Any]:
     return {**asdict(summary), "unreachable": sorted(summary.unreachable)}
+
+
+def _variables(event: str, claim: Claim, info: JobInfo, **fields: Any) -> dict[str, Any]:
+    """Template variables of a job's event: job.json's keys, and the rest (descriptions,
+    patient data for phi channels) from one of its sidecars, read only if anyone listens."""
+    if not info.notify:
+        return {}
+    tags: dict[str, Any] = dict(info.keys)
+    folder = claim.path / info.series[0] if info.series else claim.path
+    for sidecar in sorted(folder.glob(f"*{SIDECAR_SUFFIX}"))[:1]:
+        with contextlib.suppress(OSError, ValueError):
+            tags = {**json.loads(read_regular(sidecar)), **tags}
+    rules = [str(rule) for rule in info.rules]
+    return event_variables(
+        event,
+        tags,
+        target=info.target.name,
+        rule=rules[0] if rules else "",
+        rules=rules,
+        item=claim.name,
+        **fields,
+    )
+
+
+def _source(claim: Claim, info: JobInfo) -> dict[str, Any]:
+    return {"item": claim.name, "target": info.target.name}

@@ -46,6 +46,12 @@ from mercli.jobs import (
     study_series,
 )
 from mercli.names import new_id, safe_name
+from mercli.notify.enqueue import (
+    add_notifications,
+    event_variables,
+    quarantine,
+    subscriptions_from,
+)
 from mercli.process.runner import (
     RESULT_FILE,
     ChainResult,
@@ -319,6 +325,9 @@ class Processor:
                     target=target.to_json(),
                     priority=job_priority(job.record),
                 )
+                notify = (job.record.get("notify_targets") or {}).get(target.name)
+                if notify:
+                    record["notify"] = notify
                 write_json(folder / JOB_FILE, record)
                 made.append((OUTGOING, item))
         progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -331,6 +340,13 @@ class Processor:
         _write(done / LOG_FILE, output.to_bytes())
         if result.result is not None:
             write_json(done / RESULT_FILE, result.result)
+        subscriptions = subscriptions_from(job.record)
+        if subscriptions:
+            variables = _variables(
+                job, "processed", instances=len(result.outputs), result=result.result
+            )
+            source = {"item": claim.name, "rule": job.rule, "module": module}
+            add_notifications(transaction, subscriptions, "processed", variables, source)
         transaction.commit()
         if job.results == "route":
             for series in by_series:
@@ -366,8 +382,14 @@ class Processor:
         give_up = gives_up(module, job.created, progress.attempts, now)
         if give_up:
             progress.save(self.worker, claim.path)
-            claim.quarantine(
+            subscriptions = subscriptions_from(job.record)
+            variables = _variables(job, "failed", module=module.name, error=str(failure))
+            quarantine(
+                claim,
                 str(failure),
+                subscriptions,
+                variables,
+                {"item": claim.name, "rule": job.rule, "module": module.name},
                 module=module.name,
                 status=failure.status,
                 attempts=progress.attempts,
@@ -405,6 +427,18 @@ def _inputs(folder: Path, record: Mapping[str, Any]) -> list[tuple[Path, dict[st
                     continue
             found.append((path, tags))
     return found
+
+
+def _variables(job: ProcessingJob, event: str, **fields: Any) -> dict[str, Any]:
+    """Template variables of a processing job's event (job.json's keys; no sidecar read)."""
+    return event_variables(
+        event,
+        job.record,
+        rule=job.rule,
+        rules=[job.rule],
+        module=fields.pop("module", job.modules[-1].name),
+        **fields,
+    )
 
 
 def _task_study(

@@ -33,6 +33,16 @@ from mercli.jobs import (
     highest_priority,
     processing_record,
 )
+from mercli.notify import CHANNEL_TYPES
+from mercli.notify.channels import (
+    ALLOWED_EVENTS,
+    DEFAULT_EVENTS,
+    Channel,
+    Subscription,
+    TemplateProblem,
+    check_templates,
+    subscriptions_json,
+)
 from mercli.rules.tables import Lines, Table
 from mercli.secrets import env_reference
 
@@ -72,14 +82,30 @@ _TARGET_KEYS = {
     ),
 }
 AUTH_KINDS = ("none", "basic", "bearer")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_EMAIL = re.compile(r"[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}")
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority")
+_NOTIFY_KEYS = ("notify", "notify_on")
+_COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority", *_NOTIFY_KEYS)
 _RULE_KEYS = (
     *("name", "when", "targets", "action", "final", "fallback", "priority"),
     *("trigger", "action_trigger", "require", "on_timeout"),
     *("process", "process_settings", "results"),
+    *_NOTIFY_KEYS,
 )
-_MODULE_KEYS = ("command", "image", "container", "timeout", "settings", "env", *_RETRY_KEYS)
+_MODULE_KEYS = (
+    *("command", "image", "container", "timeout", "settings", "env", *_RETRY_KEYS),
+    *_NOTIFY_KEYS,
+)
+_CHANNEL_KEYS = {
+    "webhook": ("type", "url", "method", "headers", "body", "content_type", "tls_ca"),
+    "email": (
+        *("type", "smtp_host", "smtp_port", "starttls", "tls", "user", "password"),
+        *("password_file", "from", "to", "subject", "body", "tls_ca"),
+    ),
+}
+_COMMON_CHANNEL_KEYS = ("phi", "timeout", *_RETRY_KEYS)
+_HTTP_METHODS = ("POST", "PUT", "PATCH")
 _MODULE_DIRS = ("MERCURE_IN_DIR", "MERCURE_OUT_DIR", "MERCLI_IN_DIR", "MERCLI_OUT_DIR")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 TRIGGERS = ("series", "study")
@@ -146,6 +172,8 @@ class Rule:
     process: tuple[str, ...] = ()
     process_settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
     results: str | None = None
+    notify: tuple[str, ...] = ()
+    notify_on: tuple[str, ...] = ()
 
     @property
     def study(self) -> bool:
@@ -168,6 +196,7 @@ class RuleSet:
     path: Path
     purge: PurgeSettings = field(default_factory=PurgeSettings)
     modules: Mapping[str, Module] = field(default_factory=dict)
+    notify: Mapping[str, Channel] = field(default_factory=dict)
     keywords: tuple[str, ...] = field(init=False)
     cache: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -194,7 +223,7 @@ class RuleSet:
         """job.json of the processing job a rule with `process` makes from a series or study
         `record` (`mercli.jobs.processing_record`); `hops` counts this run."""
         rule = next(rule for rule in self.rules if rule.name == rule_name)
-        return processing_record(
+        made = processing_record(
             record,
             [self.modules[name] for name in rule.process],
             [self.targets[name] for name in rule.targets],
@@ -203,6 +232,40 @@ class RuleSet:
             hops=hops,
             priority=rule.priority,
         )
+        own = [*self.subscriptions(rule)]
+        for name in rule.process:
+            own += self.subscriptions(self.modules[name])
+        if own:
+            made["notify"] = subscriptions_json(own)
+        outputs = {name: self.job_subscriptions(name, [rule.name]) for name in rule.targets}
+        if any(outputs.values()):
+            made["notify_targets"] = outputs
+        return made
+
+    def subscriptions(self, owner: Rule | Target | Module) -> tuple[Subscription, ...]:
+        """What a rule, target or module asked to be notified of, per channel."""
+        return tuple(
+            Subscription(self.notify[name], owner.notify_on)
+            for name in owner.notify
+            if name in self.notify
+        )
+
+    def rules_named(self, names: Iterable[str]) -> list[Rule]:
+        wanted = set(names)
+        return [rule for rule in self.rules if rule.name in wanted]
+
+    def job_subscriptions(self, target: str, rules: Iterable[str]) -> list[dict[str, Any]]:
+        """job.json's `notify` for a job to `target`: the target's own subscriptions and
+        those of the matched rules that name it (delivered and failed only)."""
+        found = [*self.subscriptions(self.targets[target])]
+        for rule in self.rules_named(rules):
+            if target in rule.targets:
+                found += self.subscriptions(rule)
+        return [
+            data
+            for data in subscriptions_json(found)
+            if set(data["on"]) & {"delivered", "failed"}
+        ]
 
     @property
     def offpeak_window(self) -> str | None:
@@ -236,12 +299,18 @@ class _Loader:
         self.path = path
         self.lines = lines
         self.offpeak: OffpeakWindow | None = None
+        self.channels: dict[str, Channel] = {}
 
     def load(self, document: dict[str, Any]) -> RuleSet:
         """Validate the top level, then [route], [purge], [targets.*] and [[rules]]."""
         top = Table(document, self.lines, None, "")
-        top.check_keys(("route", "purge", "targets", "modules", "rules"))
+        top.check_keys(("route", "purge", "notify", "targets", "modules", "rules"))
         settings = self.settings(top.table("route", self.lines.table("route")))
+        notify_table = top.table("notify", self.lines.table("notify"))
+        self.channels = {
+            name: self.channel(name, notify_table.table(name, self.lines.table(f"notify.{name}")))
+            for name in notify_table.raw
+        }
         self.offpeak = settings.offpeak
         purge = self.purge(top.table("purge", self.lines.table("purge")))
         targets_table = top.table("targets", self.lines.table("targets"))
@@ -255,7 +324,9 @@ class _Loader:
             for name in modules_table.raw
         }
         rules = self.rules(top, targets, modules)
-        return RuleSet(settings, targets, rules, self.path.absolute(), purge, modules)
+        return RuleSet(
+            settings, targets, rules, self.path.absolute(), purge, modules, self.channels
+        )
 
     def settings(self, table: Table) -> RouteSettings:
         """`[route]`, all keys optional."""
@@ -302,6 +373,7 @@ class _Loader:
         table.check_keys(_TARGET_KEYS[kind] + _COMMON_TARGET_KEYS)
         values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
         values["priority"] = self.priority(table)
+        values |= self.subscriber(table, "target")
         if kind == "dicom":
             values |= _dicom(table) | self.tls(table)
         elif kind == "folder":
@@ -343,9 +415,7 @@ class _Loader:
 
     def dicomweb(self, table: Table) -> dict[str, Any]:
         """A STOW-RS endpoint: url, auth and its secret, batch size, TLS files."""
-        url = (table.string("url", required=True) or "").strip()
-        if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
-            raise table.fail("url", f'"url" must be an http:// or https:// URL, not {url!r}')
+        url = _url(table)
         auth = table.string("auth") or "none"
         if auth not in AUTH_KINDS:
             raise table.fail("auth", f'unknown auth "{auth}" (known: {", ".join(AUTH_KINDS)})')
@@ -452,7 +522,104 @@ class _Loader:
             values["timeout"] = table.duration("timeout", positive=True)
         values["settings"] = _json_table(table, "settings")
         values["env"] = _env(table)
+        values |= self.subscriber(table, "module")
         return Module(**{key: value for key, value in values.items() if value is not None})
+
+    def channel(self, name: str, table: Table) -> Channel:
+        """One `[notify.NAME]`: a webhook or an email destination, templates checked."""
+        table.context = f'notify "{name}"'
+        if not _TARGET_NAME.fullmatch(name):
+            raise table.fail(None, "channel names are letters, digits, '.', '_' and '-'")
+        kind = table.string("type", required=True)
+        if kind not in CHANNEL_TYPES:
+            message = f'unknown type "{kind}" (known: {", ".join(CHANNEL_TYPES)})'
+            raise table.fail("type", message)
+        table.check_keys(_CHANNEL_KEYS[kind] + _COMMON_CHANNEL_KEYS)
+        values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
+        values["phi"] = table.boolean("phi")
+        values["body"] = table.string("body")
+        values["tls_ca"] = self.secret_file(table, "tls_ca")
+        if "timeout" in table.raw:
+            values["timeout"] = table.duration("timeout", positive=True)
+        values |= self.webhook(table) if kind == "webhook" else self.email(table)
+        channel = Channel(**{key: value for key, value in values.items() if value is not None})
+        try:
+            check_templates(channel)
+        except TemplateProblem as exc:
+            raise table.fail("body" if "body" in str(exc)[:5] else "subject", str(exc)) from None
+        return channel
+
+    def webhook(self, table: Table) -> dict[str, Any]:
+        url = _url(table)
+        if url.startswith("http://") and "tls_ca" in table.raw:
+            raise table.fail("tls_ca", '"tls_ca" needs an https:// url')
+        method = (table.string("method") or "POST").upper()
+        if method not in _HTTP_METHODS:
+            raise table.fail("method", f'"method" must be one of {", ".join(_HTTP_METHODS)}')
+        headers = table.raw.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise table.fail("headers", '"headers" must be a table of strings')
+        for key, value in headers.items():
+            if not _HEADER_NAME.fullmatch(key) or any(c in value for c in "\r\n\0"):
+                raise table.fail("headers", f"bad header {key!r}")
+            if key.lower() in ("authorization", "x-api-key") and env_reference(value) is None:
+                message = (
+                    f'header "{key}" must be "${{ENV_VAR}}": a secret written here would be '
+                    "copied into every notification"
+                )
+                raise table.fail("headers", message)
+        return {
+            "url": url,
+            "method": method,
+            "headers": dict(headers),
+            "content_type": table.string("content_type"),
+        }
+
+    def email(self, table: Table) -> dict[str, Any]:
+        starttls, tls = table.boolean("starttls"), table.boolean("tls")
+        if starttls and tls:
+            raise table.fail("tls", "give starttls = true or tls = true (implicit TLS), not both")
+        values: dict[str, Any] = {
+            "smtp_host": _host_key(table, "smtp_host"),
+            "smtp_port": table.integer("smtp_port", 1, 65535) or (465 if tls else 587),
+            "starttls": starttls,
+            "tls": tls,
+            "user": table.string("user"),
+            "sender": _address(table, "from", required=True),
+            "to": tuple(_address(table, "to", value=v) for v in table.string_list("to")),
+            "subject": table.string("subject"),
+        }
+        if not values["to"]:
+            raise table.fail(None, 'missing key "to" (a list of addresses)')
+        if "password" in table.raw or "password_file" in table.raw:
+            if values["user"] is None:
+                raise table.fail(None, 'a password needs "user"')
+            values |= self.one_secret(table, "password", "password_file")
+            if not (starttls or tls):
+                message = "a password needs starttls = true or tls = true (never sent in clear)"
+                raise table.fail(None, message)
+        return values
+
+    def subscriber(self, table: Table, kind: str) -> dict[str, Any]:
+        """`notify` (known channels) and `notify_on` (events this kind has; a default)."""
+        names = _dedupe(table.string_list("notify"))
+        for name in names:
+            if name not in self.channels:
+                known = _known(name, self.channels, "notify")
+                raise table.fail("notify", f'unknown notification channel "{name}"{known}')
+        events = _dedupe(table.string_list("notify_on"))
+        if events and not names:
+            raise table.fail("notify_on", '"notify_on" needs notify = ["channel", ...]')
+        allowed = ALLOWED_EVENTS[kind]
+        for event in events:
+            if event not in allowed:
+                message = f'a {kind} cannot notify on "{event}" (it can: {", ".join(allowed)})'
+                raise table.fail("notify_on", message)
+        if not names:
+            return {}
+        return {"notify": names, "notify_on": events or DEFAULT_EVENTS[kind]}
 
     def retry(self, table: Table) -> dict[str, Any]:
         """The retry keys every target type has."""
@@ -528,6 +695,7 @@ class _Loader:
             priority=priority or NORMAL,
             **self.study(table, action),
             **processing,
+            **self.subscriber(table, "rule"),
         )
 
     def processing(
@@ -600,11 +768,37 @@ class _Loader:
             raise table.fail("when", f"bad expression: {exc}") from None
 
 
+def _url(table: Table) -> str:
+    """An http(s) URL without credentials in it (they would be copied into every job)."""
+    url = (table.string("url", required=True) or "").strip()
+    if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        shown = url if "@" not in url else url.split("://", 1)[0] + "://..."
+        raise table.fail("url", f'"url" must be an http:// or https:// URL, not {shown!r}')
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        message = '"url" must not hold a user or password (use auth and password_file)'
+        raise table.fail("url", message)
+    return url
+
+
 def _host(table: Table) -> str:
-    host = table.string("host", required=True) or ""
+    return _host_key(table, "host")
+
+
+def _host_key(table: Table, key: str) -> str:
+    host = table.string(key, required=True) or ""
     if not host.strip() or any(ch.isspace() or not ch.isprintable() for ch in host):
-        raise table.fail("host", f"bad host {host!r}")
+        raise table.fail(key, f"bad host {host!r}")
     return host
+
+
+def _address(table: Table, key: str, *, required: bool = False, value: str | None = None) -> str:
+    """An email address: something@something, printable, no spaces or line breaks."""
+    text = table.string(key, required=required) if value is None else value
+    if text is None:
+        return ""
+    if not _EMAIL.fullmatch(text):
+        raise table.fail(key, f"bad email address {text!r}")
+    return text
 
 
 def _dicom(table: Table) -> dict[str, Any]:

@@ -1,0 +1,32 @@
+"""Notifications that are never lost (SPEC §8): an outbox in the spool, sent by `mercli notify`.
+
+The stage that causes an event (route: received, routed, discarded; process: processed,
+failed; dispatch: delivered, failed) writes one **notification item** per channel that
+asked for the event into `notify/`, in the same transaction as its own state change: the
+event and its notification exist together or not at all. `mercli notify` claims them
+(leases, as dispatch), sends, retries with backoff and ends each in `notify_sent/` or, after
+its last try, in `notify_failed/` with `error.json`. A dead webhook delays nothing but
+its own notifications.
+
+A notification item is a folder holding `notification.json` (and, once tried,
+`progress.json`):
+
+    {
+      "id": "<item id>", "created": "<ISO 8601 UTC>", "event": "delivered",
+      "subject": "<rendered subject: email only, else empty>",
+      "body": "<rendered body>",
+      "channel": { ...the [notify.NAME] definition, Channel.to_json()... },
+      "source": {"item": "<job/series id>", "rule": "...", "target": "...", "module": "..."}
+    }
+
+Templates are rendered when the notification is written (Jinja2's sandbox, bounded), so
+`mercli notify` needs no rules file and sends exactly what the event said. Secrets stay
+references (`password_file`, `${ENV}` header values and passwords), read at send time.
+The rendered text holds patient data only for channels with `phi = true`; `source` never.
+"""
+
+from __future__ import annotations
+
+EVENTS = ("received", "routed", "discarded", "processed", "delivered", "failed")
+CHANNEL_TYPES = ("webhook", "email")
+PROGRESS_FILE = "progress.json"

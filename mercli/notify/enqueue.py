@@ -1,0 +1,168 @@
+"""Writing notifications into `notify/`, inside the transaction of the event they tell of.
+
+`add_notifications` renders, for every subscription that wants the event, the channel's
+templates with the event's variables (patient data only for `phi = true` channels) and
+prepares a notification item in the caller's transaction: the state change and its
+notifications are published by one rename, or neither is. A template that fails at run time
+(it passed `rules check` with sample values) still yields a notification, whose body says
+so: an event is never silently dropped.
+
+`settle` ends a claim in a state together with notifications (dispatch and process use it
+for delivered and failed): the item is hard-linked into the transaction, so nothing is
+copied, and the claim goes as every transaction's does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mercli.names import new_id
+from mercli.notify.channels import PHI_VARIABLES, Subscription, TemplateProblem, render
+from mercli.spool import (
+    ERROR,
+    ERROR_FILE,
+    NOTIFICATION_FILE,
+    NOTIFY,
+    Claim,
+    Transaction,
+    write_json,
+)
+from mercli.spool.items import error_record, json_bytes, now_iso
+
+_TAG_VARIABLES = {  # sidecar keyword -> template variable
+    "SeriesInstanceUID": "series_uid",
+    "StudyInstanceUID": "study_uid",
+    "SeriesDescription": "series_description",
+    "StudyDescription": "study_description",
+    "Modality": "modality",
+    "SenderAET": "sender_aet",
+    "PatientName": "patient_name",
+    "PatientID": "patient_id",
+    "PatientBirthDate": "patient_birth_date",
+    "AccessionNumber": "accession_number",
+}
+_HOSTNAME = os.uname().nodename
+
+
+def event_variables(
+    event: str, tags: Mapping[str, Any] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """The template variables of an event: from a sidecar (or job.json) and the fields the
+    stage knows (rule, target, module, item, instances, error, result...)."""
+    values: dict[str, Any] = {"event": event, "at": now_iso(), "hostname": _HOSTNAME}
+    for keyword, name in _TAG_VARIABLES.items():
+        value = (tags or {}).get(keyword)
+        values[name] = "" if value is None else str(value)
+    values |= {key: value for key, value in fields.items() if value is not None}
+    result = values.get("result")
+    if isinstance(result, Mapping):
+        note = result.get("__mercure_notification")
+        if isinstance(note, Mapping) and isinstance(note.get("text"), str):
+            values.setdefault("notification", note["text"])
+    return values
+
+
+def wanted(subscriptions: Iterable[Subscription], event: str) -> list[Subscription]:
+    return [s for s in subscriptions if event in s.events]
+
+
+def add_notifications(
+    transaction: Transaction,
+    subscriptions: Iterable[Subscription],
+    event: str,
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> int:
+    """Prepare one notification item per subscription wanting `event`; how many."""
+    made = 0
+    seen: set[str] = set()
+    for subscription in wanted(subscriptions, event):
+        channel = subscription.channel
+        if channel.name in seen:  # two owners (a rule and its target) on one channel
+            continue
+        seen.add(channel.name)
+        values = dict(variables)
+        if not channel.phi:
+            for name in PHI_VARIABLES:
+                values.pop(name, None)
+        try:
+            body = render(channel.body_template(), values)
+            subject = render(channel.subject_template(), values)
+        except TemplateProblem as exc:
+            body = f"mercli {event}: the {channel.name} template failed at run time: {exc}"
+            subject = f"mercli {event}"
+        item = new_id()
+        folder = transaction.new_item(NOTIFY, item)
+        record = {
+            "id": item,
+            "created": now_iso(),
+            "event": event,
+            "subject": subject,
+            "body": body,
+            "channel": channel.to_json(),
+            "source": {key: value for key, value in source.items() if value is not None},
+        }
+        write_json(folder / NOTIFICATION_FILE, record)
+        made += 1
+    return made
+
+
+def settle(
+    claim: Claim,
+    state: str,
+    subscriptions: Sequence[Subscription],
+    event: str,
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+    name: str | None = None,
+) -> None:
+    """End the claim in `state` (as `name`) together with its notifications for `event`;
+    a plain move when nobody wants the event."""
+    if not wanted(subscriptions, event):
+        claim.move_to(state, name)
+        return
+    transaction = claim.transaction()
+    link_tree(claim.path, transaction.new_item(state, name or claim.name))
+    add_notifications(transaction, subscriptions, event, variables, source)
+    transaction.commit()
+
+
+def quarantine(
+    claim: Claim,
+    reason: str,
+    subscriptions: Sequence[Subscription],
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+    **detail: Any,
+) -> None:
+    """`Claim.quarantine` (error.json, then error/) with the `failed` notifications."""
+    if not wanted(subscriptions, "failed"):
+        claim.quarantine(reason, **detail)
+        return
+    record = error_record(reason, claim.state, detail)
+    claim.worker.replace_file(claim.path / ERROR_FILE, json_bytes(record))
+    settle(claim, ERROR, subscriptions, "failed", variables, source)
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """Hard-link a folder's files (sub-folders recreated) into an existing `destination`."""
+    for entry in os.scandir(source):
+        if entry.is_dir(follow_symlinks=False):
+            os.mkdir(destination / entry.name)
+            link_tree(Path(entry.path), destination / entry.name)
+        else:
+            os.link(entry.path, destination / entry.name, follow_symlinks=False)
+
+
+def subscriptions_from(record: Mapping[str, Any], key: str = "notify") -> list[Subscription]:
+    """The subscriptions a job record carries (none for jobs written before them)."""
+    found = []
+    for data in record.get(key) or ():
+        try:
+            found.append(Subscription.from_json(data))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
