@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks import (
     bench_dcmtk_engine,
+    bench_dicomweb,
     bench_dispatch,
     bench_e2e,
     bench_process,
@@ -16,6 +17,7 @@ from benchmarks import (
     bench_route,
     bench_spool,
     bench_studies,
+    bench_tls,
 )
 from benchmarks.report import Row, print_table
 
@@ -27,6 +29,8 @@ SUITES = [
     bench_studies,
     bench_dispatch,
     bench_process,
+    bench_tls,
+    bench_dicomweb,
     bench_e2e,
 ]
 

@@ -1,5 +1,7 @@
-"""DICOM TLS vs plain, in the same run: `mercli dispatch --once` of a 300-instance CT job to
-DCMTK `storescp` with and without `+tls` (target >= 0.7x plain).
+"""DICOM TLS vs plain, in the same run (target >= 0.7x plain on CT): `mercli dispatch --once`
+of a 300-instance CT job to DCMTK `storescp` with and without `+tls`, and DCMTK `storescu`
+(`+tla`: TLS without a client certificate) into `mercli receive` with and without
+`--tls-cert/--tls-key` (as bench_receive: storescu's time to the last durable answer).
 
 Each run starts a fresh storescp (`-ic`: no client certificate asked for) and a fresh spool
 holding the job (hard links of a template, the target's port and TLS keys patched in);
@@ -16,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 RUNS = 3
 PLAIN = "dispatch -> storescp (plain)"
 TLS = "dispatch -> storescp +tls"
+RECEIVE_PLAIN = "storescu -> receive (plain)"
+RECEIVE_TLS = "storescu +tla -> receive --tls-cert"
 
 
 def _patch_tls(root: Path, pki: Pki) -> None:
@@ -67,24 +72,56 @@ def measure(subject: str, data: DataSet, template: Path, scratch: Path, pki: Pki
     return len(data.files) / seconds
 
 
+def measure_receive(subject: str, data: DataSet, scratch: Path, pki: Pki) -> float:
+    out = scratch / "receive-spool"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    port = free_port()
+    command = [sys.executable, "-m", "mercli", "receive", "-q", "--spool", str(out)]
+    sender = ["storescu", "-aec", "MERCLI"]
+    if subject == RECEIVE_TLS:
+        command += ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+        sender += ["+tla", "+cf", str(pki.ca)]
+    os.sync()
+    receiver = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), what="mercli receive")
+        time.sleep(0.2)
+        seconds = _timed([*sender, "localhost", str(port), *map(str, data.files)])
+    finally:
+        receiver.send_signal(signal.SIGTERM)
+        receiver.wait(timeout=60)
+    stored = len(list((out / "incoming").rglob("*.dcm")))
+    if stored < len(data.files):
+        raise RuntimeError(f"{subject}: stored {stored} of {len(data.files)}")
+    return len(data.files) / seconds
+
+
 def run() -> list[Row]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("MERCLI_BENCH_DIR")) as temp:
         scratch = Path(temp)
         pki = make_pki(scratch / "pki")
         data = ct_series(scratch, 300)
         template = _template(scratch, data)
-        rates: dict[str, list[float]] = {PLAIN: [], TLS: []}
+        rates: dict[str, list[float]] = {PLAIN: [], TLS: [], RECEIVE_PLAIN: [], RECEIVE_TLS: []}
         for _ in range(RUNS):
-            for subject in rates:
+            for subject in (PLAIN, TLS):
                 rates[subject].append(measure(subject, data, template, scratch, pki))
+            for subject in (RECEIVE_PLAIN, RECEIVE_TLS):
+                rates[subject].append(measure_receive(subject, data, scratch, pki))
     rows = [
         Row(
             "tls",
-            data.label,
+            data.label + (" in" if subject.startswith("storescu") else " out"),
             subject,
             statistics.median(runs),
             note="runs " + "/".join(f"{r:.0f}" for r in sorted(runs)),
         )
         for subject, runs in rates.items()
     ]
-    return with_ratios(rows, PLAIN, target=">= 0.7x")
+    rows = with_ratios(rows, PLAIN, target=">= 0.7x")
+    return with_ratios(rows, RECEIVE_PLAIN, target=">= 0.7x")
