@@ -3,7 +3,9 @@
 `priorities` counts the jobs of outgoing/ (the backlog) and error/ per priority (urgent,
 normal, offpeak; a job.json without one is normal); each target's backlog is split the same
 way (`targets.<name>.priorities`). `running` lists the processing modules running right now
-(job, module, started, seconds), from the claims' `running.json`.
+(job, module, started, seconds), from the claims' `running.json`. `notify` has the
+notification outbox per channel (`channels.<name>`: waiting, failed) and the latest
+notifications given up (`recent_failures`, from notify_failed/).
 
 Read-only: it looks at leases without recovering them, so `mercli status` is safe to run
 anywhere, any time, as often as a monitoring system likes.
@@ -25,6 +27,9 @@ from mercli.spool import (
     ERROR_FILE,
     INSTANCE_SUFFIX,
     JOB_FILE,
+    NOTIFICATION_FILE,
+    NOTIFY,
+    NOTIFY_FAILED,
     OUTGOING,
     STATES,
     Item,
@@ -86,6 +91,7 @@ def collect_status(spool: Spool) -> dict[str, Any]:
         "recent_errors": _recent_errors(spool),
         "workers": _workers(spool),
         "running": running_modules(spool, now),
+        "notify": _notify(spool),
     }
 
 
@@ -138,6 +144,27 @@ def _recent_errors(spool: Spool) -> list[dict[str, Any]]:
             {"id": item.name, "reason": record.get("reason", "?"), "at": record.get("at")}
         )
     return recent
+
+
+def _notify(spool: Spool) -> dict[str, Any]:
+    """The notification outbox per channel (waiting, claimed ones included, and failed for
+    good) and the latest failures with their reasons (SPEC §8)."""
+    channels: dict[str, dict[str, int]] = {}
+    for key, state in (("waiting", NOTIFY), ("failed", NOTIFY_FAILED)):
+        for item in spool.items(state) + spool.claimed(state):
+            record = read_json_object(item.path / NOTIFICATION_FILE)
+            channel = record.get("channel")
+            name = str(channel.get("name") or "?") if isinstance(channel, dict) else "?"
+            counts = channels.setdefault(name, {"waiting": 0, "failed": 0})
+            counts[key] += 1
+    failed = sorted(spool.items(NOTIFY_FAILED), key=lambda i: i.name, reverse=True)
+    recent = []
+    for item in failed[:RECENT_ERRORS]:
+        record = read_json_object(item.path / ERROR_FILE)
+        recent.append(
+            {"id": item.name, "reason": record.get("reason", "?"), "at": record.get("at")}
+        )
+    return {"channels": dict(sorted(channels.items())), "recent_failures": recent}
 
 
 def _workers(spool: Spool) -> dict[str, int]:

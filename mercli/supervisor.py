@@ -6,7 +6,8 @@ The supervisor prefixes every line a part writes with its name, restarts a part 
 (after a pause that grows while it keeps dying), and stops everything when a part cannot
 start at all (a port in use, a broken rules file): restarting would not help. SIGINT/SIGTERM
 stop the parts in pipeline order — receive first (it lets open associations finish), then
-route, then dispatch — so nothing accepted is left half way.
+route, then dispatch (then notify, which sends what the others wrote) — so nothing
+accepted is left half way.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class RunConfig:
     workers: int = 4
     purge_every: float = 3600.0  # 0 = no purge
     process: bool = False  # the rules define modules: run `mercli process` too (SPEC §7)
+    notify: bool = False  # the rules define [notify.*] channels: run `mercli notify` (§8)
 
 
 def _mercli(*args: str) -> list[str]:
@@ -78,6 +80,8 @@ def plan(config: RunConfig) -> list[Part]:
     ]
     if config.process:
         parts.insert(2, Part("process", _mercli("process", *spool)))
+    if config.notify:  # last: every other part writes notifications, so it stops after them
+        parts.append(Part("notify", _mercli("notify", *spool)))
     return parts
 
 

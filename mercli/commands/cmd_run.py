@@ -74,7 +74,8 @@ def run(
 
     \b
     Runs `mercli receive`, `mercli route --rules RULES` and `mercli dispatch` as child
-    processes over one spool, prefixes their log lines with their names, restarts a part
+    processes over one spool (and `mercli notify` when the rules define [notify.NAME]
+    channels), prefixes their log lines with their names, restarts a part
     that dies, and runs `mercli purge` every --purge-every. A part that cannot start at all
     (port in use, invalid rules) stops everything with its exit code. SIGINT/SIGTERM stop
     receive first (open associations finish), then route, then dispatch; exit 0.
@@ -98,6 +99,7 @@ def run(
     verbosity = _verbosity()
     config = RunConfig(spool, rules_path.resolve(), tuple(receive_args), workers, purge_every)
     config = replace(config, process=bool(ruleset.modules))
+    config = replace(config, notify=bool(getattr(ruleset, "notify", {})))
     Supervisor(config, verbosity).run()
 
 

@@ -219,11 +219,17 @@ class Claim:
         remove_tree(self.key_dir)
         return item
 
-    def quarantine(self, reason: str, *, name: str | None = None, **detail: Any) -> Item:
-        """Move the item to error/ with an error.json that says why, for resend or a human."""
+    def quarantine(
+        self, reason: str, *, name: str | None = None, state: str = ERROR, **detail: Any
+    ) -> Item:
+        """Move the item to error/ with an error.json that says why, for resend or a human.
+
+        `state` names another end state with the same record: notifications that failed for
+        good go to notify_failed/, apart from jobs (SPEC §8).
+        """
         record = error_record(reason, self.state, detail)
         self.worker.replace_file(self.path / ERROR_FILE, json_bytes(record))
-        return self.move_to(ERROR, name)
+        return self.move_to(state, name)
 
     def transaction(self) -> Transaction:
         """Start preparing outputs that will be published together (protocol step 3)."""

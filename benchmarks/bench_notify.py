@@ -1,0 +1,95 @@
+"""What notifications cost routing (target: <= 5 %).
+
+250 series (50 studies x 5 series x 10 MR instances) are received once (storescu into
+mercli receive); each run routes a fresh copy of that spool in this process
+(`RouteService.run_once`, two folder targets) with rules that notify nobody and with the
+same rules plus a webhook channel that the rule asks for `routed`, `delivered` and `failed`
+(the usual set): per series one notification item rendered and written inside the routing
+transaction, and the subscriptions in both jobs' job.json. The rows are instances per second,
+median of RUNS interleaved runs (who goes first alternates).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bench_studies import (
+    PER_SERIES,
+    SERIES_PER_STUDY,
+    STUDIES_HELD,
+    _copy_spool,
+    _receive,
+)
+from benchmarks.datasets import mr_studies
+from benchmarks.report import Row, with_ratios
+from mercli.route.service import RouteService
+from mercli.spool import NOTIFY, Spool
+
+RUNS = 3
+RULES = """
+[targets.a]
+type = "folder"
+path = "a"
+
+[targets.b]
+type = "folder"
+path = "b"
+{channel}
+[[rules]]
+name = "all"
+targets = ["a", "b"]
+{notify}
+"""
+CHANNEL = """
+[notify.hook]
+type = "webhook"
+url = "https://hooks.example.org/mercli"
+body = '{"text": "{{ event }}: {{ rule }} {{ modality }} {{ series_description }} -> {{ target }}"}'
+"""
+NOTIFY_RULE = 'notify = ["hook"]\nnotify_on = ["routed", "delivered", "failed"]\n'
+QUIET, TELLING = "route, no notifications", "route, 1 notification a series"
+
+
+def _route(scratch: Path, received: Path, subject: str, run: int, count: int) -> float:
+    root = scratch / f"spool-{run}-{subject[:8].strip(',')}"
+    _copy_spool(received, root)
+    os.sync()
+    rules = scratch / "rules.toml"
+    telling = subject == TELLING
+    text = RULES.format(channel=CHANNEL if telling else "", notify=NOTIFY_RULE if telling else "")
+    rules.write_text(text)
+    wall = time.perf_counter()
+    summary = RouteService(root, rules).run_once(everything=True)
+    wall = time.perf_counter() - wall
+    made = len(Spool(root).items(NOTIFY))
+    series = STUDIES_HELD * SERIES_PER_STUDY
+    assert summary.instances == count and made == (1 * series if telling else 0), made
+    return count / wall
+
+
+def run() -> list[Row]:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MERCLI_BENCH_DIR")) as temp:
+        scratch = Path(temp)
+        data = mr_studies(scratch, STUDIES_HELD, SERIES_PER_STUDY, PER_SERIES)
+        received = scratch / "spool-received"
+        _receive(received, data.files)
+        rates: dict[str, list[float]] = {QUIET: [], TELLING: []}
+        for run in range(RUNS):
+            order = (QUIET, TELLING) if run % 2 == 0 else (TELLING, QUIET)
+            for subject in order:
+                rates[subject].append(_route(scratch, received, subject, run, len(data.files)))
+    rows = [
+        Row(
+            "notify",
+            data.label,
+            subject,
+            statistics.median(runs),
+            note="runs " + "/".join(f"{r:.0f}" for r in sorted(runs)),
+        )
+        for subject, runs in rates.items()
+    ]
+    return with_ratios(rows, QUIET, target=">= 0.95x")

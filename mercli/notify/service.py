@@ -1,0 +1,84 @@
+"""Running `mercli notify`: worker threads over one Sender, once or as a service.
+
+Sending is network-bound, so `--workers N` are threads of one process sharing one lease; more
+processes (or hosts with a shared spool) scale the same way, since every notification is
+claimed by rename. As a service the workers sleep until an item appears in notify/
+(watchdog), a retry falls due, or FULL_SCAN seconds pass; dead senders' claims are recovered
+every RECOVER_EVERY seconds, and at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mercli.notify.sender import NotifySummary, Sender
+from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
+from mercli.spool import NOTIFY, Spool, Worker, recover
+
+log = logging.getLogger(__name__)
+
+
+class NotifyService:
+    """`mercli notify`: N worker threads until done (--once) or until SIGINT/SIGTERM."""
+
+    def __init__(self, spool_root: Path, workers: int) -> None:
+        self.spool = Spool.open(spool_root)
+        self.workers = max(1, workers)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+
+    def run(self, *, once: bool) -> NotifySummary:
+        recover(self.spool)
+        with Worker(self.spool, "notify") as worker:
+            sender = Sender(self.spool, worker, once=once)
+            if once:
+                self._threads(sender, self._drain)
+            else:
+                self._serve(sender)
+            return sender.summary
+
+    def _threads(self, sender: Sender, body: Callable[[Sender], None]) -> None:
+        threads = [
+            threading.Thread(target=body, args=(sender,), name=f"notify-{n}")
+            for n in range(self.workers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _drain(self, sender: Sender) -> None:
+        """--once: attempt every notification due now, each at most once."""
+        while not self.stop.is_set() and (picked := sender.pick()) is not None:
+            sender.attempt(*picked)
+
+    def _serve(self, sender: Sender) -> None:
+        stop_on_signals(self.stop, "finishing the notifications in hand", self.wake)
+        log.info("sending notifications from %s with %d worker(s)", self.spool.root, self.workers)
+        recoverer = threading.Thread(target=self._recover_periodically, daemon=True)
+        recoverer.start()
+        with wake_on_changes(self.wake, [self.spool.state_dir(NOTIFY)]):
+            self._threads(sender, self._work)
+
+    def _work(self, sender: Sender) -> None:
+        while not self.stop.is_set():
+            picked = sender.pick()
+            if picked is not None:
+                try:
+                    sender.attempt(*picked)
+                except OSError as exc:  # the spool, not the channel: log and go on
+                    log.error("notification %s: %s", picked[0].name, exc)
+                continue
+            due = sender.next_due()
+            timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))
+            self.wake.wait(timeout)
+            self.wake.clear()
+
+    def _recover_periodically(self) -> None:
+        while not self.stop.wait(RECOVER_EVERY):
+            recover(self.spool)
+            self.wake.set()
