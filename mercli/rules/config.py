@@ -262,9 +262,7 @@ class RuleSet:
             if target in rule.targets:
                 found += self.subscriptions(rule)
         return [
-            data
-            for data in subscriptions_json(found)
-            if set(data["on"]) & {"delivered", "failed"}
+            data for data in subscriptions_json(found) if set(data["on"]) & {"delivered", "failed"}
         ]
 
     @property
