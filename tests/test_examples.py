@@ -38,6 +38,8 @@ def test_hospital_rules() -> None:
     assert decision("hospital.toml", Modality="MR")[0] == ("pacs", "ai")
     assert decision("hospital.toml", Modality="CR")[0] == ("pacs",)
     assert decision("hospital.toml", Modality="CT", SeriesDescription="Scout 1")[1]
+    rules = load_rules(EXAMPLES / "hospital.toml")
+    assert rules.targets["ai"].notify_on == ("failed",) and "pacs-admins" in rules.notify
 
 
 def test_brain_mr_study_rules() -> None:
@@ -61,6 +63,8 @@ def test_systemd_units_run_mercli_commands() -> None:
         "mercli-receive.service",
         "mercli-dispatch@.service",
         "mercli-process.service",
+        "mercli-notify.service",
+        "mercli-metrics.service",
     }
     for unit in units:
         assert "ExecStart=/opt/mercli/.venv/bin/mercli " in unit.read_text()
