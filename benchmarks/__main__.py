@@ -12,6 +12,8 @@ from benchmarks import (
     bench_dicomweb,
     bench_dispatch,
     bench_e2e,
+    bench_log,
+    bench_notify,
     bench_process,
     bench_receive,
     bench_route,
@@ -31,6 +33,8 @@ SUITES = [
     bench_process,
     bench_tls,
     bench_dicomweb,
+    bench_notify,
+    bench_log,
     bench_e2e,
 ]
 

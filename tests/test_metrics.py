@@ -179,7 +179,7 @@ def test_every_event_kind_is_counted_with_its_labels(spool: Spool) -> None:
     spool.log("quarantined", item="q", reason="no SOP Instance UID", sender="CT1")
     spool.log("duplicate_dropped", group="s", instance="i")
     spool.log("recovered", owner="o", released=["outgoing/a"], rolled_forward=["success/b"])
-    spool.log("notified", item="n")  # a kind this exporter does not know yet
+    spool.log("teleported", item="n")  # a kind this exporter does not know
     samples = parse(metrics_cli(spool))
     assert value(samples, "mercli_received_replaced_total") == 1
     assert value(samples, "mercli_routed_total", kind="process", target="") == 1

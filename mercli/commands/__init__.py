@@ -13,6 +13,9 @@ import click
 # command name -> module in mercli.commands (the click command object has the same name)
 COMMAND_MODULES: dict[str, str] = {
     "dispatch": "cmd_dispatch",
+    "log": "cmd_log",
+    "metrics": "cmd_metrics",
+    "notify": "cmd_notify",
     "process": "cmd_process",
     "purge": "cmd_purge",
     "receive": "cmd_receive",

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mercli.audit.keys import trail_fields
 from mercli.jobs import input_hops, study_record
 from mercli.names import new_id
 from mercli.route.studies import HELD_FILE, HeldCache, HeldSeries, Study, held_record, study_rule
@@ -123,7 +124,10 @@ class Completer:
             made.append((OUTGOING, item, target, names))
         self._hold_again(transaction, claim, study, set(finished))
         transaction.commit()
-        self._account(claim.name, made, done)
+        # keyed accession/patient hashes for `mercli log` (mercli.audit); `study` is the name
+        trail = trail_fields(self.spool.root, study.held[0].keys if study.held else {})
+        trail.pop("study", None)
+        self._account(claim.name, made, done, trail)
 
     def _output(
         self,
@@ -207,18 +211,23 @@ class Completer:
                 write_json(folder / HELD_FILE, {**record, "keys": dict(batch.keys)})
 
     def _account(
-        self, study: str, made: list[tuple[str, str, str, list[str]]], done: Completion
+        self,
+        study: str,
+        made: list[tuple[str, str, str, list[str]]],
+        done: Completion,
+        trail: Mapping[str, str],
     ) -> None:
         for state, item, what, rules in made:
+            fields = {"item": item, "study": study, "rules": rules, **trail}
             if state == OUTGOING:
                 done.jobs.append(item)
-                self.spool.log("routed", item=item, study=study, rules=rules, target=what)
+                self.spool.log("routed", **fields, target=what)
             elif state == PROCESSING:
                 done.jobs.append(item)
-                self.spool.log("routed", item=item, study=study, rules=rules, process=True)
+                self.spool.log("routed", **fields, process=True)
             else:
                 done.discarded.append(item)
-                self.spool.log("discarded", item=item, study=study, rules=rules, reason=what)
+                self.spool.log("discarded", **fields, reason=what)
         log.info(
             "study %s complete: %d study job(s), %d discarded",
             study,

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mercli.audit.keys import trail_fields
 from mercli.jobs import input_hops, job_record
 from mercli.names import new_id, safe_name
+from mercli.notify.enqueue import add_notifications, event_variables
 from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
 from mercli.rules.decide import Decision, RuleTimeout, decide
@@ -203,8 +205,48 @@ class Router:
                     record = self._record(item, claim.name, tags, decision, target_name)
                 write_json(folder / JOB_FILE, record)
                 made.append((state, item, target_name, decision))
+        if self.rules.notify:
+            self._notify(transaction, claim.name, instances, decisions)
         transaction.commit()
-        self._account(claim.name, len(instances), made, summary)
+        # study UID and keyed accession/patient hashes, for `mercli log` (mercli.audit)
+        trail = trail_fields(self.spool.root, instances[0][1] if instances else {})
+        self._account(claim.name, len(instances), made, summary, trail)
+
+    def _notify(
+        self,
+        transaction: Transaction,
+        series: str,
+        instances: list[tuple[str, Mapping[str, Any]]],
+        decisions: list[Decision],
+    ) -> None:
+        """The notifications of this routing, in its transaction: `received` once per series
+        and rule, `routed` or `discarded` per decision and rule (SPEC §8)."""
+        first = instances[0][1] if instances else {}
+        told: set[str] = set()
+        for decision in decisions:
+            outputs = [*decision.targets, *(f"process {rule}" for rule in decision.process)]
+            outputs += [f"study {rule}" for rule, _ in decision.study]
+            event = "discarded" if decision.discarded else "routed"
+            for rule in self.rules.rules_named(decision.rules):
+                subscriptions = self.rules.subscriptions(rule)
+                if not subscriptions:
+                    continue
+                fields = {
+                    "rule": rule.name,
+                    "rules": list(decision.rules),
+                    "item": series,
+                    "target": ", ".join(outputs) if not decision.discarded else "",
+                    "instances": len(decision.instances),
+                    "error": decision.reason if decision.discarded else "",
+                }
+                source = {"item": series, "rule": rule.name}
+                if rule.name not in told:
+                    told.add(rule.name)
+                    received = event_variables("received", first, **fields)
+                    received["instances"] = len(instances)
+                    add_notifications(transaction, subscriptions, "received", received, source)
+                variables = event_variables(event, first, **fields)
+                add_notifications(transaction, subscriptions, event, variables, source)
 
     def _hold(
         self,
@@ -242,7 +284,7 @@ class Router:
         """job.json of a job for `target_name` (with its priority), or of a discard ("")."""
         if not target_name:
             return job_record(item, series, tags, decision.rules, reason=decision.reason)
-        return job_record(
+        record = job_record(
             item,
             series,
             tags,
@@ -251,12 +293,17 @@ class Router:
             priority=self.rules.job_priority(target_name, decision.rules),
             offpeak=self.rules.offpeak_window,
         )
+        if self.rules.notify:
+            notify = self.rules.job_subscriptions(target_name, decision.rules)
+            if notify:
+                record["notify"] = notify
+        return record
 
     def _quarantine(
         self, claim: Claim, exc: RuleTimeout, count: int, summary: RouteSummary
     ) -> None:
         """Move the whole batch to error/ with the rule that ran out of time as the reason."""
-        detail = {"series": claim.name, "rule": exc.rule, "instances": count}
+        detail: dict[str, Any] = {"series": claim.name, "rule": exc.rule, "instances": count}
         item = claim.quarantine(exc.reason, name=new_id(), limit=exc.limit, **detail)
         summary.failed += 1
         summary.errors.append(item.name)
@@ -285,6 +332,7 @@ class Router:
         count: int,
         made: list[tuple[str, str, str, Decision]],
         summary: RouteSummary,
+        trail: Mapping[str, str] | None = None,
     ) -> None:
         summary.series += 1
         summary.instances += count
@@ -294,6 +342,7 @@ class Router:
                 "series": series,
                 "instances": len(decision.instances),
                 "rules": list(decision.rules),
+                **(trail or {}),
             }
             if state == OUTGOING:
                 summary.jobs.append(item)
@@ -305,7 +354,7 @@ class Router:
             elif state == STUDIES:
                 summary.held.append(item)
                 held_for = [rule for rule, _ in decision.study]
-                self.spool.log("held", **fields, study=target, held_for=held_for)
+                self.spool.log("held", **{**fields, "study": target}, held_for=held_for)
             else:
                 summary.discarded.append(item)
                 self.spool.log("discarded", **fields, reason=decision.reason)

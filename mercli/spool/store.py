@@ -81,7 +81,9 @@ class Spool:
     def layout(self) -> list[Path]:
         """The spool's own folders (not items), root first."""
         folders = [self.root, self.tmp, *(self.root / s for s in STATES), self.leases]
-        return [*folders, self.claims, self.hints, self.events.directory]
+        # keys/: the audit key of `mercli log` (mercli.audit.keys), a spool folder so that
+        # --group and the modes apply to it
+        return [*folders, self.claims, self.hints, self.events.directory, self.root / "keys"]
 
     def ensure_layout(self, group: str | int | None = None) -> None:
         """Create every folder, then prove the spool writable and on one filesystem.
