@@ -270,3 +270,36 @@ def test_processed_tells_the_modules_notification_text(tmp_path: Path, spool: Sp
     (made,) = notifications(spool)
     assert made["body"] == "processed copy found nothing"
     assert made["source"]["module"] == "copy"
+
+
+def test_kill_9_mid_dispatch_never_loses_the_delivered_notification(tmp_path: Path) -> None:
+    """At every step of sending a job to a folder target: after recovery, either the job is
+    back in outgoing/ with no notification (it will be sent again), or it is in success/
+    with its `delivered` notification."""
+    from mercli.dispatch.service import DispatchService
+
+    root = tmp_path / "spool"
+    template = tmp_path / "template"
+    rules = rules_file(tmp_path, events='["delivered"]')
+    routed(tmp_path, Spool.open(template), rules, {"1.2.28": 2})
+    assert notifications(Spool(template)) == []
+
+    def setup() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        shutil.copytree(template, root, symlinks=True)
+
+    def scenario() -> None:
+        DispatchService(root, 1).run(once=True)
+
+    def check(step: int) -> None:
+        spool = Spool(root)
+        recover(spool, tmp_grace=0)
+        waiting, done, told = spool.items(OUTGOING), spool.items(SUCCESS), notifications(spool)
+        if waiting:
+            assert (len(waiting), done, told) == (1, [], []), step
+        else:
+            assert len(done) == 1 and [n["event"] for n in told] == ["delivered"], step
+
+    steps = run_until_done(scenario, check, setup=setup)
+    assert steps > 10
