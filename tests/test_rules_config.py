@@ -135,7 +135,7 @@ ERRORS = [
     (
         "rout = 1\n" + DICOM + RULE,
         1,
-        'unknown key "rout" (did you mean "route"? allowed: route, purge, targets, modules, rules)',
+        'unknown key "rout" (did you mean "route"? allowed: route, purge, notify, targets, modules, rules)',
     ),
     (
         '[route]\nsettle = "2x"\n' + DICOM + RULE,
@@ -198,7 +198,7 @@ ERRORS = [
     (
         DICOM + RULE + 'tagets = ["x"]\n',
         9,
-        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority, trigger, action_trigger, require, on_timeout, process, process_settings, results)',
+        'rule #1: unknown key "tagets" (did you mean "targets"? allowed: name, when, targets, action, final, fallback, priority, trigger, action_trigger, require, on_timeout, process, process_settings, results, notify, notify_on)',
     ),
     (DICOM + RULE + 'final = "yes"\n', 9, 'rule "r": "final" must be true or false, not a string'),
     (
@@ -277,7 +277,7 @@ ERRORS = [
     (
         DICOM + 'path = "/x"\n' + RULE,
         6,
-        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, tls, tls_ca, tls_cert, tls_key, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
+        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, tls, tls_ca, tls_cert, tls_key, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on)',
     ),
     (DICOM + "timeout = 0\n" + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
     (
@@ -301,7 +301,7 @@ ERRORS = [
     (
         '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,
         4,
-        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority)',
+        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on)',
     ),
     (
         '[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE,
