@@ -42,7 +42,7 @@ from typing import Any
 from mercli.fsutil import open_new, start_writeback
 from mercli.jobs import Module
 from mercli.names import printable, safe_name
-from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX, write_json
+from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
 from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
 
@@ -125,7 +125,7 @@ def run_chain(
         out_dir.mkdir()
         prepare_input(in_dir, current, spool_sidecars=index == 0)
         document = task_document(task, module, {**module.settings, **settings})
-        write_json(in_dir / TASK_FILE, document)
+        write_unsynced(in_dir / TASK_FILE, json_bytes(document))  # scratch: no fsync
         status = run_module(module, in_dir, out_dir, output, running)
         statuses.append(status)
         if status != 0:
