@@ -102,14 +102,28 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_new(path: Path, data: bytes) -> None:
-    """Create `path` exclusively (FILE_MODE), write and fsync it. Unlinks it if anything fails."""
+def write_new(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Create `path` exclusively (FILE_MODE), write and fsync it. Unlinks it if anything fails.
+
+    `sync=False`: the caller fsyncs it later, with others (`fsync_file`): only the writeback
+    is started now. Several files of one transaction synced in one pass cost one journal
+    commit instead of one each.
+    """
     fd = open_new(path)
     try:
-        write_fd(fd, data)
+        write_fd(fd, data, sync=sync)
     except BaseException:
         unlink_quietly(path)
         raise
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file by name (never through a symlink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_new(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
@@ -136,17 +150,21 @@ def give_file_mode(path: str | os.PathLike[str]) -> None:
         os.chmod(path, FILE_MODE)
 
 
-def write_fd(fd: int, data: bytes) -> None:
+def write_fd(fd: int, data: bytes, *, sync: bool = True) -> None:
     """Write all of `data` to a fresh descriptor, fsync it and close it (closed on error too).
 
     The file gets FILE_MODE first, however it was created (receive opens its own files).
+    `sync=False` only starts the writeback: the caller fsyncs the file later.
     """
     try:
         set_file_mode(fd)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
+        else:
+            start_writeback(fd)
     finally:
         os.close(fd)
 

@@ -28,7 +28,6 @@ from mercli.spool import (
     NOTIFY,
     Claim,
     Transaction,
-    write_json,
 )
 from mercli.spool.items import error_record, json_bytes, now_iso
 
@@ -105,7 +104,7 @@ def add_notifications(
             "channel": channel.to_json(),
             "source": {key: value for key, value in source.items() if value is not None},
         }
-        write_json(folder / NOTIFICATION_FILE, record)
+        transaction.write_json(folder / NOTIFICATION_FILE, record)
         made += 1
     return made
 

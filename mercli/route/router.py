@@ -203,7 +203,7 @@ class Router:
                     record = self.rules.processing_job(target_name, record, input_hops(tags) + 1)
                 else:
                     record = self._record(item, claim.name, tags, decision, target_name)
-                write_json(folder / JOB_FILE, record)
+                transaction.write_json(folder / JOB_FILE, record)
                 made.append((state, item, target_name, decision))
         if self.rules.notify:
             self._notify(transaction, claim.name, instances, decisions)
