@@ -49,6 +49,7 @@ from mercli.names import new_id, safe_name
 from mercli.notify.enqueue import (
     add_notifications,
     event_variables,
+    link_tree,
     quarantine,
     subscriptions_from,
 )
@@ -333,7 +334,7 @@ class Processor:
         progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
         progress.last_error, progress.next_attempt = "", 0.0
         done = transaction.new_item(SUCCESS, claim.name)
-        _link_tree(claim.path, done)
+        link_tree(claim.path, done)
         for stale in (progress.FILE, LOG_FILE):  # of an earlier, failed run
             (done / stale).unlink(missing_ok=True)
         _write(done / progress.FILE, progress.to_bytes())
@@ -490,15 +491,6 @@ def _fill(
         write_unsynced(sidecar, json_bytes(dict(tags)), writeback=True)
         written += [instance, sidecar]
     fsync_files(written)
-
-
-def _link_tree(source: Path, destination: Path) -> None:
-    for entry in os.scandir(source):
-        if entry.is_dir(follow_symlinks=False):
-            os.mkdir(destination / entry.name)
-            _link_tree(Path(entry.path), destination / entry.name)
-        else:
-            os.link(entry.path, destination / entry.name, follow_symlinks=False)
 
 
 def _write(path: Path, data: bytes) -> None:
