@@ -185,3 +185,26 @@ def test_orthanc_with_dicom_tls_receives_the_series(tmp_path: Path, spool: Spool
             stored = tmp_path / "stored.dcm"
             stored.write_bytes(server.file_of(uid))
             assert dataset_bytes(stored) == dataset_bytes(path)
+
+
+def test_an_encrypted_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
+    """A service has no terminal: OpenSSL must not ask for the key's password."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mercli.dicom.tls import TlsConfigError, server_context
+
+    pki = make_pki(tmp_path / "pki")
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(TlsConfigError, match="is encrypted: give an unencrypted key"):
+        server_context(str(pki.server_cert), str(encrypted))
+    with pytest.raises(TlsConfigError, match="is encrypted"):
+        client_context(str(pki.ca), str(pki.client_cert), str(encrypted))

@@ -34,7 +34,7 @@ def client_context(
     if ca:
         _load(context.load_verify_locations, ca, "CA file", cafile=ca)
     if cert:
-        _load(context.load_cert_chain, cert, "client certificate/key", certfile=cert, keyfile=key)
+        _load_chain(context, cert, key, "client certificate/key")
     return context
 
 
@@ -45,7 +45,7 @@ def server_context(
     against `ca`) only with `require_client_cert`."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MINIMUM_VERSION
-    _load(context.load_cert_chain, cert, "certificate/key", certfile=cert, keyfile=key)
+    _load_chain(context, cert, key, "certificate/key")
     if ca:
         _load(context.load_verify_locations, ca, "CA file", cafile=ca)
     if require_client_cert:
@@ -53,6 +53,24 @@ def server_context(
             raise TlsConfigError("requiring client certificates needs a CA file to verify them")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: str, key: str | None, what: str) -> None:
+    """Certificate and key; a key protected by a password fails here with a clear error
+    (OpenSSL would otherwise ask for the password on the terminal of a service)."""
+
+    def no_password() -> bytes:
+        raise TlsConfigError(f"TLS key {key or cert} is encrypted: give an unencrypted key")
+
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key, password=no_password)
+    except TlsConfigError:
+        raise
+    except FileNotFoundError:
+        raise TlsConfigError(f"TLS {what} {cert}: no such file") from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise TlsConfigError(f"TLS {what} {cert}: cannot be loaded ({reason})") from None
 
 
 def _load(method: object, path: str, what: str, **kwargs: str | None) -> None:

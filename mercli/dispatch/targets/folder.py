@@ -80,7 +80,7 @@ def deliver_to_folder(
     targets whose consumers never modify files in place: theirs would be the spool's too).
     NotRegularFile for a file that is a symlink or not a regular file (nothing is delivered).
     """
-    _check_job_id(job_id)
+    check_job_id(job_id)
     final = dest / job_id
     if dest.exists() and not dest.is_dir():
         raise TargetError(f"cannot deliver to folder target: not a folder ({dest})")
@@ -112,7 +112,7 @@ def deliver_to_folder(
     return final
 
 
-def _check_job_id(job_id: str) -> None:
+def check_job_id(job_id: str) -> None:
     """The job id becomes a folder name: one plain component, not hidden, no tricks."""
     if (
         not job_id

@@ -54,7 +54,7 @@ import paramiko
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from mercli.dispatch.targets.base import Attempt
-from mercli.dispatch.targets.folder import TargetError, _check_job_id
+from mercli.dispatch.targets.folder import TargetError, check_job_id
 from mercli.jobs import JobInfo, Progress, Target
 from mercli.secrets import SecretError, read_secret
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX, NotRegularFile, open_regular
@@ -89,7 +89,7 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
     `progress` stays as it is: what the server already has is read from the server itself
     (the temporary folder), which is right even when dispatch.json is not."""
     try:
-        _check_job_id(job.name)
+        check_job_id(job.name)
         uploads = _job_files(folder, job.series)
         with connect(job.target) as sftp:
             upload_job(sftp, uploads, PurePosixPath(str(job.target.path or ".")), job.name)
