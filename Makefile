@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # libsndfile1-dev: Debian's dcmtk.pc requires sndfile, so pkg-config fails without it.
-# orthanc-dicomweb: the STOW-RS peer; openssh-server: the SFTP peer (tests start their own sshd).
-DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server g++ pkg-config
+# orthanc-dicomweb: the STOW-RS peer; openssh-server: the SFTP peer (tests start their own sshd);
+# dicom3tools: dciodvfy, DICOM's own validator, checks de-identified output.
+DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools g++ pkg-config
 CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
 CSRC := $(wildcard csrc/*.cpp)
 BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
