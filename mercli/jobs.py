@@ -153,6 +153,12 @@ class Target:
     region: str | None = None
     credentials_file: str | None = None
     profile: str | None = None
+    # per-target edits (SPEC §5.1, at dispatch time on the job's own copies)
+    deidentify: str | None = None  # "basic": PS3.15 Annex E (mercli.deid)
+    deidentify_options: tuple[str, ...] = ()
+    pseudonym_secret_file: str | None = None
+    allow_burned_in: bool = False
+    keep_private: tuple[str, ...] = ()
     # notifications (SPEC §8): channel names and the events they get (defaults applied)
     notify: tuple[str, ...] = ()
     notify_on: tuple[str, ...] = ()
@@ -162,6 +168,8 @@ class Target:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["path"] = None if self.path is None else str(self.path)
         data["notify"], data["notify_on"] = list(self.notify), list(self.notify_on)
+        data["deidentify_options"] = list(self.deidentify_options)
+        data["keep_private"] = list(self.keep_private)
         for key in _TRANSPORT_KEYS:  # only what this target's type uses
             if data[key] in (_DEFAULTS[key], []):
                 del data[key]
@@ -174,7 +182,7 @@ class Target:
         values = {key: value for key, value in data.items() if key in known}
         if values.get("path") is not None:
             values["path"] = Path(values["path"])
-        for key in ("notify", "notify_on"):
+        for key in ("notify", "notify_on", "deidentify_options", "keep_private"):
             values[key] = tuple(values.get(key) or ())
         return cls(**values)
 

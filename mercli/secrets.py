@@ -25,7 +25,10 @@ from mercli.errors import MercliError
 
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_SECRET_BYTES = 64 * 1024  # a secret file larger than this is not a secret file
-SECRET_FILE_KEYS = ("password_file", "token_file", "key_file", "credentials_file", "tls_key")
+SECRET_FILE_KEYS = (
+    *("password_file", "token_file", "key_file", "credentials_file", "tls_key"),
+    "pseudonym_secret_file",
+)
 SECRET_ENV_KEYS = ("password", "token")  # "${NAME}" only
 
 

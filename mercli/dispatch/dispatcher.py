@@ -46,7 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mercli.dispatch.edits import EditFailed, edited_copy, needs_edits
 from mercli.dispatch.targets import Attempt, deliver
+from mercli.fsutil import remove_tree
 from mercli.jobs import PRIORITIES, JobInfo, Progress, Target
 from mercli.notify.enqueue import event_variables, quarantine, settle, subscriptions_from
 from mercli.spool import (
@@ -221,6 +223,19 @@ class Dispatcher:
 
     # -- one attempt -----------------------------------------------------------------------
 
+    def _deliver_edited(self, claim: Claim, info: JobInfo, progress: Progress) -> Attempt:
+        """Deliver a private, edited copy of the job (mercli.dispatch.edits), made in this
+        worker's scratch for this attempt and removed after it."""
+        scratch = self.worker.tmp_path(".edited")
+        try:
+            try:
+                folder, edited = edited_copy(claim.path, info, scratch)
+            except EditFailed as exc:
+                return Attempt(error=str(exc), permanent=exc.permanent)
+            return deliver(folder, edited, progress)
+        finally:
+            remove_tree(scratch)
+
     def attempt(self, claim: Claim, info: JobInfo) -> Attempt:
         """Try the job once and settle it: success/, error/, or back to outgoing/."""
         try:
@@ -228,7 +243,12 @@ class Dispatcher:
             progress = Progress() if unsafe else Progress.load(claim.path)
             progress.attempts += 1
             started = time.monotonic()
-            result = _refused(unsafe) if unsafe else deliver(claim.path, info, progress)
+            if unsafe:
+                result = _refused(unsafe)
+            elif needs_edits(info.target):
+                result = self._deliver_edited(claim, info, progress)
+            else:
+                result = deliver(claim.path, info, progress)
             self._settle(claim, info, progress, result, time.monotonic() - started)
             return result
         except BaseException:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mercli.deid.model import OPTIONS as DEIDENTIFY_OPTIONS
 from mercli.errors import ConfigError
 from mercli.jobs import (
     CONTAINERS,
@@ -86,7 +87,14 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 _EMAIL = re.compile(r"[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}")
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOTIFY_KEYS = ("notify", "notify_on")
-_COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority", *_NOTIFY_KEYS)
+_EDIT_KEYS = (
+    *("deidentify", "deidentify_options", "pseudonym_secret_file", "allow_burned_in"),
+    "keep_private",
+)
+_COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority", *_NOTIFY_KEYS, *_EDIT_KEYS)
+DEIDENTIFY_OPTION_ALIASES = {  # SPEC §5.1's example name -> the option it means
+    "retain-longitudinal-dates": "retain-longitudinal-full-dates",
+}
 _RULE_KEYS = (
     *("name", "when", "targets", "action", "final", "fallback", "priority"),
     *("trigger", "action_trigger", "require", "on_timeout"),
@@ -372,6 +380,7 @@ class _Loader:
         values: dict[str, Any] = {"name": name, "type": kind, **self.retry(table)}
         values["priority"] = self.priority(table)
         values |= self.subscriber(table, "target")
+        values |= self.edits(table)
         if kind == "dicom":
             values |= _dicom(table) | self.tls(table)
         elif kind == "folder":
@@ -386,6 +395,39 @@ class _Loader:
         if kind != "folder" and "timeout" in table.raw:
             values["timeout"] = table.duration("timeout", positive=True)
         return Target(**{key: value for key, value in values.items() if value is not None})
+
+    def edits(self, table: Table) -> dict[str, Any]:
+        """`deidentify` ("basic") with its options, secret file and exceptions."""
+        given = [key for key in _EDIT_KEYS if key in table.raw and key != "deidentify"]
+        kind = table.string("deidentify")
+        if kind is None:
+            if given:
+                raise table.fail(given[0], f'"{given[0]}" needs deidentify = "basic"')
+            return {}
+        if kind != "basic":
+            message = f'deidentify must be "basic" (PS3.15 Annex E), not "{kind}"'
+            raise table.fail("deidentify", message)
+        options = []
+        for option in table.string_list("deidentify_options"):
+            option = DEIDENTIFY_OPTION_ALIASES.get(option, option)
+            if option not in DEIDENTIFY_OPTIONS:
+                known = ", ".join(DEIDENTIFY_OPTIONS)
+                message = f'unknown option "{option}" (known: {known})'
+                raise table.fail("deidentify_options", message)
+            options.append(option)
+        if set(DEIDENTIFY_OPTIONS[:2]) <= set(options):
+            raise table.fail("deidentify_options", "full and modified dates exclude each other")
+        secret = self.secret_file(table, "pseudonym_secret_file")
+        if secret is None:
+            message = 'deidentify needs "pseudonym_secret_file" (it keys the new UIDs)'
+            raise table.fail(None, message)
+        return {
+            "deidentify": kind,
+            "deidentify_options": tuple(_dedupe(options)),
+            "pseudonym_secret_file": secret,
+            "allow_burned_in": table.boolean("allow_burned_in") or None,
+            "keep_private": tuple(_dedupe(table.string_list("keep_private"))),
+        }
 
     def secret_file(self, table: Table, key: str) -> str | None:
         """A secret file's path, absolute against the rules file's folder (job.json keeps
