@@ -46,7 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mercli.dispatch.edits import EditFailed, edited_copy, needs_edits
 from mercli.dispatch.targets import Attempt, deliver
 from mercli.fsutil import remove_tree
 from mercli.jobs import PRIORITIES, JobInfo, Progress, Target
@@ -226,6 +225,8 @@ class Dispatcher:
     def _deliver_edited(self, claim: Claim, info: JobInfo, progress: Progress) -> Attempt:
         """Deliver a private, edited copy of the job (mercli.dispatch.edits), made in this
         worker's scratch for this attempt and removed after it."""
+        from mercli.dispatch.edits import EditFailed, edited_copy  # pydicom: only if needed
+
         scratch = self.worker.tmp_path(".edited")
         try:
             try:
@@ -245,7 +246,7 @@ class Dispatcher:
             started = time.monotonic()
             if unsafe:
                 result = _refused(unsafe)
-            elif needs_edits(info.target):
+            elif info.target.deidentify:  # edits: mercli.dispatch.edits, loaded when needed
                 result = self._deliver_edited(claim, info, progress)
             else:
                 result = deliver(claim.path, info, progress)

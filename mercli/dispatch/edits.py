@@ -22,7 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from mercli.deid import deidentify
+from mercli.deid.core import deidentify
 from mercli.deid.model import DeidentificationRefused, Profile, ProfileError, load_secret
 from mercli.fsutil import make_dir, write_new
 from mercli.jobs import JobInfo, Target
@@ -38,10 +38,6 @@ class EditFailed(Exception):
     def __init__(self, reason: str, *, permanent: bool) -> None:
         super().__init__(reason)
         self.permanent = permanent
-
-
-def needs_edits(target: Target) -> bool:
-    return bool(target.deidentify)
 
 
 def profile_of(target: Target) -> Profile:
