@@ -233,3 +233,14 @@ def open_plain_file(path: str | os.PathLike[str]) -> BinaryIO:
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
     return os.fdopen(fd, "rb")
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """Hard-link a folder's files (sub-folders recreated) into an existing `destination`:
+    an item moved into a transaction without copying (symlinks are linked, never followed)."""
+    for entry in os.scandir(source):
+        if entry.is_dir(follow_symlinks=False):
+            os.mkdir(destination / entry.name)
+            link_tree(Path(entry.path), destination / entry.name)
+        else:
+            os.link(entry.path, destination / entry.name, follow_symlinks=False)

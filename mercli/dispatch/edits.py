@@ -15,7 +15,6 @@ is never sent unedited.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
 from mercli.secrets import SecretError
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
+from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
 
 
@@ -94,5 +94,5 @@ def _edit_folder(source: Path, destination: Path, profile: Profile) -> str:
             raise EditFailed(
                 f"{path.name}: edited copy unreadable ({exc})", permanent=True
             ) from None
-        write_new(destination / f"{name}{SIDECAR_SUFFIX}", json.dumps(tags).encode())
+        write_new(destination / f"{name}{SIDECAR_SUFFIX}", json_bytes(tags))
     return series or "series"

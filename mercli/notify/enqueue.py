@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from mercli.fsutil import link_tree
 from mercli.names import new_id
 from mercli.notify.channels import PHI_VARIABLES, Subscription, TemplateProblem, render
 from mercli.spool import (
@@ -144,16 +144,6 @@ def quarantine(
     record = error_record(reason, claim.state, detail)
     claim.worker.replace_file(claim.path / ERROR_FILE, json_bytes(record))
     settle(claim, ERROR, subscriptions, "failed", variables, source)
-
-
-def link_tree(source: Path, destination: Path) -> None:
-    """Hard-link a folder's files (sub-folders recreated) into an existing `destination`."""
-    for entry in os.scandir(source):
-        if entry.is_dir(follow_symlinks=False):
-            os.mkdir(destination / entry.name)
-            link_tree(Path(entry.path), destination / entry.name)
-        else:
-            os.link(entry.path, destination / entry.name, follow_symlinks=False)
 
 
 def subscriptions_from(record: Mapping[str, Any], key: str = "notify") -> list[Subscription]:

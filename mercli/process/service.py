@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mercli.fsutil import link_tree, write_new
 from mercli.jobs import (
     HOPS_KEY,
     PRIORITIES,
@@ -49,7 +50,6 @@ from mercli.names import new_id, safe_name
 from mercli.notify.enqueue import (
     add_notifications,
     event_variables,
-    link_tree,
     quarantine,
     subscriptions_from,
 )
@@ -61,7 +61,6 @@ from mercli.process.runner import (
     Tail,
     fsync_files,
     run_chain,
-    write_unsynced,
 )
 from mercli.process.running import RUNNING_FILE, kill_orphans, running_record
 from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
@@ -337,8 +336,8 @@ class Processor:
         link_tree(claim.path, done)
         for stale in (progress.FILE, LOG_FILE):  # of an earlier, failed run
             (done / stale).unlink(missing_ok=True)
-        _write(done / progress.FILE, progress.to_bytes())
-        _write(done / LOG_FILE, output.to_bytes())
+        write_new(done / progress.FILE, progress.to_bytes())
+        write_new(done / LOG_FILE, output.to_bytes())
         if result.result is not None:
             write_json(done / RESULT_FILE, result.result)
         subscriptions = subscriptions_from(job.record)
@@ -488,15 +487,9 @@ def _fill(
             os.link(first / sidecar.name, sidecar, follow_symlinks=False)
             continue
         os.link(path, instance, follow_symlinks=False)
-        write_unsynced(sidecar, json_bytes(dict(tags)), writeback=True)
+        write_new(sidecar, json_bytes(dict(tags)), sync=False)  # fsync'ed below, in one pass
         written += [instance, sidecar]
     fsync_files(written)
-
-
-def _write(path: Path, data: bytes) -> None:
-    from mercli.fsutil import write_new
-
-    write_new(path, data)
 
 
 def _remove(path: Path) -> None:
