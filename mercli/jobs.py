@@ -110,6 +110,10 @@ class Target:
     remote path, as given) for sftp, `bucket`, `prefix`, `endpoint_url`, `region` for s3.
     Secrets are only ever references: a file path (`*_file`, `tls_key`) or `"${NAME}"`
     (`password`, `token`), read at send time by `mercli.secrets.read_secret`.
+
+    The edits (`deidentify*`, `modify`, `transfer_syntax`, `edits`): what dispatch does to
+    the target's private copy of each job (`mercli.dispatch.edits`); `modify` is kept as the
+    admin wrote it, checked by `rules check` and parsed again at dispatch.
     """
 
     name: str
@@ -159,6 +163,9 @@ class Target:
     pseudonym_secret_file: str | None = None
     allow_burned_in: bool = False
     keep_private: tuple[str, ...] = ()
+    modify: tuple[tuple[str, Any], ...] = ()  # (keyword or "(gggg,eeee)", value), as written
+    transfer_syntax: str | None = None  # a UID of mercli.dicom.convert.SYNTAXES
+    allow_lossy: bool = False  # transfer_syntax may be a lossy one
     # notifications (SPEC §8): channel names and the events they get (defaults applied)
     notify: tuple[str, ...] = ()
     notify_on: tuple[str, ...] = ()
@@ -170,8 +177,9 @@ class Target:
         data["notify"], data["notify_on"] = list(self.notify), list(self.notify_on)
         data["deidentify_options"] = list(self.deidentify_options)
         data["keep_private"] = list(self.keep_private)
+        data["modify"] = dict(self.modify)
         for key in _TRANSPORT_KEYS:  # only what this target's type uses
-            if data[key] in (_DEFAULTS[key], []):
+            if data[key] in (_DEFAULTS[key], [], {}):
                 del data[key]
         return data
 
@@ -184,7 +192,13 @@ class Target:
             values["path"] = Path(values["path"])
         for key in ("notify", "notify_on", "deidentify_options", "keep_private"):
             values[key] = tuple(values.get(key) or ())
+        values["modify"] = tuple(dict(values.get("modify") or {}).items())
         return cls(**values)
+
+    @property
+    def edits(self) -> bool:
+        """Whether the target gets a private, edited copy of each job (mercli.dispatch.edits)."""
+        return bool(self.deidentify or self.modify or self.transfer_syntax)
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Target)}

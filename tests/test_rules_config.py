@@ -277,7 +277,7 @@ ERRORS = [
     (
         DICOM + 'path = "/x"\n' + RULE,
         6,
-        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, tls, tls_ca, tls_cert, tls_key, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private)',
+        'target "pacs": unknown key "path" (allowed: type, host, port, called_aet, calling_aet, ordered, timeout, tls, tls_ca, tls_cert, tls_key, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private, modify, transfer_syntax, allow_lossy)',
     ),
     (DICOM + "timeout = 0\n" + RULE, 6, 'target "pacs": "timeout" must be more than 0'),
     (
@@ -301,7 +301,7 @@ ERRORS = [
     (
         '[targets.pacs]\ntype = "folder"\npath = "x"\nhost = "h"\n' + RULE,
         4,
-        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private)',
+        'target "pacs": unknown key "host" (allowed: type, path, link, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private, modify, transfer_syntax, allow_lossy)',
     ),
     (
         '[targets."a b"]\ntype = "folder"\npath = "x"\n' + RULE,

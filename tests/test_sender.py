@@ -9,10 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from mercli.dicom.dimse import status_category
@@ -213,6 +215,58 @@ def test_originals_the_peer_refuses_are_converted(
     original = dcmread(deflated)
     assert scp.received[3][1].PixelData == original.PixelData
     assert scp.received[3][1].SOPInstanceUID == original.SOPInstanceUID
+
+
+def received_images(scp: Scp) -> list[Any]:
+    """What the peer stored, each able to decode its pixels in the syntax it came in."""
+    images = []
+    for syntax, ds in scp.received:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        images.append(ds)
+    return images
+
+
+@pytest.mark.parametrize("syntax", [IMPLICIT_LE, EXPLICIT_LE])
+def test_big_endian_32_bit_pixels_are_swapped_a_pixel_at_a_time(
+    scp_factory: Callable[..., Scp], syntax: str
+) -> None:
+    """RT doses with 32 bits allocated, OW on the wire: each 4-byte value is reversed whole,
+    so the peer gets the values of the big endian file and of its little endian twin."""
+    scp = scp_factory([syntax])
+    pairs = {"rtdose_expb_1frame.dcm": "rtdose_1frame.dcm", "rtdose_expb.dcm": "rtdose.dcm"}
+    files = [MR / name for name in pairs]
+    with StoreSession(scp.peer, files) as session:
+        assert [session.store(path) for path in files] == [0, 0]
+    for ds, (big, little) in zip(received_images(scp), pairs.items(), strict=True):
+        assert ds.BitsAllocated == 32 and ds.SOPInstanceUID == dcmread(MR / big).SOPInstanceUID
+        assert numpy.array_equal(ds.pixel_array, dcmread(MR / big).pixel_array), big
+        assert numpy.array_equal(ds.pixel_array, dcmread(MR / little).pixel_array), little
+        assert ds.PixelData == dcmread(MR / little).PixelData
+
+
+@pytest.mark.parametrize("syntax", [IMPLICIT_LE, EXPLICIT_LE])
+def test_jpeg_ybr_full_422_is_sent_labelled_as_the_decoder_left_it(
+    scp_factory: Callable[..., Scp], syntax: str
+) -> None:
+    """pydicom's JPEG decoders upsample 4:2:2 chroma and keep YBR: the native copy is YBR_FULL,
+    colour by pixel (native YBR_FULL_422 would mean the subsampled layout, a third smaller)."""
+    assert get_decoder(JPEGBaseline8Bit).is_available
+    scp = scp_factory([syntax])
+    names = ["SC_rgb_dcmtk_+eb+cy+np.dcm", "SC_rgb_dcmtk_+eb+cy+s2.dcm", "examples_ybr_color.dcm"]
+    files = [MR / name for name in names]
+    with StoreSession(scp.peer, files) as session:
+        assert [session.store(path) for path in files] == [0] * 3
+    for ds, path in zip(received_images(scp), files, strict=True):
+        source = dcmread(path)
+        assert source.PhotometricInterpretation == "YBR_FULL_422", path.name
+        assert ds.PhotometricInterpretation == "YBR_FULL" and ds.PlanarConfiguration == 0
+        frames = int(source.get("NumberOfFrames") or 1)
+        assert len(ds.PixelData) == frames * source.Rows * source.Columns * 3
+        assert numpy.array_equal(ds.pixel_array, source.pixel_array), path.name  # both RGB
+        ds.pixel_array_options(as_rgb=False)
+        source.pixel_array_options(as_rgb=False)
+        assert numpy.array_equal(ds.pixel_array, source.pixel_array), path.name  # both YBR
 
 
 def test_undecodable_or_rejected_instances_fail_alone(

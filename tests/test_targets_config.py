@@ -118,7 +118,7 @@ ERRORS = [
     (
         S3 + 'secret_key = "x"\n',
         4,
-        'unknown key "secret_key" (allowed: type, bucket, prefix, endpoint_url, region, credentials_file, profile, timeout, tls_ca, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private)',
+        'unknown key "secret_key" (allowed: type, bucket, prefix, endpoint_url, region, credentials_file, profile, timeout, tls_ca, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, priority, notify, notify_on, deidentify, deidentify_options, pseudonym_secret_file, allow_burned_in, keep_private, modify, transfer_syntax, allow_lossy)',
     ),
 ]
 

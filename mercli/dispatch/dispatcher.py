@@ -246,7 +246,7 @@ class Dispatcher:
             started = time.monotonic()
             if unsafe:
                 result = _refused(unsafe)
-            elif info.target.deidentify:  # edits: mercli.dispatch.edits, loaded when needed
+            elif info.target.edits:  # mercli.dispatch.edits, loaded when needed
                 result = self._deliver_edited(claim, info, progress)
             else:
                 result = deliver(claim.path, info, progress)

@@ -8,6 +8,7 @@ outgoing/ (watchdog), a retry falls due, or FULL_SCAN seconds pass.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -40,6 +41,12 @@ class DispatchService:
             return dispatcher.summary
 
     def _threads(self, dispatcher: Dispatcher, body: object) -> None:
+        if self.workers > 1:
+            # Workers import pydicom lazily (edits, conversions, UID names in messages). Two
+            # threads importing it for the first time at once can see it half-initialised
+            # ("cannot import name 'UID' from partially initialized module"): import it here,
+            # once, before they start. Not at start-up: `--help` stays light.
+            importlib.import_module("pydicom")
         threads = [
             threading.Thread(target=body, args=(dispatcher,), name=f"dispatch-{n}")  # type: ignore[arg-type]
             for n in range(self.workers)

@@ -22,6 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mercli.deid.model import OPTIONS as DEIDENTIFY_OPTIONS
+from mercli.dicom.convert.syntaxes import (
+    DEFLATED_LE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    JPEG_2000,
+    JPEG_2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_LS_LOSSLESS,
+    JPEG_LS_NEAR_LOSSLESS,
+    LOSSY,
+    RLE_LOSSLESS,
+    SYNTAXES,
+)
 from mercli.errors import ConfigError
 from mercli.jobs import (
     CONTAINERS,
@@ -60,6 +73,17 @@ __all__ = [
     "load_rules",
 ]
 
+TRANSFER_SYNTAX_NAMES = {  # friendlier spellings of the UIDs transfer_syntax takes
+    "implicit-little-endian": IMPLICIT_LE,
+    "explicit-little-endian": EXPLICIT_LE,
+    "deflated-explicit-little-endian": DEFLATED_LE,
+    "rle-lossless": RLE_LOSSLESS,
+    "jpeg-ls-lossless": JPEG_LS_LOSSLESS,
+    "jpeg-2000-lossless": JPEG_2000_LOSSLESS,
+    "jpeg-ls-near-lossless": JPEG_LS_NEAR_LOSSLESS,
+    "jpeg-2000": JPEG_2000,
+    "jpeg-baseline": JPEG_BASELINE,
+}
 TARGET_TYPES = ("dicom", "folder", "dicomweb", "sftp", "s3")
 _RETRY_KEYS = ("retry_delay", "retry_backoff", "retry_max_delay", "max_attempts", "max_age")
 _TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
@@ -87,10 +111,11 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 _EMAIL = re.compile(r"[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}")
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOTIFY_KEYS = ("notify", "notify_on")
-_EDIT_KEYS = (
+_DEID_KEYS = (
     *("deidentify", "deidentify_options", "pseudonym_secret_file", "allow_burned_in"),
     "keep_private",
 )
+_EDIT_KEYS = (*_DEID_KEYS, "modify", "transfer_syntax", "allow_lossy")
 _COMMON_TARGET_KEYS = (*_RETRY_KEYS, "priority", *_NOTIFY_KEYS, *_EDIT_KEYS)
 DEIDENTIFY_OPTION_ALIASES = {  # SPEC §5.1's example name -> the option it means
     "retain-longitudinal-dates": "retain-longitudinal-full-dates",
@@ -397,8 +422,12 @@ class _Loader:
         return Target(**{key: value for key, value in values.items() if value is not None})
 
     def edits(self, table: Table) -> dict[str, Any]:
+        """The per-target edits: de-identification, `modify`, `transfer_syntax`."""
+        return self.deidentification(table) | _modify(table) | _transfer_syntax(table)
+
+    def deidentification(self, table: Table) -> dict[str, Any]:
         """`deidentify` ("basic") with its options, secret file and exceptions."""
-        given = [key for key in _EDIT_KEYS if key in table.raw and key != "deidentify"]
+        given = [key for key in _DEID_KEYS if key in table.raw and key != "deidentify"]
         kind = table.string("deidentify")
         if kind is None:
             if given:
@@ -914,3 +943,44 @@ def _known(name: str, defined: Mapping[str, object], section: str = "targets") -
     if close:
         return f' (did you mean "{close[0]}"?)'
     return f" (defined: {', '.join(defined)})" if defined else f" (no [{section}] defined)"
+
+
+def _modify(table: Table) -> dict[str, Any]:
+    """`modify = { Keyword = "value", "(gggg,eeee)" = "delete", ... }`, each value checked
+    against the attribute's VR now (pydicom's dictionary: loaded only when the key is used)."""
+    if "modify" not in table.raw:
+        return {}
+    raw = table.raw["modify"]
+    if not isinstance(raw, dict) or not raw:
+        message = 'modify must be a table such as { InstitutionName = "RESEARCH" }'
+        raise table.fail("modify", message)
+    from mercli.dicom.modify import ModifyError, parse_modify
+
+    try:
+        parse_modify(raw)
+    except ModifyError as exc:
+        raise table.fail("modify", f"modify: {exc}") from None
+    return {"modify": tuple(raw.items())}
+
+
+def _transfer_syntax(table: Table) -> dict[str, Any]:
+    """`transfer_syntax`: a UID (or a name of TRANSFER_SYNTAX_NAMES); lossy ones only with
+    `allow_lossy = true`."""
+    lossy = table.boolean("allow_lossy")
+    text = table.string("transfer_syntax")
+    if text is None:
+        if lossy:
+            raise table.fail("allow_lossy", '"allow_lossy" needs a lossy transfer_syntax')
+        return {}
+    syntax = TRANSFER_SYNTAX_NAMES.get(text.lower(), text)
+    if syntax not in SYNTAXES:
+        known = ", ".join(f"{uid} ({name})" for name, uid in TRANSFER_SYNTAX_NAMES.items())
+        message = f'unknown or unsupported transfer_syntax "{text}" (known: {known})'
+        raise table.fail("transfer_syntax", message)
+    if syntax in LOSSY and not lossy:
+        message = (
+            f'transfer_syntax "{text}" is lossy: it changes pixel values for good; '
+            "set allow_lossy = true if that is what the target needs"
+        )
+        raise table.fail("transfer_syntax", message)
+    return {"transfer_syntax": syntax, "allow_lossy": lossy or None}

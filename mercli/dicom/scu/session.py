@@ -9,8 +9,10 @@ per `sendmsg` call, so a small instance costs two system calls and one round tri
 Presentation contexts: per SOP class, one context per transfer syntax the job's files are in,
 each carrying only that syntax (so an acceptor that orders syntaxes its own way cannot trade
 a JPEG original for a bigger uncompressed copy), plus one fallback context with explicit and
-implicit VR little endian. A file goes in its own syntax when the peer accepted it, else it is
-converted (`mercli.dicom.scu.transcode`), else `store()` raises `InstanceNotSendable` for it alone.
+implicit VR little endian; a target with `transfer_syntax` (whose files dispatch converted
+already) proposes that one syntax alone. A file goes in its own syntax when the peer accepted
+it, else it is converted (`mercli.dicom.scu.transcode`), else `store()` raises
+`InstanceNotSendable` for it alone.
 A job needing more than 128 contexts raises `TooManyContexts` before connecting: a series has
 one SOP class and rarely more than two syntaxes, so splitting jobs is the router's business.
 """
@@ -74,8 +76,11 @@ class TooManyContexts(MercliError):
     """A job mixes more SOP class / transfer syntax pairs than one association can carry."""
 
 
-def propose(instances: Sequence[Instance]) -> list[tuple[str, tuple[str, ...]]]:
-    """The presentation contexts for a job, as (abstract syntax, transfer syntaxes)."""
+def propose(
+    instances: Sequence[Instance], only: str | None = None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """The presentation contexts for a job, as (abstract syntax, transfer syntaxes);
+    `only`: the target's `transfer_syntax`, the one syntax proposed (no fallback)."""
     by_class: dict[str, list[str]] = {}
     for instance in instances:
         syntaxes = by_class.setdefault(instance.sop_class, [])
@@ -83,6 +88,9 @@ def propose(instances: Sequence[Instance]) -> list[tuple[str, tuple[str, ...]]]:
             syntaxes.append(instance.transfer_syntax)
     contexts: list[tuple[str, tuple[str, ...]]] = []
     for sop_class, syntaxes in by_class.items():
+        if only:
+            contexts.append((sop_class, (only,)))
+            continue
         contexts.extend((sop_class, (syntax,)) for syntax in syntaxes)
         fallback = tuple(s for s in UNCOMPRESSED if s not in syntaxes)
         if fallback:
@@ -103,7 +111,9 @@ class StoreSession:
     only that instance could not go, and the session can go on.
     """
 
-    def __init__(self, peer: DicomPeer, files: Sequence[Path]) -> None:
+    def __init__(
+        self, peer: DicomPeer, files: Sequence[Path], *, only_syntax: str | None = None
+    ) -> None:
         self.peer = peer
         self._instances: dict[Path, Instance | InstanceNotSendable] = {}
         for path in files:
@@ -112,7 +122,7 @@ class StoreSession:
             except InstanceNotSendable as exc:
                 self._instances[path] = exc
         readable = [i for i in self._instances.values() if isinstance(i, Instance)]
-        self._proposed = propose(readable)
+        self._proposed = propose(readable, only_syntax)
         self._association: Association | None = None
 
     def __enter__(self) -> StoreSession:

@@ -8,9 +8,12 @@ get involved, to decode it and write it again in a syntax the peer did accept:
 - deflated -> explicit VR little endian: the inflated stream already is that encoding;
 - compressed pixel data -> uncompressed: pydicom's decoders (`as_buffer`, which needs no
   NumPy; RLE is native, JPEG family needs pylibjpeg/GDCM plugins, else the instance is not
-  sendable); the SOP Instance UID is kept, the values did not change;
+  sendable); the SOP Instance UID is kept, the values did not change; the Image Pixel
+  attributes are made to describe the decoded frames (a JPEG's YBR_FULL_422 comes out of the
+  decoder upsampled, colour by pixel: YBR_FULL, Planar Configuration 0);
 - big endian -> little endian: pydicom re-encodes the element values but not the raw words of
-  OW/OF/OL/OD/OV values (it documents that it does not swap), so those are swapped here;
+  OW/OF/OL/OD/OV values (it documents that it does not swap), so those are swapped here, Pixel
+  Data in units of its Bits Allocated when those are wider than an OW word;
 - explicit <-> implicit VR little endian: plain pydicom re-encoding.
 
 Never the other way round: mercli does not compress on the way out.
@@ -23,7 +26,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mercli.errors import MercliError
 from mercli.fsutil import open_plain_file
@@ -43,6 +46,7 @@ _LONG_VRS = frozenset(
 )
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _ARRAY_CODE = {2: "H", 4: "I", 8: "Q"}
+_PIXEL_DATA = 0x7FE00010
 
 
 class InstanceNotSendable(MercliError):
@@ -189,15 +193,49 @@ def _decompress(instance: Instance, ds: Dataset) -> None:
     element.value = data + b"\x00" if len(data) % 2 else data
     element.is_undefined_length = False
     element.VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
-    ds.PhotometricInterpretation = image["photometric_interpretation"]
+    ds.PhotometricInterpretation = _decoded_photometric(image, len(data))
     if int(image.get("samples_per_pixel", 1)) > 1:
-        ds.PlanarConfiguration = int(image["planar_configuration"])
+        ds.PlanarConfiguration = int(image.get("planar_configuration") or 0)
+
+
+def _decoded_photometric(image: dict[str, Any], length: int) -> str:
+    """The Photometric Interpretation of `length` decoded bytes described by `image`.
+
+    The decoder says what it did: RGB if it converted the colour. But pydicom 3.0 passes a
+    JPEG's YBR_FULL_422 on unchanged although its JPEG decoders upsample the chroma, and native
+    YBR_FULL_422 means the subsampled layout (PS3.3 C.7.6.3.1.2): frames of full size are
+    YBR_FULL.
+    """
+    photometric = str(image["photometric_interpretation"])
+    if photometric != "YBR_FULL_422":
+        return photometric
+    full = (
+        int(image["rows"])
+        * int(image["columns"])
+        * int(image.get("samples_per_pixel") or 1)
+        * int(image.get("number_of_frames") or 1)
+        * ((int(image["bits_allocated"]) + 7) // 8)
+    )
+    return "YBR_FULL" if length >= full else photometric
 
 
 def _swap_words(ds: Dataset) -> None:
-    """Turn the raw big endian words of OW/OF/OL/OD/OV values into little endian ones."""
-    for element in ds.iterall():
+    """Turn the raw big endian words of OW/OF/OL/OD/OV values into little endian ones.
+
+    Pixel Data of 32 or 64 bits allocated may be OW on the wire, but its values are as wide as
+    its pixels (so pydicom and DCMTK read it): those are swapped whole, by the Bits Allocated of
+    their own dataset (an icon in a sequence has its own).
+    """
+    bits = ds.get("BitsAllocated")
+    pixel_width = int(bits) // 8 if isinstance(bits, int) and bits > 16 else 0
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _swap_words(item)
+            continue
         width = _SWAP_WIDTH.get(str(element.VR))
+        if width == 2 and element.tag == _PIXEL_DATA and pixel_width in _ARRAY_CODE:
+            width = pixel_width
         value = element.value
         if width and isinstance(value, bytes) and value and len(value) % width == 0:
             words = array.array(_ARRAY_CODE[width], value)

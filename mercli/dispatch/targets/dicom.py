@@ -74,7 +74,8 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
     unsendable: list[str] = []
     sent = 0
     try:
-        with StoreSession(peer, [path for _, path in pending]) as session:
+        files = [path for _, path in pending]
+        with StoreSession(peer, files, only_syntax=target.transfer_syntax) as session:
             for key, path in pending:
                 try:
                     status = session.store(path)
