@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from mercli.dispatch.preview import file_edits
 from mercli.durations import format_duration
 from mercli.errors import ExitCode
 from mercli.rules.config import Rule, RuleSet, load_rules
 from mercli.rules.decide import MATCH, Decision, RuleTrace, decide, trace
 from mercli.secrets import exposure_warnings
 from mercli.tags import UnreadableDicom, read_tags
+
+if TYPE_CHECKING:
+    from mercli.dispatch.edits import EditPlan
 
 _RULES_ARG = click.argument("rules_file", metavar="RULES", type=click.Path(path_type=Path))
 
@@ -36,6 +41,7 @@ def rules() -> None:
       mercli rules test /etc/mercli/rules.toml scan/*.dcm
       mercli rules test /etc/mercli/rules.toml study-folder/
       mercli rules test --set SenderAET=CT01 --json rules.toml image.dcm | jq .
+      mercli rules test --target research rules.toml image.dcm  # what de-identification changes
     """
 
 
@@ -88,9 +94,28 @@ def _summary(rule: Rule) -> str:
     help="Pretend the sidecar holds KEY=VALUE, e.g. the receive metadata a file on disk "
     "lacks (SenderAET=CT01, ReceiverAET=MERCLI). Repeatable.",
 )
+@click.option(
+    "--target",
+    "named",
+    metavar="NAME",
+    multiple=True,
+    help="Also show what target NAME's edits (deidentify, modify, transfer_syntax) would "
+    "change in each file, even where the rules do not send the file there. Repeatable.",
+)
+@click.option(
+    "--show-phi",
+    is_flag=True,
+    help="Show the original values of attributes that can identify a patient in the edits "
+    "(masked as *** by default). The output then holds patient data.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def test(
-    rules_file: Path, files: tuple[Path, ...], overrides: tuple[str, ...], as_json: bool
+    rules_file: Path,
+    files: tuple[Path, ...],
+    overrides: tuple[str, ...],
+    named: tuple[str, ...],
+    show_phi: bool,
+    as_json: bool,
 ) -> None:
     """Show which rules each DICOM file matches, why the others do not, and the result.
 
@@ -102,6 +127,16 @@ def test(
     matched). Then the decision: the targets, or discard and why; a matching study rule
     (`trigger = "study"`) holds the file's series for its study instead of sending it.
 
+    Then, for each target the file would go to that edits it (deidentify, modify,
+    transfer_syntax; SPEC §5.1), and each target named with --target: the attributes
+    dispatch would change in its copy, `old -> new`, removed or added (sequences as item
+    counts), and the transfer syntax it would be converted to. Original values of
+    attributes that can identify a patient (names, IDs, dates, UIDs, everything the
+    de-identification profile acts on, private elements) show as `*** (N chars)` unless
+    --show-phi. A file that cannot be edited (BurnedInAnnotation = YES, an unreadable
+    secret file) is reported as `target NAME: cannot edit: ...`, exit 1, as dispatch
+    would fail its job.
+
     Then, per StudyInstanceUID and study rule that holds any of the files' series: which
     `require` expressions are met and by which series, which are missing, and what route
     would do: one study job per target `study_settle` after the last series, or wait, and
@@ -109,18 +144,24 @@ def test(
     say) to see whether it would be complete.
 
     Only keywords that a rule reads are shown: patient names and IDs appear only when a
-    rule uses them. A file on disk has no receive metadata; add it with --set.
+    rule uses them (or with --show-phi, in edits). A file on disk has no receive metadata;
+    add it with --set.
 
     \b
     Examples:
       mercli rules test rules.toml ct/IM0001.dcm
       mercli rules test --set SenderAET=CT01 rules.toml ct/*.dcm
       mercli rules test rules.toml mr-study/            # every series of a study
+      mercli rules test --target research rules.toml ct/IM0001.dcm   # its edits, routed or not
       mercli rules test --json rules.toml a.dcm | jq '.files[].decision'
+      mercli rules test --json rules.toml a.dcm | jq '.files[].edits.research.changes'
       mercli rules test --json rules.toml mr-study/ | jq '.studies[].rules[].verdict'
     """
     ruleset = load_rules(rules_file)
     extra = _parse_overrides(overrides)
+    named = _known_targets(ruleset, named)
+    editing = bool(named) or any(target.edits for target in ruleset.targets.values())
+    plans: dict[str, EditPlan | str] = {}
     reports, read, failed = [], [], 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about odd values; `tags -v` shows them
@@ -131,7 +172,12 @@ def test(
                 failed += 1
                 click.echo(f"Error: {exc} ({path})", err=True)
                 continue
-            reports.append(_report(ruleset, path, tags))
+            report = _report(ruleset, path, tags)
+            if editing:
+                names = _edit_targets(ruleset, report, named)
+                report["edits"] = file_edits(ruleset, path, names, plans, show_phi)
+                failed += _edit_errors(report)
+            reports.append(report)
             read.append(tags)
     studies = _studies(ruleset, reports, read)
     if as_json:
@@ -232,6 +278,99 @@ def _print_report(report: dict[str, Any]) -> None:
         click.echo(f'  => held for study {study} (study rule "{entry["rule"]}"){meets}')
     for warning in decision["warnings"]:
         click.echo(f"  warning: {warning}")
+    for name, edits in report.get("edits", {}).items():
+        _print_edits(name, edits)
+
+
+def _known_targets(ruleset: RuleSet, named: Sequence[str]) -> tuple[str, ...]:
+    """--target's names, checked; each once."""
+    for name in named:
+        if name not in ruleset.targets:
+            known = ", ".join(ruleset.targets)
+            message = f'unknown target "{name}" (targets: {known})'
+            raise click.BadParameter(message, param_hint="--target")
+    return tuple(dict.fromkeys(named))
+
+
+def _edit_targets(ruleset: RuleSet, report: dict[str, Any], named: Sequence[str]) -> list[str]:
+    """The targets whose edits a file's report shows: those it would go to that edit (the
+    targets of study rules holding it too), then those named with --target."""
+    decision = report["decision"]
+    study_targets = {rule.name: rule.targets for rule in ruleset.rules}
+    going = [*decision["targets"]]
+    for entry in decision["held"]:
+        going += study_targets[entry["rule"]]
+    return list(dict.fromkeys([n for n in going if ruleset.targets[n].edits] + [*named]))
+
+
+def _edit_errors(report: dict[str, Any]) -> int:
+    """Echo the file's edit errors on stderr; 1 if there are any."""
+    errors = [(name, e["error"]) for name, e in report["edits"].items() if e["error"]]
+    for name, error in errors:
+        click.echo(f"Error: target {name}: cannot edit: {error} ({report['file']})", err=True)
+    return 1 if errors else 0
+
+
+_WIDTH = 64  # characters of a value shown in the human output
+
+
+def _print_edits(name: str, edits: dict[str, Any]) -> None:
+    if edits["error"]:
+        click.echo(f"  target {name}: cannot edit: {edits['error']}")
+        return
+    changes, syntax = edits["changes"], edits["transfer_syntax"]
+    if not changes and syntax is None:
+        click.echo(f"  target {name} edits: none")
+        return
+    click.echo(f"  target {name} edits:")
+    if syntax is not None:
+        click.echo(f"    (0002,0010) TransferSyntaxUID: {_syntax_change(syntax)}")
+    for key, run in itertools.groupby(changes, _private_block):
+        block = list(run)
+        if len(block) > 1:  # a private block removed: one line, not one per element
+            click.echo(f"    ({key},xxxx) private: {len(block)} elements removed")
+            continue
+        (change,) = block
+        old = "(missing)" if change["old"] is None else _value(change, "old")
+        new = "(removed)" if change["new"] is None else _value(change, "new")
+        click.echo(f"    {change['tag']} {change['keyword']}: {old} -> {new}")
+    count = {kind: sum(c["kind"] == kind for c in changes) for kind in _KINDS}
+    attributes = "attribute" if count["changed"] == 1 else "attributes"
+    click.echo(
+        f"    {count['changed']} {attributes} changed, {count['removed']} removed, "
+        f"{count['added']} added"
+    )
+
+
+_KINDS = ("changed", "removed", "added")
+
+
+def _syntax_change(syntax: dict[str, Any]) -> str:
+    """`Explicit VR Little Endian -> JPEG 2000 ... (1.2.840.10008.1.2.4.90), transcoded ...`"""
+    from pydicom.uid import UID
+
+    old = UID(syntax["old"]).name if syntax["old"] else "(missing)"
+    new = UID(syntax["new"])
+    named = new.name if new.name == str(new) else f"{new.name} ({new})"
+    return f"{old} -> {named}, transcoded at dispatch"
+
+
+def _private_block(change: dict[str, Any]) -> str:
+    """A removed private element's group ("0009"); any other change's own tag."""
+    tag: str = change["tag"]
+    return tag[1:5] if int(tag[1:5], 16) % 2 and change["kind"] == "removed" else tag
+
+
+def _value(change: dict[str, Any], which: str) -> str:
+    """The old or new value as the human output shows it: masked, counted or quoted (and
+    cut short)."""
+    text: str = change[which]
+    vr: str = change["vr"]
+    if change["masked"] and (which == "old" or text == change["old"]):
+        return text
+    if vr == "SQ" or ((vr[:1] == "O" or vr == "UN") and text.endswith(" bytes")):
+        return text
+    return _show(text if len(text) <= _WIDTH else text[: _WIDTH - 1] + "…")
 
 
 def _show(value: Any) -> str:
