@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # libsndfile1-dev: Debian's dcmtk.pc requires sndfile, so pkg-config fails without it.
 # orthanc-dicomweb: the STOW-RS peer; openssh-server: the SFTP peer (tests start their own sshd);
 # dicom3tools: dciodvfy, DICOM's own validator, checks de-identified output.
-DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools g++ pkg-config
+# slurm-wlm, munge: the one-node Slurm cluster the tests start (tests/slurmkit.py) for runner = "slurm".
+DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools slurm-wlm munge g++ pkg-config
 CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
 CSRC := $(wildcard csrc/*.cpp)
 BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks import (
     bench_dcmtk_engine,
+    bench_deid,
     bench_dicomweb,
     bench_dispatch,
     bench_e2e,
@@ -17,9 +18,11 @@ from benchmarks import (
     bench_process,
     bench_receive,
     bench_route,
+    bench_slurm,
     bench_spool,
     bench_studies,
     bench_tls,
+    bench_transcoding,
 )
 from benchmarks.report import Row, print_table
 
@@ -31,6 +34,9 @@ SUITES = [
     bench_studies,
     bench_dispatch,
     bench_process,
+    bench_slurm,
+    bench_deid,
+    bench_transcoding,
     bench_tls,
     bench_dicomweb,
     bench_notify,

@@ -237,11 +237,18 @@ class Module:
     max_age: float = 86400.0
     notify: tuple[str, ...] = ()  # channel names (SPEC §8) and the events they get
     notify_on: tuple[str, ...] = ()
+    # where it runs (SPEC §7.1): "local", or "slurm" with [runners.slurm]'s options merged in
+    runner: str = "local"
+    partition: str | None = None
+    gpus: str | None = None
+    sbatch_args: tuple[str, ...] = ()
+    poll_max: float = 30.0  # the longest wait between two squeue calls for one job
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data |= {"command": list(self.command), "settings": dict(self.settings)}
+        data["sbatch_args"] = list(self.sbatch_args)
         data["env"] = dict(self.env)
         data["notify"], data["notify_on"] = list(self.notify), list(self.notify_on)
         return data
@@ -252,6 +259,7 @@ class Module:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["command"] = tuple(values.get("command") or ())
+        values["sbatch_args"] = tuple(values.get("sbatch_args") or ())
         for key in ("notify", "notify_on"):
             values[key] = tuple(values.get(key) or ())
         return cls(**values)

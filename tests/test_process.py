@@ -182,7 +182,7 @@ ERRORS = [
     (
         FOLDER + SEG + "setings = {}\n" + PROCESS,
         6,
-        'module "seg": unknown key "setings" (did you mean "settings"? allowed: command, image, container, timeout, settings, env, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, notify, notify_on)',
+        'module "seg": unknown key "setings" (did you mean "settings"? allowed: command, image, container, timeout, settings, env, retry_delay, retry_backoff, retry_max_delay, max_attempts, max_age, notify, notify_on, runner, partition, gpus, sbatch_args)',
     ),
     (
         FOLDER + SEG + "settings = { when = 1979-05-27 }\n" + PROCESS,

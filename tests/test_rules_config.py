@@ -135,7 +135,7 @@ ERRORS = [
     (
         "rout = 1\n" + DICOM + RULE,
         1,
-        'unknown key "rout" (did you mean "route"? allowed: route, purge, notify, targets, modules, rules)',
+        'unknown key "rout" (did you mean "route"? allowed: route, purge, notify, targets, runners, modules, rules)',
     ),
     (
         '[route]\nsettle = "2x"\n' + DICOM + RULE,

@@ -33,7 +33,8 @@ def status(spool: Path, as_json: bool) -> None:
     Claimed items are being worked on right now and are counted in their state.
     Outgoing jobs are also counted per priority (urgent, normal, offpeak), in total and
     per target; --json has them under "priorities" and "targets.NAME.priorities".
-    Processing modules running right now get a line each ("running" in --json).
+    Processing modules running right now get a line each ("running" in --json), with the
+    Slurm job id and state for modules run by Slurm.
 
     \b
     Examples:
@@ -83,6 +84,9 @@ def _table(document: dict[str, Any]) -> Table:
         table.add_row(name, str(backlog["jobs"]), "", "", "", "", style="dim")
     for running in document.get("running", []):
         line = f"  running {printable(running['module'])} on {printable(running['job'])}"
+        if running.get("slurm_job"):
+            slurm = f"{running['slurm_job']} {running.get('slurm_state', '')}".strip()
+            line += f" (Slurm job {printable(slurm)})"
         age = format_duration(running["seconds"])
         table.add_row(Text(line), "", "", "", "", age, style="dim")
     workers = document["workers"]

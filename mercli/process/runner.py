@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mercli.fsutil import fsync_file, open_new, start_writeback
+from mercli.fsutil import fsync_file, open_new, remove_tree, start_writeback
 from mercli.jobs import Module
 from mercli.names import printable, safe_name
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
@@ -101,6 +101,19 @@ class Tail:
         return head + bytes(self.data)
 
 
+@dataclass
+class Cluster:
+    """What a chain with Slurm modules needs (`mercli.process.slurm`): where to record the
+    Slurm job (the job folder's slurm.json), the record found at claim time (to adopt), the
+    attempt, the service's stop event, and a hook for each state Slurm reports."""
+
+    record: Callable[[Mapping[str, Any] | None], None]
+    resume: Mapping[str, Any] | None = None
+    attempt: int = 1
+    stop: threading.Event | None = None
+    on_state: Callable[[Module, str, str], None] | None = None
+
+
 def run_chain(
     modules: Sequence[Module],
     inputs: Sequence[tuple[Path, Mapping[str, Any]]],
@@ -109,30 +122,101 @@ def run_chain(
     settings: Mapping[str, Any],
     output: Tail,
     running: Running | None = None,
+    cluster: Cluster | None = None,
 ) -> ChainResult:
     """Run every module on the output of the one before; ModuleFailure on the first failure.
 
     `running(module, pid)` is called once each module has started, `running(module, None)`
-    once it has ended (whatever the way).
+    once it has ended (whatever the way). With `cluster.resume` (a Slurm job recorded by an
+    earlier `mercli process`), the steps before the recorded one are done already, and the
+    recorded one is followed, not run again, unless Slurm has no trace of it.
     """
     current: Sequence[tuple[Path, Mapping[str, Any]]] = inputs
     result: dict[str, Any] | None = None
     statuses: list[int] = []
+    resume = cluster.resume if cluster is not None else None
+    first = int(resume.get("step", 0)) if resume is not None else 0
     for index, module in enumerate(modules):
         step = work / str(index + 1)
         in_dir, out_dir = step / "in", step / "out"
-        in_dir.mkdir(parents=True)
-        out_dir.mkdir()
-        prepare_input(in_dir, current, spool_sidecars=index == 0)
-        document = task_document(task, module, {**module.settings, **settings})
-        write_unsynced(in_dir / TASK_FILE, json_bytes(document))  # scratch: no fsync
-        status = run_module(module, in_dir, out_dir, output, running)
+        if index < first:  # done before the restart: its output is the next step's in/
+            statuses.append(0)
+            continue
+        if index == first and resume is not None:
+            status = _resume_step(module, step, index, output, cluster, resume)
+        else:
+            in_dir.mkdir(parents=True)
+            out_dir.mkdir()
+            prepare_input(in_dir, current, spool_sidecars=index == 0)
+            document = task_document(task, module, {**module.settings, **settings})
+            write_unsynced(in_dir / TASK_FILE, json_bytes(document))  # scratch: no fsync
+            if module.runner == "slurm":
+                status = _slurm_step(module, step, index, output, cluster, None)
+            else:
+                status = run_module(module, in_dir, out_dir, output, running)
         statuses.append(status)
         if status != 0:
             raise ModuleFailure(module.name, _status_text(status), status)
         found, result = check_output(module.name, out_dir, output)
         current = found
     return ChainResult([(p, dict(t)) for p, t in current], result, statuses)
+
+
+def _resume_step(
+    module: Module,
+    step: Path,
+    index: int,
+    output: Tail,
+    cluster: Cluster | None,
+    resume: Mapping[str, Any],
+) -> int:
+    """The recorded step: followed if Slurm still knows it (or it left its exit status),
+    else submitted again from a clean out/ (in/ was complete before the record was made)."""
+    if not (step / "in").is_dir():
+        raise ModuleFailure(module.name, f"the recorded step folder {step} is gone")
+    return _slurm_step(module, step, index, output, cluster, resume)
+
+
+def _slurm_step(
+    module: Module,
+    step: Path,
+    index: int,
+    output: Tail,
+    cluster: Cluster | None,
+    resume: Mapping[str, Any] | None,
+) -> int:
+    """Run (or follow) one module as a Slurm job; its exit status."""
+    from mercli.process.slurm import SlurmEnded, SlurmRun, SlurmUnavailable, TimedOut
+
+    if cluster is None:
+        raise ModuleFailure(module.name, 'runner = "slurm" needs the spool\'s cluster folder')
+    hook = cluster.on_state
+
+    def on_state(job_id: str, state: str) -> None:
+        if hook is not None:
+            hook(module, job_id, state)
+
+    run = SlurmRun(
+        module, step, cluster.record, cluster.attempt, stop=cluster.stop, on_state=on_state
+    )
+    output.add(f"--- module {module.name} (Slurm)\n".encode())
+    try:
+        if resume is None or not run.adopt(resume):
+            if resume is not None:  # recorded, but Slurm never ran it: again, from scratch
+                remove_tree(step / "out")
+                (step / "out").mkdir()
+            argv = module_argv(module, step / "in", step / "out")
+            run.start(argv, index)
+        on_state(run.job_id, "SUBMITTED")
+        status = run.wait()
+    except SlurmUnavailable as exc:
+        raise ModuleFailure(module.name, f"Slurm: {exc}") from None
+    except (SlurmEnded, TimedOut) as exc:
+        output.add(run.log_text(LOG_LIMIT))
+        output.add(f"--- {exc}\n".encode())
+        raise ModuleFailure(module.name, str(exc)) from None
+    output.add(run.log_text(LOG_LIMIT))
+    return status
 
 
 def prepare_input(

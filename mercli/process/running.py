@@ -93,14 +93,16 @@ def running_modules(spool: Spool, now: float | None = None) -> list[dict[str, An
                 started = datetime.fromisoformat(str(record["started"])).timestamp()
             except (KeyError, ValueError):
                 continue
-            found.append(
-                {
-                    "job": job,
-                    "module": str(record.get("module", "?")),
-                    "started": record["started"],
-                    "seconds": round(max(0.0, now - started), 3),
-                }
-            )
+            entry = {
+                "job": job,
+                "module": str(record.get("module", "?")),
+                "started": record["started"],
+                "seconds": round(max(0.0, now - started), 3),
+            }
+            if record.get("runner") == "slurm":  # SPEC §7.1: status shows the Slurm job
+                entry["slurm_job"] = str(record.get("slurm_job", ""))
+                entry["slurm_state"] = str(record.get("slurm_state", ""))
+            found.append(entry)
     return sorted(found, key=lambda r: (r["started"], r["job"]))
 
 

@@ -56,6 +56,7 @@ from mercli.notify.enqueue import (
 from mercli.process.runner import (
     RESULT_FILE,
     ChainResult,
+    Cluster,
     ModuleFailure,
     Running,
     Tail,
@@ -63,6 +64,7 @@ from mercli.process.runner import (
     run_chain,
 )
 from mercli.process.running import RUNNING_FILE, kill_orphans, running_record
+from mercli.process.slurm import CLUSTER_DIR, SLURM_FILE, Stopping, check_shared, load_record
 from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
 from mercli.spool import (
     INCOMING,
@@ -142,10 +144,18 @@ def gives_up(module: Module, created: float, attempts: int, now: float) -> str:
 class Processor:
     """Picks processing jobs for worker threads, runs them and settles each run."""
 
-    def __init__(self, spool: Spool, worker: Worker, *, once: bool = False) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        worker: Worker,
+        *,
+        once: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.spool = spool
         self.worker = worker
         self.once = once
+        self.stop = stop  # set when the service stops: Slurm jobs are left to the next one
         self.lock = threading.Lock()
         self.busy: set[str] = set()
         self.tried: set[str] = set()
@@ -203,17 +213,27 @@ class Processor:
 
     def _attempt(self, claim: Claim) -> bool:
         progress = ProcessProgress.load(claim.path)
-        progress.attempts += 1
         output = Tail()
         started = time.monotonic()
-        work = self.worker.tmp_path(".work")
         try:
             job = ProcessingJob.load(claim.path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             claim.quarantine(f"bad processing job.json: {exc}")
             self.summary.failed += 1
             return False
+        cluster = self._cluster(claim, job, progress)
+        if cluster is None:
+            progress.attempts += 1
+            work = self.worker.tmp_path(".work")
+        else:
+            work = self.spool.root / CLUSTER_DIR / claim.name
+        keep = False
         try:
+            if cluster is not None and cluster.resume is None:
+                _remove(work)  # what an earlier, finished attempt left
+                problem = check_shared(self.spool.root)
+                if problem:
+                    raise ModuleFailure(job.modules[0].name, f'runner = "slurm": {problem}')
             inputs = _inputs(claim.path, job.record)
             result = run_chain(
                 job.modules,
@@ -223,13 +243,20 @@ class Processor:
                 job.record.get("process_settings") or {},
                 output,
                 self._running(claim, progress.attempts),
+                cluster,
             )
             self._publish(claim, job, result, output, progress)
         except ModuleFailure as failure:
             self._failed(claim, job, failure, output, progress)
             return False
+        except Stopping as stopping:  # the Slurm job goes on: the next process adopts it
+            keep = True
+            claim.release()
+            log.info("job %s: left Slurm job %s running for the next start", claim.name, stopping)
+            return False
         finally:
-            _remove(work)
+            if not keep:
+                _remove(work)
         log.info(
             "job %s: %s -> %d output instance(s) in %.1f s",
             claim.name,
@@ -238,6 +265,38 @@ class Processor:
             time.monotonic() - started,
         )
         return True
+
+    def _cluster(
+        self, claim: Claim, job: ProcessingJob, progress: ProcessProgress
+    ) -> Cluster | None:
+        """For a chain with Slurm modules: the record hooks, and the Slurm job to adopt if an
+        earlier `mercli process` recorded one (its attempt goes on: not counted again)."""
+        if not any(module.runner == "slurm" for module in job.modules):
+            return None
+        resume = load_record(claim.path)
+        step = Path(str((resume or {}).get("step_dir", "")))
+        if resume is not None and not (step / "in").is_dir():
+            log.warning("job %s: recorded Slurm step %s is gone: starting anew", claim.name, step)
+            resume = None
+        if resume is None:
+            progress.attempts += 1
+        else:
+            progress.attempts = int(resume.get("attempt") or progress.attempts + 1)
+        path, running = claim.path / SLURM_FILE, claim.key_dir / RUNNING_FILE
+        started = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+        def record(document: Mapping[str, Any] | None) -> None:
+            if document is None:
+                path.unlink(missing_ok=True)
+            else:
+                self.worker.replace_file(path, json.dumps(document).encode())
+
+        def on_state(module: Module, job_id: str, state: str) -> None:
+            document = {"module": module.name, "attempt": progress.attempts, "started": started}
+            document |= {"runner": "slurm", "slurm_job": job_id, "slurm_state": state}
+            self.worker.replace_file(running, json.dumps(document).encode())
+
+        return Cluster(record, resume, progress.attempts, self.stop, on_state)
 
     def _running(self, claim: Claim, attempt: int) -> Running:
         """The runner's hook that keeps `running.json` in the claim folder (status, orphans)."""
@@ -403,6 +462,7 @@ class Processor:
         delay = retry_delay(module, progress.attempts)
         progress.next_attempt = now + delay
         progress.save(self.worker, claim.path)
+        (claim.path / SLURM_FILE).unlink(missing_ok=True)  # that Slurm job is over
         claim.release()
         with self.lock:
             self.next_at[claim.name] = progress.next_attempt
@@ -515,7 +575,7 @@ class ProcessService:
     def run(self, *, once: bool) -> ProcessSummary:
         self.recover()
         with Worker(self.spool, "process") as worker:
-            processor = Processor(self.spool, worker, once=once)
+            processor = Processor(self.spool, worker, once=once, stop=self.stop)
             if once:
                 self._threads(processor, self._drain)
             else:

@@ -126,9 +126,18 @@ _RULE_KEYS = (
     *("process", "process_settings", "results"),
     *_NOTIFY_KEYS,
 )
+_SLURM_KEYS = ("partition", "gpus", "sbatch_args")
 _MODULE_KEYS = (
     *("command", "image", "container", "timeout", "settings", "env", *_RETRY_KEYS),
     *_NOTIFY_KEYS,
+    "runner",
+    *_SLURM_KEYS,
+)
+RUNNERS = ("local", "slurm")
+_RUNNER_KEYS = {"slurm": (*_SLURM_KEYS, "time", "poll_max")}
+_SBATCH_OWN = (  # options mercli sets itself (job name, folder, log, limit, environment)
+    *("--job-name", "-J", "--chdir", "-D", "--output", "-o", "--error", "-e"),
+    *("--parsable", "--wrap", "--export", "--time", "-t", "--wait", "-W"),
 )
 _CHANNEL_KEYS = {
     "webhook": ("type", "url", "method", "headers", "body", "content_type", "tls_ca"),
@@ -331,11 +340,12 @@ class _Loader:
         self.lines = lines
         self.offpeak: OffpeakWindow | None = None
         self.channels: dict[str, Channel] = {}
+        self.runners: dict[str, dict[str, Any]] = {}
 
     def load(self, document: dict[str, Any]) -> RuleSet:
         """Validate the top level, then [route], [purge], [targets.*] and [[rules]]."""
         top = Table(document, self.lines, None, "")
-        top.check_keys(("route", "purge", "notify", "targets", "modules", "rules"))
+        top.check_keys(("route", "purge", "notify", "targets", "runners", "modules", "rules"))
         settings = self.settings(top.table("route", self.lines.table("route")))
         notify_table = top.table("notify", self.lines.table("notify"))
         self.channels = {
@@ -349,6 +359,7 @@ class _Loader:
             name: self.target(name, targets_table.table(name, self.lines.table(f"targets.{name}")))
             for name in targets_table.raw
         }
+        self.runners = self.runner_settings(top.table("runners", self.lines.table("runners")))
         modules_table = top.table("modules", self.lines.table("modules"))
         modules = {
             name: self.module(name, modules_table.table(name, self.lines.table(f"modules.{name}")))
@@ -592,7 +603,40 @@ class _Loader:
         values["settings"] = _json_table(table, "settings")
         values["env"] = _env(table)
         values |= self.subscriber(table, "module")
+        values |= self.runner(table)
         return Module(**{key: value for key, value in values.items() if value is not None})
+
+    def runner_settings(self, table: Table) -> dict[str, dict[str, Any]]:
+        """`[runners.slurm]`: the defaults of every module with runner = "slurm"."""
+        table.check_keys(tuple(_RUNNER_KEYS))
+        found = {}
+        for name in table.raw:
+            sub = table.table(name, self.lines.table(f"runners.{name}"))
+            sub.context = f"[runners.{name}]"
+            sub.check_keys(_RUNNER_KEYS[name])
+            values = _slurm_options(sub)
+            if "time" in sub.raw:
+                values["timeout"] = sub.duration("time", positive=True)
+            if "poll_max" in sub.raw:
+                values["poll_max"] = sub.duration("poll_max", positive=True)
+            found[name] = values
+        return found
+
+    def runner(self, table: Table) -> dict[str, Any]:
+        """`runner` and the module's own Slurm options over [runners.slurm]'s."""
+        runner = table.string("runner") or "local"
+        if runner not in RUNNERS:
+            raise table.fail("runner", f'unknown runner "{runner}" (known: {", ".join(RUNNERS)})')
+        own = _slurm_options(table)
+        if runner != "slurm":
+            if own:
+                key = next(iter(own))
+                raise table.fail(key, f'"{key}" needs runner = "slurm"')
+            return {}
+        defaults = dict(self.runners.get("slurm", {}))
+        if "timeout" in table.raw:
+            defaults.pop("timeout", None)  # the module's own timeout is its time limit
+        return {"runner": runner, **defaults, **own}
 
     def channel(self, name: str, table: Table) -> Channel:
         """One `[notify.NAME]`: a webhook or an email destination, templates checked."""
@@ -984,3 +1028,28 @@ def _transfer_syntax(table: Table) -> dict[str, Any]:
         )
         raise table.fail("transfer_syntax", message)
     return {"transfer_syntax": syntax, "allow_lossy": lossy or None}
+
+
+def _slurm_options(table: Table) -> dict[str, Any]:
+    """`partition`, `gpus` ("2", "a100:1") and `sbatch_args` (options only; the ones mercli
+    sets itself, such as --output and --time, are refused)."""
+    values: dict[str, Any] = {}
+    for key in ("partition", "gpus"):
+        text = table.string(key)
+        if text is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9_.:,-]{1,64}", text):
+            raise table.fail(key, f'bad {key} {text!r} (letters, digits, "_.:,-")')
+        values[key] = text
+    if "sbatch_args" in table.raw:
+        args = table.string_list("sbatch_args")
+        for arg in args:
+            if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+                raise table.fail(
+                    "sbatch_args", f"sbatch_args are options (--name=value), not {arg!r}"
+                )
+            if arg.split("=", 1)[0] in _SBATCH_OWN:
+                message = f"{arg.split('=', 1)[0]} is set by mercli (job name, folder, log, limit)"
+                raise table.fail("sbatch_args", message)
+        values["sbatch_args"] = tuple(args)
+    return values

@@ -1,0 +1,382 @@
+"""Modules run as Slurm batch jobs (`runner = "slurm"`, SPEC §7.1).
+
+The module contract is the local one (`mercli.process.runner`): the same `in/`, `out/`,
+`task.json`, environment and output checks. What changes is who starts the process: `sbatch`
+gets a generated script that `cd`s to the step folder, exports MERCURE_IN_DIR/MERCURE_OUT_DIR
+(and MERCLI_…) and the module's `env`, runs the module's argv (its `command`, or its container
+command line: apptainer on a cluster is the usual pairing) and writes its exit status to
+`exit` by a rename. Slurm writes the job's stdout and stderr to `slurm.log` beside it, which
+becomes the module's log.
+
+The step folders live in `<spool>/cluster/<job>/`, not in the worker's scratch, because a
+Slurm job outlives the `mercli process` that submitted it: the spool must be on a filesystem
+every node shares (`check_shared` refuses a local-only one it can recognise).
+
+**Surviving restarts.** Before `sbatch` runs, the job folder gets `slurm.json` (the step,
+the submission token that is also the Slurm job name, the attempt); once `sbatch` answers,
+the Slurm job id too. The job folder travels with its claim through recovery, so a
+`mercli process` that claims a job holding `slurm.json` follows that Slurm job instead of
+submitting another: by id, or, if it died between `sbatch` and recording the id, by name
+(`squeue --name`). A job whose record names no live Slurm job and whose step has no `exit`
+is submitted again.
+
+**Following a job.** The `exit` file is looked at first (a stat on the shared filesystem:
+no load on the controller), then `squeue`, each at an interval that grows with the time
+waited (up to EXIT_LOOK_MAX and `poll_max`), so many waiting jobs make no polling storm. A job
+Slurm ends without an `exit` (FAILED before the script ran, TIMEOUT, CANCELLED, NODE_FAIL,
+OUT_OF_MEMORY, PREEMPTED, ...) is a `ModuleFailure` with its state, retried with the module's
+backoff like any failure. Slurm enforces the time limit (`--time`, the module's `timeout`
+rounded up to minutes); mercli's own deadline, `timeout` plus a grace of 10 % (5 s to 60 s)
+of running time, `scancel`s it. While the controller does not answer, the job is left alone and
+asked again later (the log says so): nothing is lost and nothing is submitted twice. A
+stopping `mercli process` leaves the Slurm job running and its record in place, for the next
+one to adopt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mercli.errors import MercliError
+from mercli.jobs import Module
+
+log = logging.getLogger(__name__)
+
+SLURM_FILE = "slurm.json"  # in the job folder: which Slurm job runs which step
+CLUSTER_DIR = "cluster"  # <spool>/cluster/<job>/: the steps of chains with Slurm modules
+EXIT_FILE = "exit"
+LOG_FILE = "slurm.log"
+SCRIPT_FILE = "job.sh"
+POLL_FIRST = 0.2  # seconds between the first squeue calls for a job
+EXIT_LOOK_FIRST = 0.1  # seconds between the first looks at its exit file
+POLL_MAX = 30.0  # default `poll_max`: the longest wait between two squeue calls
+EXIT_LOOK_MAX = 2.0  # the longest wait between two looks at the exit file
+TIMEOUT_GRACE = (5.0, 60.0)  # running time past `timeout` before mercli scancels: 10 %, clamped
+COMMAND_TIMEOUT = 30.0  # seconds for one sbatch/squeue/scancel call
+EXIT_GRACE = 5.0  # seconds an ended job's exit file may take to show on a shared filesystem
+WAITING_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+    | {"REQUEUE_FED", "REQUEUE_HOLD", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+)
+LOCAL_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})  # never shared between nodes
+_STATE_LINE = re.compile(r"([A-Z_]+)\|([-0-9:]*)\|?(.*)")
+_JOB_ID = re.compile(r"\d{1,12}(_\d{1,12})?")
+_EXPORTED = "PATH,HOME,LANG,LC_ALL,TZ"  # what sbatch passes on from mercli's environment
+
+Record = Callable[[Mapping[str, Any] | None], None]  # writes slurm.json; None removes it
+
+
+class SlurmUnavailable(MercliError):
+    """A Slurm command could not be run or did not answer (controller down, no sbatch)."""
+
+
+class Stopping(Exception):
+    """`mercli process` is stopping: the Slurm job goes on, its record stays for adoption."""
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What `squeue` says of one job: state, run time in seconds, reason."""
+
+    state: str
+    elapsed: float
+    reason: str = ""
+
+
+def batch_script(module: Module, argv: Sequence[str], step: Path) -> str:
+    """The script sbatch runs: the module in `step` with the contract's environment; its exit
+    status into `step/exit` by a rename (so it is whole or absent)."""
+    in_dir, out_dir = step / "in", step / "out"
+    lines = ["#!/bin/sh", "# generated by mercli process: one module run (SPEC §7.1)"]
+    env = {**module.env}
+    for prefix in ("MERCURE", "MERCLI"):
+        env[f"{prefix}_IN_DIR"], env[f"{prefix}_OUT_DIR"] = str(in_dir), str(out_dir)
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    lines.append(f"cd {shlex.quote(str(step))} || exit 111")
+    lines.append(f"{shlex.join(argv)} </dev/null")
+    exit_file, partial = shlex.quote(str(step / EXIT_FILE)), shlex.quote(str(step / ".exit"))
+    lines.append("status=$?")
+    lines.append(f'printf "%s\\n" "$status" > {partial} && mv -f {partial} {exit_file}')
+    lines.append('exit "$status"')
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_argv(module: Module, step: Path, token: str) -> list[str]:
+    """sbatch's command line for the script in `step`: name, folder, log, limits, options."""
+    minutes = max(1, int(-(-module.timeout // 60)))
+    argv = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={token}",
+        f"--chdir={step}",
+        f"--output={step / LOG_FILE}",
+        f"--time={minutes}",
+        f"--export={_EXPORTED}",
+        "--ntasks=1",
+    ]
+    if module.partition:
+        argv.append(f"--partition={module.partition}")
+    if module.gpus:
+        argv.append(f"--gpus={module.gpus}")
+    argv += list(module.sbatch_args)
+    argv.append(str(step / SCRIPT_FILE))
+    return argv
+
+
+def check_shared(folder: Path) -> str:
+    """Why `folder` cannot be shared with cluster nodes ("" if it may be): a tmpfs is local
+    to this host whatever its path. Other filesystems cannot be told apart from here: the
+    README says the spool must be on one every node mounts at the same path."""
+    best, kind = "", ""
+    with contextlib.suppress(OSError), open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            point = fields[1].replace("\\040", " ")
+            resolved = str(folder.resolve())
+            if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(
+                point
+            ) >= len(best):
+                best, kind = point, fields[2]
+    if kind in LOCAL_FILESYSTEMS:
+        return f"{folder} is on a {kind} ({best}): cluster nodes cannot see it"
+    return ""
+
+
+def _run(argv: Sequence[str]) -> str:
+    """A Slurm client command's stdout; SlurmUnavailable if it cannot run or fails."""
+    try:
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmUnavailable(f"{argv[0]}: {exc}") from None
+    if done.returncode != 0:
+        said = " ".join(done.stderr.split())[:300] or f"exit status {done.returncode}"
+        raise SlurmUnavailable(f"{argv[0]}: {said}")
+    return done.stdout
+
+
+def submit(module: Module, step: Path, token: str) -> str:
+    """Submit the step's script; the Slurm job id."""
+    answer = _run(sbatch_argv(module, step, token)).strip()
+    job_id = answer.split(";")[0]  # --parsable: "id" or "id;cluster"
+    if not _JOB_ID.fullmatch(job_id):
+        raise SlurmUnavailable(f"sbatch answered {answer[:100]!r}, not a job id")
+    return job_id
+
+
+def query(job_id: str) -> SlurmJob | None:
+    """The job as squeue knows it (ended jobs too, while the controller keeps them: MinJobAge),
+    or None if it knows no such job."""
+    try:
+        text = _run(["squeue", "--states=all", "-h", "-j", job_id, "-o", "%T|%M|%r"])
+    except SlurmUnavailable as exc:
+        if "Invalid job id" in str(exc):
+            return None
+        raise
+    for line in text.splitlines():
+        match = _STATE_LINE.fullmatch(line.strip())
+        if match:
+            return SlurmJob(match[1], parse_elapsed(match[2]), match[3].strip())
+    return None
+
+
+def find_by_name(token: str) -> str | None:
+    """The id of the job named `token` (submitted, but its id never recorded), or None."""
+    text = _run(["squeue", "--states=all", "-h", "--name", token, "-o", "%i"])
+    ids = [line.strip() for line in text.splitlines() if _JOB_ID.fullmatch(line.strip())]
+    return ids[0] if ids else None
+
+
+def cancel(job_id: str) -> None:
+    """scancel; a controller that does not answer is logged (Slurm's limit still applies)."""
+    try:
+        _run(["scancel", job_id])
+    except SlurmUnavailable as exc:
+        log.warning("cannot cancel Slurm job %s: %s", job_id, exc)
+
+
+def parse_elapsed(text: str) -> float:
+    """squeue's %M ("5:03", "1:02:03", "2-01:02:03") in seconds; 0 if unparsable."""
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + part
+        return float(seconds + (int(days) * 86400 if days else 0))
+    except ValueError:
+        return 0.0
+
+
+def deadline(timeout: float) -> float:
+    """Seconds of running time after which mercli cancels a job: `timeout` and a grace of
+    10 % (5 s to 60 s), since Slurm itself enforces `--time` only in whole minutes."""
+    low, high = TIMEOUT_GRACE
+    return timeout + min(high, max(low, timeout * 0.1))
+
+
+def read_exit(step: Path) -> int | None:
+    """The module's exit status as the script recorded it, or None if not (yet) there."""
+    try:
+        return int((step / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class SlurmRun:
+    """One module of a chain as a Slurm job in `step`: submitted, or adopted from a record."""
+
+    def __init__(
+        self,
+        module: Module,
+        step: Path,
+        record: Record,
+        attempt: int,
+        *,
+        stop: threading.Event | None = None,
+        on_state: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.module = module
+        self.step = step
+        self.record = record
+        self.attempt = attempt
+        self.stop = stop or threading.Event()
+        self.on_state = on_state or (lambda job_id, state: None)
+        self.job_id = ""
+        self.token = ""
+
+    def start(self, argv: Sequence[str], index: int) -> None:
+        """Write the script, record the submission, sbatch, record the id."""
+        from mercli.names import new_id
+
+        (self.step / SCRIPT_FILE).write_text(batch_script(self.module, argv, self.step))
+        self.token = f"mercli-{new_id()}"
+        document = {"step": index, "token": self.token, "attempt": self.attempt}
+        self.record({**document, "module": self.module.name, "step_dir": str(self.step)})
+        self.job_id = submit(self.module, self.step, self.token)
+        self.record(
+            {**document, "module": self.module.name, "step_dir": str(self.step)}
+            | {"job_id": self.job_id}
+        )
+        log.info("module %s submitted as Slurm job %s", self.module.name, self.job_id)
+
+    def adopt(self, record: Mapping[str, Any]) -> bool:
+        """Follow the job a dead or stopped `mercli process` submitted; False if there is none
+        to follow (never submitted, or gone without an exit status): submit again."""
+        self.token = str(record.get("token", ""))
+        self.job_id = str(record.get("job_id", ""))
+        if read_exit(self.step) is not None:
+            return True
+        if not self.job_id and self.token:
+            self.job_id = find_by_name(self.token) or ""
+        if not self.job_id:
+            return False
+        job = query(self.job_id)
+        if job is None or job.state not in WAITING_STATES:
+            return read_exit(self.step) is not None or job is not None
+        log.info("module %s: following Slurm job %s (%s)", self.module.name, self.job_id, job.state)
+        return True
+
+    def wait(self) -> int:
+        """Follow the job to its end; the module's exit status. Raises SlurmEnded for a job
+        Slurm ended without one, TimedOut after mercli's deadline, Stopping on stop.
+
+        Both intervals grow with the time waited so far (the exit file: a tenth of it, 0.1 s
+        to EXIT_LOOK_MAX; squeue: a quarter of it, POLL_FIRST to `poll_max`): a short job is
+        noticed within a tenth of a second of its end, a long one costs the controller one
+        call every `poll_max`."""
+        began = time.monotonic()
+        next_look = next_ask = began
+        state, ended_at = "", 0.0
+        while True:
+            now = time.monotonic()
+            waited = now - began
+            if now >= next_look:
+                status = read_exit(self.step)
+                if status is not None:
+                    self.on_state(self.job_id, "COMPLETED" if status == 0 else "FAILED")
+                    return status
+                next_look = now + min(EXIT_LOOK_MAX, max(EXIT_LOOK_FIRST, waited / 10))
+            if now >= next_ask:
+                state, ended_at = self._ask(state, ended_at, now)
+                next_ask = now + min(self.module.poll_max, max(POLL_FIRST, waited / 4))
+            if self.stop.wait(max(0.0, min(next_look, next_ask) - time.monotonic())):
+                raise Stopping(self.job_id)
+
+    def _ask(self, state: str, ended_at: float, now: float) -> tuple[str, float]:
+        """One squeue; raises SlurmEnded / TimedOut; returns the state and when it ended."""
+        try:
+            job = query(self.job_id)
+        except SlurmUnavailable as exc:
+            log.warning("Slurm job %s: %s (asking again later)", self.job_id, exc)
+            return state, ended_at
+        if job is None or job.state not in WAITING_STATES:
+            ended_at = ended_at or now
+            if now - ended_at < EXIT_GRACE:  # the exit file may lag on a shared filesystem
+                return state, ended_at
+            said = "is gone" if job is None else f"ended {job.state}"
+            reason = (
+                f" ({job.reason})" if job is not None and job.reason not in ("", "None") else ""
+            )
+            raise SlurmEnded(self.job_id, said + reason, job.state if job else "")
+        if job.state != state:
+            self.on_state(self.job_id, job.state)
+        if job.state == "RUNNING" and job.elapsed > deadline(self.module.timeout):
+            cancel(self.job_id)
+            raise TimedOut(self.job_id, job.elapsed)
+        return job.state, 0.0
+
+    def log_text(self, limit: int) -> bytes:
+        """The tail of the job's output file."""
+        path = self.step / LOG_FILE
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                file.seek(max(0, size - limit))
+                return file.read(limit)
+        except OSError:
+            return b""
+
+
+class SlurmEnded(MercliError):
+    """Slurm ended the job without the module's exit status (TIMEOUT, CANCELLED, ...)."""
+
+    def __init__(self, job_id: str, said: str, state: str) -> None:
+        super().__init__(f"Slurm job {job_id} {said} without an exit status")
+        self.state = state
+
+
+class TimedOut(MercliError):
+    """mercli's deadline passed: the job was cancelled."""
+
+    def __init__(self, job_id: str, elapsed: float) -> None:
+        super().__init__(f"Slurm job {job_id} ran {elapsed:.0f} s: cancelled (timeout)")
+
+
+def load_record(folder: Path) -> dict[str, Any] | None:
+    """The job folder's slurm.json, or None (missing or unreadable: submit anew)."""
+    try:
+        value = json.loads((folder / SLURM_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
