@@ -303,3 +303,18 @@ def test_kill_9_mid_dispatch_never_loses_the_delivered_notification(tmp_path: Pa
 
     steps = run_until_done(scenario, check, setup=setup)
     assert steps > 10
+
+
+def test_channel_record_holds_what_differs_from_the_defaults() -> None:
+    """Job files and notification items carry a channel's own settings only; reading them
+    back gives the same channel (and old items, holding every setting, read the same)."""
+    from mercli.notify.channels import Channel, Subscription
+
+    channel = Channel(name="hook", type="webhook", url="https://x/h", headers={"A": "b"}, to=())
+    record = channel.record()
+    assert set(record) == {"name", "type", "url", "headers"}
+    assert Channel.from_json(record) == channel == Channel.from_json(channel.to_json())
+    record["headers"]["A"] = "changed"  # a fresh dict each time: the cache is not shared
+    assert channel.record()["headers"] == {"A": "b"}
+    subscription = Subscription(channel, ("routed",))
+    assert Subscription.from_json(subscription.to_json()) == subscription

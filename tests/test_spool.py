@@ -502,3 +502,16 @@ def test_link_instances_refuses_symlinks(spool: Spool, tmp_path: Path) -> None:
     with pytest.raises(NotRegularFile, match="symlink"):
         link_instances(source, destination)
     assert not (destination / "b.dcm").exists() and not (destination / "b.dcm").is_symlink()
+
+
+def test_fsync_all_syncs_everything_and_reports_the_first_error(tmp_path: Path) -> None:
+    from mercli.fsutil import fsync_all
+
+    files = [tmp_path / f"{n}.json" for n in range(5)]
+    for path in files:
+        write_new(path, b"{}", sync=False)
+    fsync_all(files, [tmp_path])  # several at once, from the pool
+    fsync_all(files[:1])  # one: in this thread
+    fsync_all(())
+    with pytest.raises(FileNotFoundError):
+        fsync_all([*files, tmp_path / "gone.json"], [tmp_path])

@@ -15,7 +15,8 @@ A notification item is a folder holding `notification.json` (and, once tried,
       "id": "<item id>", "created": "<ISO 8601 UTC>", "event": "delivered",
       "subject": "<rendered subject: email only, else empty>",
       "body": "<rendered body>",
-      "channel": { ...the [notify.NAME] definition, Channel.to_json()... },
+      "channel": { ...the [notify.NAME] definition: name, type and the settings that
+                   differ from the defaults (Channel.record; older items hold them all)... },
       "source": {"item": "<job/series id>", "rule": "...", "target": "...", "module": "..."}
     }
 

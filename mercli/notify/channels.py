@@ -111,6 +111,13 @@ class Channel:
         data["from"] = data.pop("sender")
         return data
 
+    def record(self) -> dict[str, Any]:
+        """The channel as notification items and job files carry it: its name, its type and
+        what differs from the defaults (`from_json` fills those in again). A few keys instead
+        of two dozen: every routed series writes it once per job and notification."""
+        data = self.to_json()
+        return {key: data[key] for key in _recorded_keys(self)}
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Channel:
         values = dict(data)
@@ -130,11 +137,18 @@ class Subscription:
     events: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"channel": self.channel.to_json(), "on": list(self.events)}
+        return {"channel": self.channel.record(), "on": list(self.events)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Subscription:
         return cls(Channel.from_json(data["channel"]), tuple(data.get("on") or ()))
+
+
+@functools.lru_cache(maxsize=64)
+def _recorded_keys(channel: Channel) -> tuple[str, ...]:
+    """The keys of `Channel.record`, worked out once per channel."""
+    data, defaults = channel.to_json(), Channel(name=channel.name, type=channel.type).to_json()
+    return tuple(key for key in data if key in ("name", "type") or data[key] != defaults[key])
 
 
 def subscriptions_json(subscriptions: Iterable[Subscription]) -> list[dict[str, Any]]:

@@ -89,7 +89,8 @@ def add_notifications(
                 values.pop(name, None)
         try:
             body = render(channel.body_template(), values)
-            subject = render(channel.subject_template(), values)
+            subject_template = channel.subject_template()
+            subject = render(subject_template, values) if subject_template else ""
         except TemplateProblem as exc:
             body = f"mercli {event}: the {channel.name} template failed at run time: {exc}"
             subject = f"mercli {event}"
@@ -101,7 +102,7 @@ def add_notifications(
             "event": event,
             "subject": subject,
             "body": body,
-            "channel": channel.to_json(),
+            "channel": channel.record(),
             "source": {key: value for key, value in source.items() if value is not None},
         }
         transaction.write_json(folder / NOTIFICATION_FILE, record)

@@ -247,6 +247,7 @@ class Transaction:
         make_dir(self.root)
         self._made: list[Path] = []
         self._unsynced: list[Path] = []
+        self._states: set[str] = set()  # state folders made in out.tmp/ so far
 
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
         """A JSON file of a prepared output (job.json, a notification): written now, fsync'ed
@@ -258,9 +259,11 @@ class Transaction:
 
     def new_item(self, state: str, name: str) -> Path:
         """A new, empty item folder that will become `<state>/<name>` on commit."""
-        self.claim.spool.state_dir(state)
         state_dir = self.root / state
-        make_dir(state_dir, exist_ok=True)
+        if state not in self._states:
+            self.claim.spool.state_dir(state)  # a known state, or ValueError
+            make_dir(state_dir, exist_ok=True)
+            self._states.add(state)
         path = state_dir / name
         make_dir(path)
         self._made.append(path)
