@@ -4,15 +4,23 @@ target's copies stay byte-identical; a burned-in instance fails the job, naming 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.dataelem import RawDataElement
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from mercli.deid.model import Profile
+from mercli.dicom.modify import parse_modify
+from mercli.dispatch.edits import DEFER_SIZE, EditPlan, save
 from mercli.errors import ConfigError
 from mercli.rules.config import load_rules
 from mercli.spool import ERROR, SUCCESS, Spool
+from mercli.tags import read_tags
 from tests.test_dispatch import dispatch_once, routed
 
 STUDY = "1.2.9"  # what tests.test_dispatch.routed gives every series
@@ -123,3 +131,119 @@ def test_deidentify_needs_a_secret_and_options_need_deidentify(tmp_path: Path) -
         load_rules(path)
     ok = load_rules(rules_file(tmp_path)).targets["research"]
     assert ok.deidentify_options == ("retain-longitudinal-full-dates",)  # the SPEC's alias
+
+
+# -- the writer that copies pixel data unread (mercli.dispatch.edits.save) ---------------------
+
+PROFILE_SECRET = b"a-secret-of-more-than-16-bytes\n"
+
+
+def edited_both_ways(
+    source: Path, tmp_path: Path, plan: EditPlan, defer: int
+) -> tuple[bytes, bytes, bytes | None] | None:
+    """(what `save_as` writes of the fully read, edited instance; what `save` writes of it
+    read with `defer`; the header `save` gave), or None if the full path cannot edit it."""
+    try:
+        full = dcmread(source)
+        plan.edit(full)
+        full.save_as(tmp_path / "full.dcm", enforce_file_format=True)
+    except Exception:  # not one the current path handles: nothing to compare
+        return None
+    deferred = dcmread(source, defer_size=defer)
+    plan.edit(deferred)
+    header = save(deferred, source, tmp_path / "fast.dcm")
+    found = ((tmp_path / "full.dcm").read_bytes(), (tmp_path / "fast.dcm").read_bytes(), header)
+    (tmp_path / "full.dcm").unlink()
+    (tmp_path / "fast.dcm").unlink()
+    return found
+
+
+@pytest.mark.parametrize("defer", [256, DEFER_SIZE])
+def test_copying_pixel_data_unread_writes_what_save_as_writes_for_the_corpus(
+    tmp_path: Path, defer: int
+) -> None:
+    plan = EditPlan(profile=Profile(secret=PROFILE_SECRET, allow_burned_in=True))
+    copied = compared = 0
+    for path in sorted(get_testdata_files("*")):
+        if not path.endswith((".dcm", ".DCM")) and "." in Path(path).name:
+            continue
+        found = edited_both_ways(Path(path), tmp_path, plan, defer)
+        if found is None:
+            continue
+        full, fast, header = found
+        assert fast == full, path
+        compared += 1
+        if header is not None:
+            copied += 1
+            assert fast.startswith(header)
+            assert read_tags(io.BytesIO(header)) == read_tags(io.BytesIO(fast)), path
+    assert compared > 50
+    assert copied > (30 if defer == 256 else 3)
+
+
+def with_trailing_elements(tmp_path: Path) -> Path:
+    """A CT with identifying private and public elements after a large Pixel Data."""
+    ds = dcmread(get_testdata_file("CT_small.dcm", read=False) or "")
+    ds.PixelData = bytes(range(256)) * 1024  # 256 KiB: deferred
+    ds.add_new(0x7FE10010, "LO", "CREATOR")
+    ds.add_new(0x7FE11001, "LO", "Test^Patient")
+    ds.add_new(0xFFFAFFFA, "SQ", [])
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 8)
+    path = tmp_path / "trailing.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_elements_after_pixel_data_are_deidentified_and_written(
+    tmp_path: Path, syntax: str
+) -> None:
+    source = with_trailing_elements(tmp_path)
+    ds = dcmread(source)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(source, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    plan = EditPlan(profile=Profile(secret=PROFILE_SECRET))
+    found = edited_both_ways(source, tmp_path, plan, DEFER_SIZE)
+    assert found is not None
+    full, fast, header = found
+    assert header is not None and fast == full
+    assert b"Test^Patient" not in fast and b"CREATOR" not in fast
+    assert bytes(range(256)) * 1024 in fast
+
+
+def test_a_modified_instance_is_written_as_save_as_writes_it(tmp_path: Path) -> None:
+    source = with_trailing_elements(tmp_path)
+    modifications = parse_modify({"InstitutionName": "Elsewhere", "StationName": ""})
+    plan = EditPlan(profile=Profile(secret=PROFILE_SECRET), modifications=modifications)
+    found = edited_both_ways(source, tmp_path, plan, DEFER_SIZE)
+    assert found is not None and found[2] is not None and found[0] == found[1]
+
+
+def test_a_big_endian_instance_goes_through_save_as(tmp_path: Path) -> None:
+    source = Path(get_testdata_file("MR_small_bigendian.dcm") or "")
+    plan = EditPlan(profile=Profile(secret=PROFILE_SECRET))
+    found = edited_both_ways(source, tmp_path, plan, 256)
+    assert found is not None
+    full, fast, header = found
+    assert header is None and fast == full
+
+
+def test_the_deidentification_walk_leaves_deferred_pixel_data_in_the_file(
+    tmp_path: Path,
+) -> None:
+    source = with_trailing_elements(tmp_path)
+    ds = dcmread(source, defer_size=DEFER_SIZE)
+    EditPlan(profile=Profile(secret=PROFILE_SECRET)).edit(ds)
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    assert isinstance(element, RawDataElement) and element.value is None
+
+
+def test_the_method_codes_are_pydicoms_cid_7050() -> None:
+    from pydicom.sr.codedict import codes
+
+    from mercli.deid.core import CODE_NAMES, CODES, PROFILE_CODE_NAME
+
+    assert set(CODES) == {PROFILE_CODE_NAME, *CODE_NAMES.values()}
+    for name, code in CODES.items():
+        found = getattr(codes.cid7050, name)
+        assert code == (found.value, found.scheme_designator, found.meaning)

@@ -185,8 +185,9 @@ def kept_private(dataset: Dataset, tag: BaseTag, keep: Iterable[str]) -> bool:
 
 
 def vr_of(dataset: Dataset, tag: BaseTag) -> str:
-    """The VR without converting a raw value, unless the file does not say (implicit VR)."""
-    raw = dataset.get_item(tag)
+    """The VR without converting a raw value, unless the file does not say (implicit VR).
+    A value left in the file (`dcmread(defer_size=...)`: pixel data) is not read for it."""
+    raw = dataset.get_item(tag, keep_deferred=True)
     vr = getattr(raw, "VR", None)
     if vr in (None, "UN"):
         try:

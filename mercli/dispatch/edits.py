@@ -13,6 +13,16 @@ Each instance, in this order:
    not copied;
 4. a sidecar made from the new header.
 
+The pixel data is never decoded, nor even read into memory: an instance is read with its
+large values left in the file (`DEFER_SIZE`), and written (`save`) as pydicom's `save_as`
+would write it (the same bytes: the tests hold the two equal on pydicom's corpus), but with
+the Pixel Data's value copied from the received file by the kernel; elements after Pixel
+Data are de-identified and written as any other. Whatever that writer does not handle (big
+endian, deflate, an odd length, pixel data that was edited or is small) goes through
+`save_as`. The sidecar is read from the header bytes written (every tag a sidecar holds
+comes before Pixel Data), and written unsynced, as the copy is: it lives for this attempt
+only, and a target that keeps it copies and syncs it.
+
 A study job's series sub-folders are named by their new Series Instance UIDs. The received
 files and every other target's hard links are never touched. The keyed hash is
 deterministic, so a retry makes the same names and `dispatch.json` stays true across
@@ -26,20 +36,31 @@ is never sent unedited or unconverted.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.tag import SequenceDelimiterTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from mercli.deid.core import deidentify
 from mercli.deid.model import DeidentificationRefused, Profile, ProfileError, load_secret
 from mercli.dicom.convert import TranscodeError, transcode_file
 from mercli.dicom.modify import Modification, ModifyError, apply_modify, parse_modify
 from mercli.dicom.scu.transcode import InstanceNotSendable, read_instance
-from mercli.fsutil import make_dir, write_new
+from mercli.fsutil import make_dir, open_new, unlink_quietly
 from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
 from mercli.secrets import SecretError
@@ -49,6 +70,16 @@ from mercli.tags import UnreadableDicom, read_tags
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+
+DEFER_SIZE = 64 * 1024  # values larger than this stay in the received file until written
+PIXEL_DATA = 0x7FE00010
+ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
+COPY_CHUNK = 1024 * 1024
+META_UIDS = (
+    ("MediaStorageSOPClassUID", "SOPClassUID"),
+    ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+)
 
 
 class EditFailed(Exception):
@@ -132,27 +163,29 @@ def _edit_folder(source: Path, destination: Path, plan: EditPlan) -> str:
     or "" when the header was not edited (the name stays)."""
     series = ""
     for path in sorted(source.glob(f"*{INSTANCE_SUFFIX}")):
+        header = None
         if plan.rewrites:
-            name, series_uid = _rewrite(path, destination, plan)
+            name, series_uid, header = _rewrite(path, destination, plan)
             series = series or series_uid
         else:
             name = path.stem
             _convert(path, destination / f"{name}{INSTANCE_SUFFIX}", plan)
         written = destination / f"{name}{INSTANCE_SUFFIX}"
-        try:
-            tags = read_tags(written)
+        try:  # the header holds every tag a sidecar has: they all come before Pixel Data
+            tags = read_tags(io.BytesIO(header) if header is not None else written)
         except UnreadableDicom as exc:
             raise EditFailed(
                 f"{path.name}: edited copy unreadable ({exc})", permanent=True
             ) from None
-        write_new(destination / f"{name}{SIDECAR_SUFFIX}", json_bytes(tags))
+        _write_scratch(destination / f"{name}{SIDECAR_SUFFIX}", json_bytes(tags))
     return series
 
 
-def _rewrite(path: Path, destination: Path, plan: EditPlan) -> tuple[str, str]:
-    """Read, edit and write one instance (then convert it); its new file stem and series."""
+def _rewrite(path: Path, destination: Path, plan: EditPlan) -> tuple[str, str, bytes | None]:
+    """Read, edit and write one instance (then convert it); its new file stem and series,
+    and the bytes before its Pixel Data when they are all it was written from (see `save`)."""
     try:
-        dataset = dcmread(path)
+        dataset = dcmread(path, defer_size=DEFER_SIZE)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise EditFailed(f"{path.name}: cannot be read ({exc})", permanent=True) from None
     try:
@@ -165,15 +198,14 @@ def _rewrite(path: Path, destination: Path, plan: EditPlan) -> tuple[str, str]:
     series = safe_name(str(dataset.get("SeriesInstanceUID", "")))
     final = destination / f"{name}{INSTANCE_SUFFIX}"
     if plan.syntax is None:
-        dataset.save_as(final, enforce_file_format=True)
-        return name, series
+        return name, series, save(dataset, path, final)
     edited = destination / f".{name}.edited"
-    dataset.save_as(edited, enforce_file_format=True)
+    save(dataset, path, edited)
     try:
         _convert(edited, final, plan, shown=path.name)
     finally:
         edited.unlink(missing_ok=True)
-    return name, series
+    return name, series, None
 
 
 def _convert(path: Path, final: Path, plan: EditPlan, *, shown: str = "") -> None:
@@ -190,3 +222,189 @@ def _convert(path: Path, final: Path, plan: EditPlan, *, shown: str = "") -> Non
         transcode_file(path, final, plan.syntax, allow_lossy=plan.allow_lossy)
     except TranscodeError as exc:
         raise EditFailed(f"{shown or path.name}: {exc.reason}", permanent=True) from None
+
+
+# -- writing without reading the pixel data ----------------------------------------------------
+
+
+class _Unusual(Exception):
+    """Not an instance `_Copy` handles: `save_as` writes it."""
+
+
+def save(dataset: Dataset, source: Path, path: Path) -> bytes | None:
+    """Write `dataset`, read from `source` with `DEFER_SIZE`, as a new Part 10 file at `path`,
+    as `dataset.save_as(path, enforce_file_format=True)` does; the bytes before Pixel Data
+    when its value was copied from `source` (None when `save_as` wrote it all)."""
+    try:
+        copy = _Copy.of(dataset, source)
+    except _Unusual:
+        dataset.save_as(path, enforce_file_format=True)
+        return None
+    copy.write(path)
+    return copy.header
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """An edited instance as `dcmwrite` (enforce_file_format) would write it, its Pixel Data
+    still in the received file: `header` (preamble, file meta and the elements before Pixel
+    Data), then Pixel Data's element header, `size` bytes of `source` from `start`, `tail`
+    (the sequence delimiter of encapsulated pixel data, the elements after it)."""
+
+    header: bytes
+    pixel: bytes
+    source: Path
+    start: int
+    size: int
+    tail: bytes
+
+    @classmethod
+    def of(cls, dataset: Dataset, source: Path) -> _Copy:
+        """For a little-endian data set whose Pixel Data is still in `source` (deferred);
+        `_Unusual` for anything else. The file meta is the dataset's own, updated as
+        `dcmwrite` updates its deep copy of it."""
+        element = dataset.get_item(PIXEL_DATA, keep_deferred=True)
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        if (
+            not isinstance(element, RawDataElement)
+            or element.value is not None
+            or not element.is_little_endian
+            or syntax is None
+            or syntax.is_private
+            or not syntax.is_transfer_syntax
+            or not syntax.is_little_endian
+            or syntax == DeflatedExplicitVRLittleEndian
+            or dataset.original_encoding != (syntax.is_implicit_VR, True)
+            or element.is_implicit_VR != syntax.is_implicit_VR
+            or dataset.original_character_set != dataset._character_set  # else re-encoded
+            or (element.length == 0xFFFFFFFF) != syntax.is_compressed
+            or any(tag.group in (0, 2) for tag in sorted(dataset.keys()))  # save_as refuses
+            or len(getattr(dataset, "preamble", None) or b"\0" * 128) != 128
+        ):
+            raise _Unusual
+        vr = None if syntax.is_implicit_VR else element.VR  # implicit: no VR written
+        if vr not in (None, "OB", "OW"):
+            raise _Unusual
+        start, size = element.value_tell, int(element.length)
+        if syntax.is_compressed:
+            with open(source, "rb") as fp:
+                size = _pixel_length(fp, element)
+                fp.seek(start)
+                if fp.read(4) != ITEM:
+                    raise _Unusual  # save_as refuses it: let it say why
+        if size % 2 or start + size > os.stat(source).st_size:
+            raise _Unusual
+        header, tail = _encode(dataset, syntax.is_implicit_VR)
+        pixel = struct.pack("<HH", 0x7FE0, 0x0010) + (vr.encode() + b"\0\0" if vr else b"")
+        pixel += struct.pack("<L", element.length)
+        if syntax.is_compressed:
+            tail = SEQUENCE_END + tail
+        return cls(header, pixel, source, start, size, tail)
+
+    def write(self, path: Path) -> None:
+        """The new file at `path`, not synced (see `_write_scratch`)."""
+        with open(self.source, "rb") as fp:
+            fd = open_new(path)
+            try:
+                _write_all(fd, self.header + self.pixel)
+                _copy(fp.fileno(), fd, self.start, self.size)
+                _write_all(fd, self.tail)
+            except BaseException:
+                os.close(fd)
+                unlink_quietly(path)
+                raise
+            os.close(fd)
+
+
+def _pixel_length(fp: io.BufferedReader, element: RawDataElement) -> int:
+    """The length of the deferred, undefined-length Pixel Data's value as pydicom reads it:
+    the bytes before its sequence delimiter."""
+    fp.seek(element.value_tell)
+    try:
+        read_undefined_length_value(fp, True, SequenceDelimiterTag, defer_size=0)
+    except EOFError:
+        raise _Unusual from None
+    return fp.tell() - 8 - element.value_tell
+
+
+def _encode(dataset: Dataset, implicit: bool) -> tuple[bytes, bytes]:
+    """The preamble, file meta and elements before Pixel Data, and the elements after it, as
+    `dcmwrite` (enforce_file_format) and `write_dataset` encode them."""
+    meta = dataset.file_meta  # ours: dcmwrite's deep copy is for callers who keep theirs
+    for key, own in META_UIDS:
+        found, wanted = meta.get(key), dataset.get(own)
+        if found is None or (wanted and wanted != found):
+            setattr(meta, key, wanted)
+    parts = [DicomBytesIO(), DicomBytesIO()]
+    for part in parts:
+        part.is_implicit_VR, part.is_little_endian = implicit, True
+    parts[0].write((getattr(dataset, "preamble", None) or b"\0" * 128) + b"DICM")
+    write_file_meta_info(parts[0], meta, enforce_standard=True)
+    encodings = dataset.get("SpecificCharacterSet", default_encoding)
+    for tag in sorted(dataset.keys()):
+        if (tag.element == 0 and tag.group > 6) or tag == PIXEL_DATA:  # group lengths: retired
+            continue
+        element = dataset.get_item(tag)
+        raw = _raw_bytes(element, implicit)
+        if raw is None:
+            write_data_element(parts[tag > PIXEL_DATA], element, encodings)
+        else:
+            parts[tag > PIXEL_DATA].write(raw)
+    return parts[0].getvalue(), parts[1].getvalue()
+
+
+def _raw_bytes(element: DataElement | RawDataElement, implicit: bool) -> bytes | None:
+    """A raw element of defined length as `write_data_element` writes it (its bytes as read),
+    without its per-element buffers; None for anything else."""
+    if not isinstance(element, RawDataElement) or element.length == 0xFFFFFFFF:
+        return None
+    value, vr = element.value, element.VR
+    if not isinstance(value, bytes):
+        return None
+    tag = struct.pack("<HH", element.tag >> 16, element.tag & 0xFFFF)
+    if implicit:
+        return tag + struct.pack("<L", len(value)) + value
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return tag + vr.encode() + b"\0\0" + struct.pack("<L", len(value)) + value
+    if vr is None or len(vr) != 2 or len(value) > 0xFFFF:  # pydicom raises, or writes UN
+        return None
+    return tag + vr.encode() + struct.pack("<H", len(value)) + value
+
+
+def _write_scratch(path: Path, data: bytes) -> None:
+    """A new file in the scratch folder: neither synced nor written back (it is deleted after
+    the attempt; a target that keeps it copies and syncs it)."""
+    fd = open_new(path)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy(source: int, fd: int, offset: int, size: int) -> None:
+    """`size` bytes of `source` from `offset` appended to `fd`, by the kernel where it can."""
+    try:
+        while size:
+            done = os.copy_file_range(source, fd, size, offset)
+            if not done:
+                raise OSError(errno.EIO, "the received file changed while copied")
+            offset, size = offset + done, size - done
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while size:  # a filesystem or kernel without copy_file_range
+        chunk = os.pread(source, min(size, COPY_CHUNK), offset)
+        if not chunk:
+            raise OSError(errno.EIO, "the received file changed while copied")
+        _write_all(fd, chunk)
+        offset, size = offset + len(chunk), size - len(chunk)
