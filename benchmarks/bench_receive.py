@@ -44,6 +44,10 @@ def _mercli(out: Path, port: int) -> list[str]:
     ]
 
 
+def _mercli_no_journal(out: Path, port: int) -> list[str]:
+    return [*_mercli(out, port), "--no-journal"]
+
+
 def _pynetdicom_app(out: Path, port: int) -> list[str]:
     return [
         sys.executable,
@@ -65,6 +69,7 @@ def _dcmtk_storescp(out: Path, port: int) -> list[str]:
 
 SUBJECTS: dict[str, Launcher] = {
     "mercli receive (durable+sidecar)": _mercli,
+    "mercli receive --no-journal": _mercli_no_journal,
     PEER: _pynetdicom_app,
     "DCMTK storescp -od": _dcmtk_storescp,
 }

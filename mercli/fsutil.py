@@ -60,8 +60,13 @@ def start_writeback(fd: int) -> None:
     in about half the time on the development VM. Only a hint: errors are ignored (the
     fsync that follows reports them).
     """
+    start_writeback_range(fd, 0, 0)
+
+
+def start_writeback_range(fd: int, offset: int, length: int) -> None:
+    """`start_writeback` for `length` bytes from `offset` (0: to the end of the file)."""
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

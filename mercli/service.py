@@ -27,6 +27,12 @@ FULL_SCAN = 5.0  # seconds between scans of the folders when nothing else wakes 
 RECOVER_EVERY = 30.0  # seconds between looks for claims of dead workers
 
 
+# The main thread must not wait on an Event without a timeout while a signal handler should
+# stop it: the kernel may deliver SIGTERM to any thread, and then the main thread's blocked
+# lock acquire is not interrupted, so the handler only runs when the wait ends on its own.
+SIGNAL_POLL = 0.5  # seconds
+
+
 def stop_on_signals(stop: threading.Event, doing: str, *also: threading.Event) -> None:
     """On SIGINT/SIGTERM: log "<SIGNAL> received: <doing>", set `stop` and every `also`."""
 

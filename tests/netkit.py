@@ -113,3 +113,17 @@ def receiver(spool: Path, *args: str, host: str | None = "127.0.0.1") -> Iterato
         if running.process is not None and running.process.poll() is None:
             code = running.stop()
             assert code == 0, f"receiver exited {code}:\n{running.output()}"
+
+
+def published(path: Path, timeout: float = 15.0) -> Path:
+    """`path` (an instance in incoming/) once receive has published it with its sidecar.
+
+    Receive answers success once an instance is durable in its journal and publishes it into
+    incoming/ right after (mercli.spool.journal): a test that looks at incoming/ the moment
+    the sender got its answer waits that moment."""
+    wait_until(
+        lambda: path.exists() and path.with_suffix(".tags").exists(),
+        timeout=timeout,
+        what=f"{path.name} published",
+    )
+    return path

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from mercli.names import safe_name
-from mercli.spool import Spool
+from mercli.spool import Spool, recover
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
 from tests.kit import CT
 from tests.netkit import Receiver, dcmtk, free_port, port_open, receiver, storescu, wait_until
@@ -30,6 +30,36 @@ def stored(spool: Path) -> dict[str, Path]:
         sidecar = json.loads(tags.read_text())
         found[sidecar["SOPInstanceUID"]] = tags.with_suffix(".dcm")
     return found
+
+
+def published(spool: Path, uid: str, *, or_quarantined_after: int | None = None) -> Path | None:
+    """The stored .dcm of `uid` once receive has published it: acknowledged instances are
+    durable in the journal at once and in incoming/ a moment later (mercli.spool.journal).
+    With `or_quarantined_after` (the count of error/ items before sending): None as soon as
+    one more item is in error/ (a quarantined instance is answered with a failure, but DCMTK's
+    tools exit 0 on it)."""
+    found: list[Path] = []
+
+    def done() -> bool:
+        path = stored(spool).get(uid)
+        if path is not None:
+            found.append(path)
+            return True
+        return or_quarantined_after is not None and errors(spool) > or_quarantined_after
+
+    wait_until(done, timeout=15, what=f"instance {uid} in incoming/")
+    return found[0] if found else None
+
+
+def taken(stored: Path) -> None:
+    """Remove a stored instance and its sidecar, as route would take them away."""
+    stored.unlink()
+    stored.with_suffix(".tags").unlink()
+
+
+def errors(spool: Path) -> int:
+    folder = spool / "error"
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
 def associate(
@@ -122,12 +152,14 @@ def test_pydicom_corpus_is_stored_byte_for_byte(tmp_path: Path, chunked_send: No
             status = assoc.send_c_store(path)  # type: ignore[attr-defined]
             assoc.release()  # type: ignore[attr-defined]
             assert status.Status == 0x0000, (path.name, hex(status.Status))
-            target = stored(spool)[ds.SOPInstanceUID]
+            target = published(spool, ds.SOPInstanceUID)
+            assert target is not None
             assert dataset_bytes(target) == dataset_bytes(path), path.name
             assert (
                 dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID
                 == ds.file_meta.TransferSyntaxUID
             )
+            taken(target)  # corpus files share UIDs: the next one must not find this copy
             compared += 1
     assert compared == len(files)
 
@@ -156,6 +188,7 @@ def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path, too
         wait_until(lambda: port_open(oracle_port), what="storescp")
         with receiver(spool, "--processes", "1") as running:
             for path in CORPUS:
+                before = errors(spool)
                 sent = dcmtk([*send, "-aec", "MERCLI", "127.0.0.1", str(running.port), str(path)])
                 if sent.returncode != 0:
                     continue  # DCMTK cannot send this file at all
@@ -165,13 +198,14 @@ def test_dcmtk_corpus_matches_dcmtks_bit_preserving_storescp(tmp_path: Path, too
                 assert reference.returncode == 0, reference.stderr
                 (oracle_file,) = oracle_dir.iterdir()
                 uid = dcmread(oracle_file, stop_before_pixels=True).SOPInstanceUID
-                ours = stored(spool).get(str(uid))
+                ours = published(spool, str(uid), or_quarantined_after=before)
                 if ours is None:
                     assert list((spool / "error").iterdir()), (
                         f"{path.name} neither stored nor quarantined"
                     )
                     continue
                 assert dataset_bytes(ours) == dataset_bytes(oracle_file), path.name
+                taken(ours)
                 compared += 1
     finally:
         oracle.terminate()
@@ -357,7 +391,8 @@ def test_full_disk_answers_a700_and_keeps_serving(tmp_path: Path) -> None:
         assoc.release()  # type: ignore[attr-defined]
         acknowledged = [path for path, status in zip(files, statuses, strict=True) if status == 0]
         group = spool / "incoming" / "1.2.5"
-        assert sorted(p.name for p in group.glob("*.dcm")) == sorted(p.name for p in acknowledged)
+        names = sorted(p.name for p in acknowledged)
+        wait_until(lambda: sorted(p.name for p in group.glob("*.dcm")) == names, timeout=15)
         for path in acknowledged:
             assert dataset_bytes(group / path.name) == dataset_bytes(path)
             assert (group / path.name).with_suffix(".tags").stat().st_size > 0
@@ -590,6 +625,9 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance(tmp_path: Path
     running.process.wait(timeout=30)
     running.log_file.close()
     assert len(acknowledged) >= 60
+    # What it acknowledged is in its journal, if not yet in incoming/: recovery publishes it.
+    report = recover(Spool(spool))
+    assert report.owners and not list((spool / "journal").glob("receive.*"))
     group = spool / "incoming" / "1.2.10"
     for path in acknowledged:
         assert dataset_bytes(group / path.name) == dataset_bytes(path)

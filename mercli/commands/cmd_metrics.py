@@ -93,7 +93,7 @@ def _write(path: Path, data: bytes) -> None:
 def _serve(store: CounterStore, listen: str) -> None:
     from mercli.metrics.collector import registry_for
     from mercli.metrics.listen import parse_listen, serve
-    from mercli.service import stop_on_signals
+    from mercli.service import SIGNAL_POLL, stop_on_signals
 
     host, port = parse_listen(listen)
     stop = threading.Event()
@@ -104,7 +104,8 @@ def _serve(store: CounterStore, listen: str) -> None:
     port = server.server_address[1]  # the one the kernel chose for port 0
     log.info("metrics on http://%s:%d/metrics (%d new events counted)", where, port, read)
     try:
-        stop.wait()
+        while not stop.wait(SIGNAL_POLL):  # see mercli.service.SIGNAL_POLL
+            pass
     finally:
         server.shutdown()
         server.server_close()

@@ -113,6 +113,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: str) -> float:
     help="Serve TLS on this port (2762 is DICOM-TLS's) and plain DICOM on --port. "
     "Without it, --port itself serves TLS and no port is plain.",
 )
+@click.option(
+    "--journal/--no-journal",
+    default=_DEFAULTS.journal,
+    show_default=True,
+    help="Durable receipt through the spool's write-ahead journal (one fdatasync an "
+    "instance, published into incoming/ right after the answer); --no-journal writes and "
+    "fsyncs each instance's files before answering. Both are durable at acknowledgement.",
+)
 def receive(
     spool: Path,
     port: int,
@@ -132,13 +140,17 @@ def receive(
     tls_ca: str | None,
     tls_require_client_cert: bool,
     tls_port: int | None,
+    journal: bool,
 ) -> None:
     """Receive DICOM instances (C-STORE, C-ECHO) into spool/incoming/.
 
     Accepts every storage SOP class, private and unknown ones included, in whatever transfer
     syntax the sender proposes first: the dataset is stored byte for byte as sent, plus a
     file meta header, with a NAME.tags sidecar (see `mercli tags`). Success is answered only
-    once both are durable on disk. A write failure or full disk answers 0xA700 and the
+    once both are durable on disk: appended to the spool's journal (spool/journal/) and
+    fdatasync'ed, then published into incoming/ a moment later; after a crash, the next
+    receive (or any command's recovery) publishes what the journal holds. A write failure or
+    full disk answers 0xA700 and the
     listener keeps serving; an instance without readable UIDs answers 0xC210/0xC212 and is
     quarantined in spool/error/ with the reason.
 
@@ -201,6 +213,7 @@ def receive(
         tls_ca=tls_ca,
         tls_require_client_cert=tls_require_client_cert,
         tls_port=tls_port,
+        journal=journal,
     )
     try:
         serve(spool, config)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
-from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
+from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
 from mercli.spool import OUTGOING, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ class DispatchService:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        for thread in threads:  # with a timeout: see mercli.service.SIGNAL_POLL
+            while thread.is_alive():
+                thread.join(SIGNAL_POLL)
 
     def _drain(self, dispatcher: Dispatcher) -> None:
         """--once: attempt every job eligible now, each at most once."""

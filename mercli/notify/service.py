@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mercli.notify.sender import NotifySummary, Sender
-from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
+from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
 from mercli.spool import NOTIFY, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class NotifyService:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        for thread in threads:  # with a timeout: see mercli.service.SIGNAL_POLL
+            while thread.is_alive():
+                thread.join(SIGNAL_POLL)
 
     def _drain(self, sender: Sender) -> None:
         """--once: attempt every notification due now, each at most once."""

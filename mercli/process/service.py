@@ -65,7 +65,7 @@ from mercli.process.runner import (
 )
 from mercli.process.running import RUNNING_FILE, kill_orphans, running_record
 from mercli.process.slurm import CLUSTER_DIR, SLURM_FILE, Stopping, check_shared, load_record
-from mercli.service import FULL_SCAN, RECOVER_EVERY, stop_on_signals, wake_on_changes
+from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
 from mercli.spool import (
     INCOMING,
     INSTANCE_SUFFIX,
@@ -593,8 +593,9 @@ class ProcessService:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        for thread in threads:  # with a timeout: see mercli.service.SIGNAL_POLL
+            while thread.is_alive():
+                thread.join(SIGNAL_POLL)
 
     def _drain(self, processor: Processor) -> None:
         while not self.stop.is_set() and (claim := processor.pick()) is not None:

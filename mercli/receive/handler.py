@@ -17,6 +17,7 @@ act seconds after a sender is done instead of waiting out the series timeout.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ from mercli.dicom.tls import TlsConfigError, server_context
 from mercli.errors import ListenError
 from mercli.fsutil import open_new, unlink_quietly, write_fd
 from mercli.names import printable, safe_name
+from mercli.receive.journaled import HEAD, Appender, Journal, SegmentView, instance_names
 from mercli.spool import INCOMING, Spool, Worker
+from mercli.spool.journal import MAX_RECORD_DATA, RecordWriter
 from mercli.tags import UnreadableDicom, read_tags
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class ReceiveConfig:
     tls_ca: str | None = None  # verifies client certificates (those presented, or required)
     tls_require_client_cert: bool = False
     tls_port: int | None = None
+    journal: bool = True  # durable receipt through the write-ahead journal (mercli.spool.journal)
 
     @property
     def tls_listen_port(self) -> int | None:
@@ -216,6 +220,86 @@ class _InstanceSink:
         return self.file.fileno()
 
 
+class _JournalSink:
+    """Streams one C-STORE dataset behind a Part 10 header into the association's journal
+    segment; an instance that outgrows the journal continues in a scratch file
+    (`_InstanceSink`, the direct path)."""
+
+    def __init__(
+        self, store: InstanceStore, journal: Journal, info: AssociationInfo, request: StoreRequest
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self.info = info
+        self.request = request
+        self.appender = store.appender(info)
+        self.fallback: _InstanceSink | None = None
+        self.writer: RecordWriter | None = None
+        self.error: OSError | None = None
+        self.size = 0
+        self.meta = file_meta(
+            request.sop_class, request.sop_instance, request.transfer_syntax, info.calling_aet
+        )
+        try:
+            self.writer = journal.writer(self.appender)
+            if not self.writer.fits(len(self.meta) + 64 * 1024):
+                journal.roll(self.appender)  # nearly full: start the instance in a new one
+                self.writer = journal.writer(self.appender)
+            self.writer.write(self.meta)
+        except OSError as exc:  # no segment to be had (a full disk): the direct path
+            log.debug("journal unavailable (%s): writing a file", exc)
+            self.writer = None
+            self.fallback = _InstanceSink(store, info, request)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.fallback is not None:
+            self.fallback.write(data)
+            return
+        if self.error is not None or self.writer is None:
+            return
+        try:
+            if not self.writer.fits(len(data)):
+                self.to_file()
+                assert self.fallback is not None
+                self.fallback.write(data)
+                return
+            self.writer.write(data)
+        except OSError as exc:
+            self.error = exc
+
+    def to_file(self) -> None:
+        """Move what the journal holds of this instance into a scratch file and go on there."""
+        writer, self.writer = self.writer, None
+        assert writer is not None
+        fallback = _InstanceSink(self.store, self.info, self.request)  # writes the Part 10 header
+        fallback.write(writer.head(writer.length)[len(self.meta) :])
+        fallback.size = self.size
+        if writer.length < MAX_RECORD_DATA:  # the segment is full, not the instance too big
+            self.journal.roll(self.appender)
+        self.fallback = fallback
+
+    def finish(self) -> int:
+        if self.fallback is not None:
+            return self.fallback.finish()
+        if self.error is not None:
+            association = self.store._association(self.info)
+            association.failures += 1
+            log.error(
+                "cannot store instance from %s: %s",
+                printable(association.sender),
+                self.error.strerror or self.error,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        return self.store.complete_journaled(self)
+
+    def discard(self) -> None:
+        """An unfinished instance: nothing was committed (its bytes are overwritten by the
+        next record); a scratch file it moved to is removed."""
+        if self.fallback is not None:
+            self.fallback.discard()
+
+
 # -- the store handler ---------------------------------------------------------------------------
 
 
@@ -241,6 +325,8 @@ class InstanceStore:
         # fsyncs of an instance and its sidecar overlap; one journal commit can serve both
         self._sync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.scratch = _ScratchFiles(worker)
+        self.journal = Journal(spool, worker) if config.journal else None
+        self._appenders: dict[int, Appender] = {}
 
     def accept(self, info: AssociationInfo) -> tuple[int, int, int] | None:
         """Association-time checks: the calling and the called AE title."""
@@ -261,8 +347,75 @@ class InstanceStore:
             return REJECT_CALLED_AE
         return None
 
-    def begin_store(self, info: AssociationInfo, request: StoreRequest) -> _InstanceSink:
+    def begin_store(
+        self, info: AssociationInfo, request: StoreRequest
+    ) -> _InstanceSink | _JournalSink:
+        if self.journal is not None:
+            return _JournalSink(self, self.journal, info, request)
         return _InstanceSink(self, info, request)
+
+    def appender(self, info: AssociationInfo) -> Appender:
+        with self._lock:
+            found = self._appenders.get(id(info))
+            if found is None:
+                found = self._appenders[id(info)] = Appender()
+            return found
+
+    def complete_journaled(self, sink: _JournalSink) -> int:
+        """Commit one instance to the journal (one fdatasync), then answer success; it is
+        published into incoming/ behind the answer (mercli.receive.journaled)."""
+        association = self._association(sink.info)
+        writer = sink.writer
+        assert writer is not None
+        try:
+            if writer.length <= HEAD:
+                source: Any = io.BytesIO(writer.head(HEAD))
+            else:
+                writer.flush()
+                source = SegmentView(writer.segment.fd, writer.data_offset, writer.length)
+            tags = read_tags(source, extra=self.config.extra_tags)
+            missing = [uid for uid in REQUIRED_UIDS if not tags.get(uid)]
+            if missing:
+                return self._quarantine_copy(sink, f"missing {', '.join(missing)}", association)
+            sidecar = {**tags, **self._receive_metadata(sink.info)}
+            series, instance = instance_names(sidecar)
+            try:
+                record = writer.commit(series, instance, sidecar)
+            except ValueError:  # the sidecar does not fit the segment: a file instead
+                sink.to_file()
+                assert sink.fallback is not None
+                return sink.fallback.finish()
+            sink.journal.committed(sink.appender, record)
+        except UnreadableDicom as exc:
+            return self._quarantine_copy(sink, str(exc), association)
+        except OSError as exc:
+            association.failures += 1
+            log.error(
+                "cannot store instance from %s: %s",
+                printable(association.sender),
+                exc.strerror or exc,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        with self._lock:
+            association.series.add(series)
+            association.instances += 1
+            association.bytes += sink.size
+        return STATUS_SUCCESS
+
+    def _quarantine_copy(
+        self, sink: _JournalSink, reason: str, association: _AssociationLog
+    ) -> int:
+        """Quarantine an instance the journal holds (not committed): through a scratch file."""
+        sink.to_file()
+        assert sink.fallback is not None
+        try:
+            sink.fallback.flush()
+            return self._quarantine(sink.fallback, reason, association)
+        except OSError as exc:
+            log.error("cannot quarantine an unreadable instance: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        finally:
+            sink.fallback.discard()
 
     def complete(self, sink: _InstanceSink) -> int:
         """Make one instance durable in incoming/, then (and only then) answer success."""
@@ -371,13 +524,20 @@ class InstanceStore:
         """Write a completion hint per series the association carried, and log a summary."""
         with self._lock:
             association = self._associations.pop(id(info), None)
+            appender = self._appenders.pop(id(info), None)
         if association is None:
             return
-        for series in sorted(association.series):
-            self.worker.write_hint(
-                series,
-                {"ended": how, "sender": association.sender, "instances": association.instances},
-            )
+        hint = {"ended": how, "sender": association.sender, "instances": association.instances}
+        series_list = sorted(association.series)
+
+        def write_hints() -> None:
+            for series in series_list:
+                self.worker.write_hint(series, hint)
+
+        if self.journal is not None:  # after its last instance is published, not before
+            self.journal.ended(appender or Appender(), write_hints)
+        else:
+            write_hints()
         seconds = time.monotonic() - association.started
         if association.instances or association.failures:
             log.info(
@@ -392,6 +552,8 @@ class InstanceStore:
             )
 
     def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()  # publishes everything acknowledged first
         self._sync_pool.shutdown(wait=True)
         self.scratch.close()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from mercli.dicom.scp.listener import Listener
 from mercli.errors import ListenError, MercliError
 from mercli.receive.handler import InstanceStore, ReceiveConfig, start_listener, tls_context
-from mercli.service import ignore_signals, stop_on_signals
+from mercli.service import SIGNAL_POLL, ignore_signals, stop_on_signals
 from mercli.spool import Spool, Worker, recover
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def serve_one(spool_root: Path, config: ReceiveConfig, stop: threading.Event | N
         try:
             listener = start_listener(config, store)
             _log_listening(listener, config.aet)
-            stop.wait()
+            while not stop.wait(SIGNAL_POLL):  # see SIGNAL_POLL
+                pass
             _stop_listener(listener, config.shutdown_grace)
         finally:
             store.close()

@@ -31,6 +31,9 @@ Layout::
       events/YYYY-MM-DD.ndjson   audit trail (mercli.spool.events)
       staging/                   what storescp is writing (`receive --engine dcmtk` only;
                                    mercli.receive.dcmtk.engine hands finished files to getdcmtags)
+      journal/<owner>/<n>.seg    receive's write-ahead journal: instances acknowledged, not yet
+                                   (all) published into incoming/ (mercli.spool.journal)
+      journal/spare/             reset segments a receiver may take instead of making new ones
 
 Protocol:
 
@@ -65,6 +68,13 @@ Protocol:
 5. **Reaping.** `tmp/<owner>` of a dead owner is deleted by recovery; loose files in `tmp/`
    older than a grace period (a foreign tool's leftovers) are deleted too.
 
+5a. **Receive's journal.** A receiver may make an instance durable by appending it (its Part
+   10 bytes and its sidecar) as a checksummed record to a segment of `journal/<owner>/` and
+   `fdatasync`ing it, instead of publishing it first: it is then published into its incoming
+   group as in step 2, behind the acknowledgement, a batch at a time. The acknowledged
+   records of a segment are exactly its valid prefix past its checkpoint; recovery of the
+   owner (step 4) publishes them before anything else of the owner is removed. See
+   `mercli.spool.journal` for the format, the checkpoint and the reuse of segments.
 6. **Deadlines.** Every lock is tried without blocking, again and again, until a deadline
    (`LOCK_DEADLINE`, 3 s): a group locked longer (a hung or hostile process holding a
    `flock` on it) makes a publish or a claim fail with `LockTimeout`, an OSError, having
@@ -80,8 +90,9 @@ atomic within one filesystem, which `Spool.open` checks.
 
 Modules, each depending only on those before it: `items` (folder and file names, `Item`,
 the files inside items; a leaf), `events` (the audit trail), `store` (`Spool`: layout,
-reading, publishing, placing items, hints), `recovery` (`recover`, `lease_is_held`: steps 4
-and 5) and `claims` (`Worker`, `Claim`, `Transaction`: steps 3 and 4). Callers import the
+reading, publishing, placing items, hints), `journal` (receive's write-ahead journal: step
+5a), `recovery` (`recover`, `lease_is_held`: steps 4 and 5) and `claims` (`Worker`, `Claim`,
+`Transaction`: steps 3 and 4). Callers import the
 public names from `mercli.spool`.
 """
 

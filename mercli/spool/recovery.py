@@ -37,6 +37,8 @@ from mercli.spool.items import (
     list_entries,
     list_subdirs,
 )
+from mercli.spool.journal import JOURNAL_DIR, SPARE_DIR, replay
+from mercli.spool.journal import owner_folder as journal_folder
 from mercli.spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class RecoveryReport:
     """What one recovery pass did."""
 
     owners: list[str] = field(default_factory=list)
+    replayed: int = 0  # instances published from dead receivers' journals
     released: list[tuple[str, str]] = field(default_factory=list)
     rolled_forward: list[tuple[str, str]] = field(default_factory=list)
     reaped_tmp: int = 0
@@ -61,6 +64,7 @@ def recover(spool: Spool, *, tmp_grace: float = TMP_GRACE_SECONDS) -> RecoveryRe
     report = RecoveryReport()
     leased = {p.name for p in list_entries(spool.leases)}
     owners = leased | {p.name for p in list_subdirs(spool.claims)}
+    owners |= {p.name for p in list_subdirs(spool.root / JOURNAL_DIR) if p.name != SPARE_DIR}
     for owner in sorted(owners):
         with _dead_owner_lock(spool, owner) as dead:
             if dead:
@@ -82,10 +86,11 @@ def _dead_owner_lock(spool: Spool, owner: str) -> Iterator[bool]:
     try:
         fd = os.open(lease, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        if not (spool.claims / owner).is_dir():
+        if not (spool.claims / owner).is_dir() and not journal_folder(spool.root, owner).is_dir():
             yield False
             return
-        # Claims but no lease: left by an interrupted recovery. Adopt it with a new lease.
+        # Claims or a journal but no lease: left by an interrupted recovery, or a receiver
+        # that stopped with instances it could not publish. Adopt them with a new lease.
         try:
             fd = open_new(lease, os.O_RDWR)
         except FileExistsError:
@@ -106,6 +111,11 @@ def _dead_owner_lock(spool: Spool, owner: str) -> Iterator[bool]:
 
 
 def _recover_owner(spool: Spool, owner: str, report: RecoveryReport) -> None:
+    try:
+        report.replayed += replay(spool, owner)  # what a dead receiver acknowledged
+    except OSError as exc:  # the journal stays: the next recovery tries again
+        log.error("journal of dead receiver %s cannot be published yet: %s", owner, exc)
+        return
     claims_dir = spool.claims / owner
     released: list[tuple[str, str]] = []
     rolled_forward: list[tuple[str, str]] = []

@@ -164,16 +164,26 @@ class Spool:
 
     # -- publishing into groups ----------------------------------------------------------------
 
-    def publish_to_group(self, state: str, group: str, files: Sequence[tuple[Path, str]]) -> bool:
+    def publish_to_group(
+        self,
+        state: str,
+        group: str,
+        files: Sequence[tuple[Path, str]],
+        *,
+        sync: bool = True,
+        wait: float | None = None,
+    ) -> bool:
         """Rename prepared files (tmp path, final name) into `<state>/<group>/`, durably.
 
         Follows protocol step 2. Files with an existing name replace it atomically (a resent
         instance replaces the earlier copy). Returns True if any name was replaced. The files
         get FILE_MODE first. A group locked past the deadline raises LockTimeout (an OSError),
-        with nothing renamed: the files are still where they were.
+        with nothing renamed: the files are still where they were. `sync=False`: the group
+        directory is not fsync'ed (the caller syncs many at once: the receive journal).
+        `wait`: seconds to try the group's lock, instead of LOCK_DEADLINE.
         """
         directory = self.state_dir(state) / group
-        deadline = lock_deadline()
+        deadline = lock_deadline(wait)
         for source, _name in files:
             give_file_mode(source)  # receive creates the dataset file itself
         while True:
@@ -188,7 +198,8 @@ class Spool:
                         os.stat(name, dir_fd=fd, follow_symlinks=False)
                         replaced = True
                     os.rename(source, name, dst_dir_fd=fd)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
                 return replaced
 
     def publish_item(self, prepared: Path, state: str, name: str) -> Item:

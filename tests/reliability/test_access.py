@@ -14,7 +14,7 @@ from pynetdicom import AE
 
 from tests.dicomfiles import dataset_bytes, make_instance
 from tests.kit import CT, EXPLICIT
-from tests.netkit import Receiver, dcmtk, storescu
+from tests.netkit import Receiver, dcmtk, storescu, wait_until
 from tests.reliability.kit import Scp, claimed, dicom_target, events, items, mercli, write_rules
 from tests.reliability.rawpdu import associate_rq, read_pdu, status_of, store_pdus
 
@@ -87,6 +87,7 @@ def test_refused_senders_land_nothing(tmp_path: Path, guarded: Receiver) -> None
     # The same hand-made client, allowed in, does store: the refusals above were real ones.
     allowed = raw_store(guarded.port, "CT1", "MERCLI", dataset_bytes(path), sop)
     assert allowed[0] == ASSOCIATE_AC and allowed[-1] == 0x10000, allowed
+    wait_until(lambda: len(list((spool / "incoming").glob("*/*.tags"))) == 1, what="published")
     (stored,) = (spool / "incoming").glob("*/*.dcm")
     assert dataset_bytes(stored) == dataset_bytes(path)
 

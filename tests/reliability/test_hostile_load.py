@@ -27,7 +27,7 @@ from mercli.receive.handler import InstanceStore, ReceiveConfig
 from mercli.spool import Spool, Worker
 from tests.dicomfiles import dataset_bytes, make_instance
 from tests.kit import CT, EXPLICIT
-from tests.netkit import Receiver, storescu, wait_until
+from tests.netkit import Receiver, published, storescu, wait_until
 from tests.reliability.rawpdu import (
     ABORT,
     ASSOCIATE_AC,
@@ -96,7 +96,7 @@ class Load:
         path = make_instance(self.source, series=series)
         result = storescu(self.running.port, [path])
         assert result.returncode == 0, result.stderr
-        stored = self.running.spool / "incoming" / series / path.name
+        stored = published(self.running.spool / "incoming" / series / path.name)
         assert dataset_bytes(stored) == dataset_bytes(path)
         self.acknowledged[stored] = dataset_bytes(path)
 
@@ -381,7 +381,7 @@ def test_a_command_with_an_invalid_uid_is_refused_and_nothing_stored(
         padded = sop.encode() + b"  "  # space padding, as some devices send
         assert store_status(sock, store_pdus(CT.encode() + b"\x00", padded, data, 9)) == 0
         assert answer_to(sock, header(RELEASE_RQ, 4) + bytes(4)) == 0x06
-    stored = load.running.spool / "incoming" / "1.2.826.0.1.3680043.9.98" / good.name
+    stored = published(load.running.spool / "incoming" / "1.2.826.0.1.3680043.9.98" / good.name)
     assert dataset_bytes(stored) == data
     load.acknowledged[stored] = data
     load.legit_send()
@@ -428,7 +428,7 @@ def test_peer_values_are_escaped_before_they_reach_a_log_record(tmp_path: Path) 
                     assert store_status(sock, command) == INVALID_UID
                 path = make_instance(tmp_path, series="1.2.826.0.1.3680043.9.99")
                 assert storescu(port, [path]).returncode == 0
-                stored = spool.root / "incoming" / "1.2.826.0.1.3680043.9.99" / path.name
+                stored = published(spool.root / "incoming" / "1.2.826.0.1.3680043.9.99" / path.name)
                 assert dataset_bytes(stored) == dataset_bytes(path)
             finally:
                 listener.close()

@@ -168,11 +168,13 @@ def test_a_received_routed_dispatched_series_is_readable_by_no_other_user(
 def test_a_series_locked_by_a_group_member_fails_one_cstore_in_time_and_loses_nothing(
     base: Path, tmp_path: Path
 ) -> None:
+    """Without the journal (--no-journal), receive publishes before it answers: a series
+    locked past the deadline fails that C-STORE in time (0xA700) and the sender retries."""
     spool, archive = base / "spool", base / "archive"
     Spool.open(spool, group=NOBODY.pw_gid)  # nobody is in the spool's group: it can open it
     first, second = (make_instance(tmp_path, series=SERIES, number=n) for n in (1, 2))
     rules = write_rules(base / "rules.toml", {"archive": {"type": "folder", "path": str(archive)}})
-    running = Receiver(spool, "--processes", "1").start()
+    running = Receiver(spool, "--processes", "1", "--no-journal").start()
     try:
         assert store(running.port, first)[0] == 0
         (series,) = items(spool, INCOMING)
@@ -198,6 +200,46 @@ def test_a_series_locked_by_a_group_member_fails_one_cstore_in_time_and_loses_no
     assert sorted(p.name for p in job.glob("*.dcm")) == sorted(
         f"{p.stem}.dcm" for p in (first, second)
     )
+
+
+def test_a_series_locked_by_a_group_member_delays_only_its_publishing(
+    base: Path, tmp_path: Path
+) -> None:
+    """With the journal (the default), the instance is durable before the group is touched:
+    the C-STORE succeeds at once, other series are published meanwhile, and the locked one
+    is published once the lock is gone. Nothing is lost, nothing waits on the sender."""
+    spool, archive = base / "spool", base / "archive"
+    Spool.open(spool, group=NOBODY.pw_gid)
+    first, second = (make_instance(tmp_path, series=SERIES, number=n) for n in (1, 2))
+    other = make_instance(tmp_path, series=f"{SERIES}.9", number=1)
+    rules = write_rules(base / "rules.toml", {"archive": {"type": "folder", "path": str(archive)}})
+    running = Receiver(spool, "--processes", "1").start()
+    try:
+        assert store(running.port, first)[0] == 0
+        wait_until(lambda: len(items(spool, INCOMING)) == 1, what="the first instance")
+        (series,) = items(spool, INCOMING)
+        wait_until(lambda: (series / f"{first.stem}.tags").exists(), what="its sidecar")
+        with nobody_holds_lock(series):
+            status, seconds = store(running.port, second)
+            assert status == 0x0000 and seconds < LOCK_DEADLINE, (hex(status), seconds)
+            assert store(running.port, other)[0] == 0
+            wait_until(lambda: len(items(spool, INCOMING)) == 2, what="the other series")
+            time.sleep(1.5)  # the locked series' instance waits, in the journal
+            assert sorted(p.name for p in series.iterdir()) == sorted(
+                [f"{first.stem}.dcm", f"{first.stem}.tags"]
+            )
+        wait_until(
+            lambda: (series / f"{second.stem}.tags").exists(),
+            timeout=15,
+            what="the locked series' instance, once the lock is gone",
+        )
+    finally:
+        assert running.stop() == 0, running.output()
+    routed = mercli("route", "--once", "--all", "--rules", rules, "--spool", spool)
+    assert routed.returncode == 0, routed.stderr
+    assert mercli("dispatch", "--once", "--spool", spool).returncode == 0
+    delivered = sorted(p.name for p in archive.rglob("*.dcm"))
+    assert delivered == sorted(f"{p.stem}.dcm" for p in (first, second, other))
 
 
 def _claim_and_die(root: str) -> None:

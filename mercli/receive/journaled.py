@@ -1,0 +1,379 @@
+"""Durable receipt through the spool's write-ahead journal (mercli.spool.journal).
+
+Per instance, on the association's thread: the Part 10 bytes are appended to the association's
+segment, the sidecar is read from them (header only), the record is committed with one
+`fdatasync`, and only then is success answered. A `Publisher` thread then writes each record
+out as `incoming/<series>/<instance>.dcm` + `.tags`, a batch at a time with one round of
+syncs, advances the segments' checkpoints, resets and reuses segments whose records are all
+published, and writes an association's completion hints only after its last instance is in
+`incoming/` (so route never sees a hint before the series).
+
+What does not go through the journal: an instance larger than MAX_RECORD_DATA, or one that does
+not fit what is left of a segment and the next (it is copied into a scratch file and takes the
+direct path of mercli.receive.handler), and an instance whose UIDs cannot be read (quarantined
+as before, with a failure status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mercli.fsutil import make_dir, unlink_quietly
+from mercli.names import safe_name
+from mercli.spool import Spool, Worker
+from mercli.spool.journal import (
+    HEADER_SIZE,
+    JOURNAL_DIR,
+    RECORD_HEADER_SIZE,
+    SEGMENT_SUFFIX,
+    SPARE_DIR,
+    Record,
+    RecordWriter,
+    Segment,
+    ensure_folder,
+    publish,
+)
+
+log = logging.getLogger(__name__)
+
+SPARES = 2  # segments kept ready (written and synced) for associations to take
+BATCH = 256  # records published with one round of syncs at most
+QUEUE_DEPTH = 4096  # records acknowledged but not yet published, at most (then senders wait)
+HEAD = 64 * 1024  # bytes of an instance parsed from memory for its sidecar
+CLOSE_GRACE = 30.0  # seconds a stopping receiver keeps trying to publish what it holds
+LOCK_WAIT = 0.2  # seconds the publisher tries a series' lock before it moves on
+RETRY_EVERY = 1.0  # seconds between tries of the instances whose series was locked
+UNAVAILABLE_FOR = 5.0  # seconds no segment is made after the disk had no room for one
+
+
+@dataclass(eq=False)
+class Slot:
+    """A segment in use: records not yet published, and whether more may be appended."""
+
+    segment: Segment
+    pending: int = 0
+    sealed: bool = False
+    unpublished: dict[int, int] = field(default_factory=dict)  # record offset -> its end
+    published_end: int = 0
+
+
+@dataclass(eq=False)
+class Ending:
+    """An association's end, in the publish queue after its last record: then its hints."""
+
+    hints: Callable[[], None]
+
+
+@dataclass(eq=False)
+class Appender:
+    """One association's place in the journal: its current slot and where the next record
+    starts."""
+
+    slot: Slot | None = None
+    offset: int = 0
+    slots: list[Slot] = field(default_factory=list)
+
+
+_NOTHING = Ending(lambda: None)
+
+
+class Journal:
+    """The journal of one receive process: segments, appenders, and the publisher thread."""
+
+    def __init__(self, spool: Spool, worker: Worker) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.folder = ensure_folder(spool.root, worker.id)
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._spares: queue.Queue[Segment] = queue.Queue()
+        self._queue: queue.Queue[Record | Ending | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._slots: dict[int, Slot] = {}  # id(segment) -> slot
+        self._stop = threading.Event()
+        self._unavailable_until = 0.0  # monotonic time until which no segment is made
+        self._adopt_spares()
+        self._maker = threading.Thread(target=self._make_spares, name="journal-spares", daemon=True)
+        self._maker.start()
+        self._publisher = threading.Thread(target=self._publish_loop, name="journal-publish")
+        self._publisher.start()
+
+    # -- segments ---------------------------------------------------------------------------
+
+    def _new_path(self) -> Path:
+        with self._lock:
+            self._counter += 1
+            return self.folder / f"{self._counter:06d}{SEGMENT_SUFFIX}"
+
+    def _adopt_spares(self) -> None:
+        """Take reset segments other (cleanly stopped) receivers left in journal/spare/."""
+        spare = self.spool.root / JOURNAL_DIR / SPARE_DIR
+        for path in sorted(spare.glob(f"*{SEGMENT_SUFFIX}"))[:SPARES]:
+            target = self._new_path()
+            try:
+                os.rename(path, target)
+            except OSError:
+                continue  # another receiver took it
+            segment = Segment.open(target)
+            if segment is not None:
+                self._spares.put(segment)
+
+    def _make_spares(self) -> None:
+        while not self._stop.is_set():
+            if self._spares.qsize() >= SPARES:
+                self._stop.wait(0.05)
+                continue
+            if time.monotonic() < self._unavailable_until:
+                self._stop.wait(0.5)
+                continue
+            try:
+                self._spares.put(Segment.create(self._new_path()))
+            except OSError as exc:  # a full disk: instances take the direct path meanwhile
+                log.warning("cannot prepare a journal segment: %s", exc)
+                self._unavailable_until = time.monotonic() + UNAVAILABLE_FOR
+
+    def take_slot(self) -> Slot:
+        """A segment for an association: a spare, else one made now (OSError if the disk
+        has no room for one: the caller takes the direct path, and so do the next instances
+        for UNAVAILABLE_FOR seconds, rather than fill a full disk with segments' zeros)."""
+        try:
+            segment = self._spares.get_nowait()
+        except queue.Empty:
+            if time.monotonic() < self._unavailable_until:
+                raise OSError(errno.ENOSPC, "no journal segment (the disk was full)") from None
+            try:
+                segment = Segment.create(self._new_path())
+            except OSError:
+                self._unavailable_until = time.monotonic() + UNAVAILABLE_FOR
+                raise
+        slot = Slot(segment)
+        with self._lock:
+            self._slots[id(segment)] = slot
+        return slot
+
+    def _retire(self, slot: Slot) -> None:
+        """All of a sealed slot's records are published: reset its segment for reuse."""
+        with self._lock:
+            self._slots.pop(id(slot.segment), None)
+        try:
+            slot.segment.reset()
+        except OSError as exc:
+            log.warning("cannot reset journal segment %s: %s", slot.segment.path, exc)
+            slot.segment.close()
+            return
+        if self._spares.qsize() < SPARES:
+            self._spares.put(slot.segment)
+        else:
+            slot.segment.close()
+            unlink_quietly(slot.segment.path)
+
+    # -- appending (association threads) ------------------------------------------------------
+
+    def writer(self, appender: Appender) -> RecordWriter:
+        if appender.slot is None:
+            appender.slot = self.take_slot()
+            appender.slots.append(appender.slot)
+            appender.offset = 0
+        offset = max(appender.offset, HEADER_SIZE)
+        return RecordWriter(appender.slot.segment, offset)
+
+    def roll(self, appender: Appender) -> None:
+        """The appender's segment is full: seal it, the next record goes to a new one."""
+        if appender.slot is not None:
+            self._seal(appender.slot)
+        appender.slot = None
+
+    def committed(self, appender: Appender, record: Record) -> None:
+        """A record is durable: count it, and queue it for publishing."""
+        assert appender.slot is not None
+        with self._lock:
+            appender.slot.pending += 1
+            appender.slot.unpublished[record.offset] = record.end
+        appender.offset = record.end
+        self._queue.put(record)
+
+    def ended(self, appender: Appender, hints: Callable[[], None]) -> None:
+        """The association ended: seal its segment; its hints follow its last record."""
+        if appender.slot is not None:
+            self._seal(appender.slot)
+            appender.slot = None
+        self._queue.put(Ending(hints))
+
+    def _seal(self, slot: Slot) -> None:
+        with self._lock:
+            slot.sealed = True
+            done = slot.pending == 0
+        if done:
+            self._queue.put(Ending(lambda: self._retire(slot)))
+
+    # -- publishing (one thread) ----------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        deferred: list[Record] = []  # groups that were locked: tried again every RETRY_EVERY
+        retry_at = 0.0
+        while True:
+            timeout = max(0.0, retry_at - time.monotonic()) if deferred else None
+            batch: list[Record | Ending] = []
+            try:
+                first = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                first = _NOTHING  # only the deferred records are due
+            if first is None:
+                if deferred:
+                    self._publish_batch(deferred, final=True)
+                return
+            if first is not _NOTHING:
+                batch.append(first)
+            stop = False
+            while len(batch) < BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            if deferred and time.monotonic() >= retry_at:
+                batch = [*deferred, *batch]  # in order: a series' records stay in order
+                deferred = []
+            deferred += self._publish_batch(batch, final=stop)
+            if deferred:
+                retry_at = time.monotonic() + RETRY_EVERY
+            if stop:
+                return
+
+    def _publish_batch(
+        self, batch: Sequence[Record | Ending], *, final: bool = False
+    ) -> list[Record]:
+        """Publish a batch's records (then its endings); the records whose group was locked,
+        to try again. Other errors (a full disk) are retried here with backoff: the records
+        are durable in the journal whatever happens."""
+        records = [item for item in batch if isinstance(item, Record)]
+        deferred: list[Record] = []
+        delay = 0.5
+        while records:
+            try:
+                deferred = publish(self.spool, records, self.worker.scratch, wait=LOCK_WAIT)
+                break
+            except OSError as exc:
+                log.error("cannot publish %d received instance(s): %s", len(records), exc)
+                if self._stop.wait(delay):
+                    return []  # left in the journal: replayed at the next start
+                delay = min(delay * 2, 30.0)
+        if deferred and final and not self._stop.is_set():
+            log.warning("%d instance(s) wait for a locked series", len(deferred))
+        late = {id(record) for record in deferred}
+        retire: list[Slot] = []
+        touched: dict[int, Slot] = {}
+        with self._lock:
+            for record in records:
+                if id(record) in late:
+                    continue
+                slot = self._slots.get(id(record.segment))
+                if slot is None:
+                    continue
+                slot.unpublished.pop(record.offset, None)
+                slot.published_end = max(slot.published_end, record.end)
+                slot.pending -= 1
+                touched[id(slot)] = slot
+                if slot.sealed and slot.pending == 0:
+                    retire.append(slot)
+        for slot in touched.values():  # below the first unpublished record: all durable
+            checkpoint = min(slot.unpublished, default=slot.published_end)
+            slot.segment.set_checkpoint(checkpoint)
+        for slot in retire:
+            self._retire(slot)
+        for item in batch:
+            if isinstance(item, Ending):
+                item.hints()
+        return deferred
+
+    def close(self) -> None:
+        """Publish everything acknowledged, then put the spare segments aside for the next
+        receiver and remove this process's folder (only if nothing is left to publish)."""
+        self._queue.put(None)
+        self._publisher.join(timeout=CLOSE_GRACE)
+        self._stop.set()  # a publisher still retrying gives up: the journal keeps the rest
+        self._publisher.join()
+        self._maker.join(timeout=10)
+        with self._lock:
+            left = [slot for slot in self._slots.values() if slot.pending]
+        if left:
+            log.error(
+                "%d journal segment(s) hold unpublished instances: replayed at next start",
+                len(left),
+            )
+            return
+        spare = self.spool.root / JOURNAL_DIR / SPARE_DIR
+        make_dir(spare, exist_ok=True)
+        while True:
+            try:
+                segment = self._spares.get_nowait()
+            except queue.Empty:
+                break
+            segment.close()
+            try:
+                os.rename(segment.path, spare / f"{self.worker.id}.{segment.path.name}")
+            except OSError:
+                unlink_quietly(segment.path)
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            slot.segment.close()
+            unlink_quietly(slot.segment.path)
+        for path in self.folder.glob(f"*{SEGMENT_SUFFIX}"):
+            unlink_quietly(path)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
+class SegmentView(io.RawIOBase):
+    """A record's data as a read-only file (for parsing a header larger than HEAD)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self.fd, self.start, self.length, self.position = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        left = self.length - self.position
+        size = left if size is None or size < 0 else min(size, left)
+        data = os.pread(self.fd, size, self.start + self.position) if size > 0 else b""
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def instance_names(sidecar: dict[str, Any]) -> tuple[str, str]:
+    """(series group, instance name) as receive files them."""
+    return safe_name(str(sidecar["SeriesInstanceUID"])), safe_name(str(sidecar["SOPInstanceUID"]))
+
+
+__all__ = ["RECORD_HEADER_SIZE", "Appender", "Journal", "SegmentView", "instance_names"]

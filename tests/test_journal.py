@@ -1,0 +1,260 @@
+"""The receive journal (mercli.spool.journal, mercli.receive.journaled): records, torn records,
+generations, checkpoints, replay, and `kill -9` at every step of appending and publishing:
+every acknowledged instance ends up whole in incoming/ after recovery, nothing else does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mercli.spool import Spool, Worker, recover
+from mercli.spool.journal import (
+    HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    SEGMENT_SIZE,
+    RecordWriter,
+    Segment,
+    ensure_folder,
+    replay,
+    segment_files,
+)
+from mercli.tags import read_tags
+from tests.dicomfiles import make_instance
+
+SERIES = "1.2.77"
+
+
+def instances(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [make_instance(folder, series=SERIES, number=n) for n in range(count)]
+
+
+def append(segment: Segment, offset: int, path: Path) -> tuple[int, str]:
+    """Journal one instance file; (the next record's offset, its name)."""
+    writer = RecordWriter(segment, offset)
+    data = path.read_bytes()
+    writer.write(data[: len(data) // 2])
+    writer.write(data[len(data) // 2 :])
+    sidecar = read_tags(path)
+    record = writer.commit(SERIES, path.stem, sidecar)
+    return record.end, path.stem
+
+
+def incoming(spool: Spool) -> dict[str, bytes]:
+    group = spool.state_dir("incoming") / SERIES
+    return {p.stem: p.read_bytes() for p in group.glob("*.dcm")} if group.is_dir() else {}
+
+
+def journal_of(spool: Spool, owner: str) -> Segment:
+    folder = ensure_folder(spool.root, owner)
+    return Segment.create(folder / "000001.seg")
+
+
+def test_records_replay_into_incoming_whole(tmp_path: Path, spool: Spool) -> None:
+    files = instances(tmp_path / "src", 5)
+    segment = journal_of(spool, "dead-receiver")
+    assert segment.size == SEGMENT_SIZE
+    offset = HEADER_SIZE
+    for path in files:
+        offset, _ = append(segment, offset, path)
+    assert [r.name for r in segment.records()] == [p.stem for p in files]
+    segment.close()
+    assert replay(spool, "dead-receiver") == 5
+    assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+    group = spool.state_dir("incoming") / SERIES
+    for path in files:
+        sidecar = json.loads((group / f"{path.stem}.tags").read_text())
+        assert sidecar == read_tags(path)
+    assert not (spool.root / "journal" / "dead-receiver").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip a data byte", "no header", "short data", "meta"])
+def test_a_torn_record_ends_the_valid_prefix(tmp_path: Path, spool: Spool, damage: str) -> None:
+    files = instances(tmp_path / "src", 4)
+    segment = journal_of(spool, "dead")
+    offsets = [HEADER_SIZE]
+    for path in files:
+        offsets.append(append(segment, offsets[-1], path)[0])
+    torn = offsets[2]  # the third record
+    data_start = torn + RECORD_HEADER_SIZE
+    if damage == "flip a data byte":
+        byte = os.pread(segment.fd, 1, data_start + 200)
+        os.pwrite(segment.fd, bytes([byte[0] ^ 0xFF]), data_start + 200)
+    elif damage == "no header":
+        os.pwrite(segment.fd, bytes(RECORD_HEADER_SIZE), torn)
+    elif damage == "short data":
+        os.pwrite(segment.fd, bytes(100), data_start + 300)
+    else:
+        os.pwrite(segment.fd, b"}", offsets[3] - 9)  # inside the meta JSON
+    assert [r.name for r in segment.records()] == [p.stem for p in files[:2]]
+    segment.close()
+    assert replay(spool, "dead") == 2
+    assert sorted(incoming(spool)) == sorted(p.stem for p in files[:2])
+
+
+def test_an_earlier_generation_and_the_checkpoint_are_not_replayed(
+    tmp_path: Path, spool: Spool
+) -> None:
+    files = instances(tmp_path / "src", 4)
+    segment = journal_of(spool, "dead")
+    offset, _ = append(segment, HEADER_SIZE, files[0])
+    segment.reset()  # reused: the old record must not come back
+    assert list(segment.records()) == []
+    offset = HEADER_SIZE
+    for path in files[1:]:
+        offset, _ = append(segment, offset, path)
+    first = next(segment.records())
+    segment.set_checkpoint(first.end)  # the first of them is published already
+    segment.close()
+    assert replay(spool, "dead") == 2
+    assert sorted(incoming(spool)) == sorted(p.stem for p in files[2:])
+
+
+def test_recovery_replays_the_journal_of_a_dead_receiver(tmp_path: Path, spool: Spool) -> None:
+    files = instances(tmp_path / "src", 3)
+    script = f"""
+import os, sys
+from pathlib import Path
+from mercli.spool import Spool, Worker
+from mercli.spool.journal import HEADER_SIZE, RecordWriter, Segment, ensure_folder
+from mercli.tags import read_tags
+spool = Spool({str(spool.root)!r})
+worker = Worker(spool, "receive").__enter__()
+segment = Segment.create(ensure_folder(spool.root, worker.id) / "000001.seg")
+offset = HEADER_SIZE
+for name in sys.argv[1:]:
+    writer = RecordWriter(segment, offset)
+    writer.write(Path(name).read_bytes())
+    offset = writer.commit({SERIES!r}, Path(name).stem, read_tags(name)).end
+os.kill(os.getpid(), 9)
+"""
+    child = subprocess.run([sys.executable, "-c", script, *map(str, files)], check=False)
+    assert child.returncode == -9
+    assert incoming(spool) == {}
+    report = recover(spool)
+    assert report.replayed == 3 and len(report.owners) == 1
+    assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+    assert segment_files(spool.root / "journal" / report.owners[0]) == []
+
+
+# -- kill -9 at every step ------------------------------------------------------------------------
+
+CHILD = """
+import os, sys, threading, time
+from pathlib import Path
+from mercli.receive.journaled import Appender, Journal
+from mercli.spool import Spool, Worker
+from mercli.tags import read_tags
+
+target, after, thread = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls = {"n": 0}
+real = getattr(os, target)
+
+def dying(*args, **kwargs):
+    if threading.current_thread().name.startswith(thread):  # receiving, publishing, syncing
+        calls["n"] += 1
+        if calls["n"] == after:
+            os._exit(9)  # as kill -9: no clean-up of any kind
+    return real(*args, **kwargs)
+
+setattr(os, target, dying)
+spool = Spool(sys.argv[4])
+worker = Worker(spool, "receive").__enter__()
+journal = Journal(spool, worker)
+while journal._spares.qsize() < 1:  # a segment made ahead, as in a running receiver
+    time.sleep(0.01)
+appender = Appender()
+for name in sys.argv[5:]:
+    writer = journal.writer(appender)
+    writer.write(Path(name).read_bytes())
+    record = writer.commit("SERIES_UID", Path(name).stem, read_tags(name))
+    journal.committed(appender, record)
+    print("acked", Path(name).stem, flush=True)
+journal.ended(appender, lambda: None)
+journal.close()
+worker.__exit__(None, None, None)
+print("done", flush=True)
+""".replace("SERIES_UID", SERIES)
+
+
+RECEIVING, PUBLISHING, SYNCING = "MainThread", "journal-publish", "mercli-fsync"
+
+
+@pytest.mark.parametrize(
+    ("target", "after", "thread", "acked"),
+    [
+        # appending: 3 writes a record (data, meta, header), then its fdatasync
+        ("pwrite", 1, RECEIVING, 0),  # the first data write
+        ("pwrite", 3, RECEIVING, 0),  # the first header: written, not yet durable
+        ("pwrite", 4, RECEIVING, 1),
+        ("pwrite", 9, RECEIVING, 2),
+        ("fdatasync", 1, RECEIVING, 0),  # a commit: written, not durable, not acknowledged
+        ("fdatasync", 3, RECEIVING, 2),
+        # publishing, behind the acknowledgements
+        ("copy_file_range", 1, PUBLISHING, None),  # the first instance file being written
+        ("copy_file_range", 4, PUBLISHING, None),
+        ("rename", 1, PUBLISHING, None),  # a .dcm renamed into its group, its .tags not yet
+        ("rename", 4, PUBLISHING, None),
+        ("fsync", 1, SYNCING, None),  # the batch's files being synced
+        ("fsync", 3, SYNCING, None),
+        ("pwrite", 1, PUBLISHING, None),  # a checkpoint
+        ("fdatasync", 1, PUBLISHING, None),  # a segment's reset
+    ],
+)
+def test_kill_9_at_every_step_loses_no_acknowledged_instance(
+    tmp_path: Path, spool: Spool, target: str, after: int, thread: str, acked: int | None
+) -> None:
+    files = instances(tmp_path / "src", 6)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, target, str(after), thread, str(spool.root)]
+        + [str(path) for path in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    names = [line.split()[1] for line in child.stdout.splitlines() if line.startswith("acked")]
+    assert child.returncode == 9, (child.returncode, child.stderr)  # killed where it should be
+    if acked is not None:
+        assert len(names) == acked, names
+    recover(spool)
+    stored = incoming(spool)
+    sources = {p.stem: p.read_bytes() for p in files}
+    for name in names:  # every acknowledged instance, whole
+        assert stored.get(name) == sources[name], name
+    for name, data in stored.items():  # and nothing torn
+        assert data == sources[name]
+    group = spool.state_dir("incoming") / SERIES
+    for name in stored:
+        assert json.loads((group / f"{name}.tags").read_text())["SOPInstanceUID"]
+    assert not [p for p in (spool.root / "journal").glob("*/*.seg")]  # replayed and gone
+    assert [p for p in spool.tmp.rglob("*") if p.is_file()] == []
+
+
+def test_a_receiver_stopping_cleanly_publishes_everything_and_keeps_spares(
+    tmp_path: Path, spool: Spool
+) -> None:
+    files = instances(tmp_path / "src", 3)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, "getpid", "1000", RECEIVING, str(spool.root)]
+        + [str(path) for path in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0 and child.stdout.count("acked") == 3, child.stderr
+    assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+    spares = list((spool.root / "journal" / "spare").glob("*.seg"))
+    assert spares and [p.name for p in (spool.root / "journal").iterdir()] == ["spare"]
+    with Worker(spool, "receive") as worker:  # the next receiver takes them
+        from mercli.receive.journaled import Journal
+
+        journal = Journal(spool, worker)
+        journal.close()
+    assert len(list((spool.root / "journal" / "spare").glob("*.seg"))) == len(spares)
