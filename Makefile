@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # orthanc-dicomweb: the STOW-RS peer; openssh-server: the SFTP peer (tests start their own sshd);
 # dicom3tools: dciodvfy, DICOM's own validator, checks de-identified output.
 # slurm-wlm, munge: the one-node Slurm cluster the tests start (tests/slurmkit.py) for runner = "slurm".
-DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools slurm-wlm munge g++ pkg-config
+# rsync: tests/test_watch.py copies into a drop folder with it, as sites do.
+DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools slurm-wlm munge g++ pkg-config rsync
 CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
 CSRC := $(wildcard csrc/*.cpp)
 BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))

@@ -10,9 +10,12 @@ import importlib
 
 import click
 
-# command name -> module in mercli.commands (the click command object has the same name)
+# command name -> module in mercli.commands (the click command object has the same name,
+# with "_" for "-")
 COMMAND_MODULES: dict[str, str] = {
     "dispatch": "cmd_dispatch",
+    "ingest": "cmd_ingest",
+    "import-mercure": "cmd_import_mercure",
     "log": "cmd_log",
     "metrics": "cmd_metrics",
     "notify": "cmd_notify",
@@ -25,13 +28,14 @@ COMMAND_MODULES: dict[str, str] = {
     "run": "cmd_run",
     "status": "cmd_status",
     "tags": "cmd_tags",
+    "watch": "cmd_watch",
 }
 
 
 def load(name: str) -> click.Command:
     """The click command called `name` (KeyError for an unknown name)."""
     module = importlib.import_module(f"mercli.commands.{COMMAND_MODULES[name]}")
-    command = getattr(module, name)
+    command = getattr(module, name.replace("-", "_"))
     assert isinstance(command, click.Command)
     return command
 
