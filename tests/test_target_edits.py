@@ -88,6 +88,12 @@ def test_an_instance_in_the_target_syntax_already_is_sent_as_it_is(
     assert dispatch_once(spool).returncode == 0
     got = sorted(p.read_bytes() for p in delivered(tmp_path / "edited"))
     assert got == sorted(p.read_bytes() for p in files)
+    spool_inodes = {
+        path.stat().st_ino for item in spool.items(SUCCESS) for path in item.path.rglob("*.dcm")
+    }
+    assert spool_inodes and not spool_inodes & {
+        path.stat().st_ino for path in delivered(tmp_path / "edited")
+    }  # the private copy: it shares no inode with the spool (edits never reach the spool)
 
 
 def test_an_instance_that_cannot_be_converted_fails_the_job_naming_it(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,7 +61,7 @@ from mercli.deid.model import DeidentificationRefused, Profile, ProfileError, lo
 from mercli.dicom.convert import TranscodeError, transcode_file
 from mercli.dicom.modify import Modification, ModifyError, apply_modify, parse_modify
 from mercli.dicom.scu.transcode import InstanceNotSendable, read_instance
-from mercli.fsutil import make_dir, open_new, unlink_quietly
+from mercli.fsutil import fsync_all, give_file_mode, make_dir, open_new, unlink_quietly
 from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
 from mercli.secrets import SecretError
@@ -142,12 +143,15 @@ def profile_of(target: Target) -> Profile:
 
 def edited_copy(folder: Path, job: JobInfo, scratch: Path) -> tuple[Path, JobInfo]:
     """The job edited into `scratch` (made here), and the JobInfo that describes it
-    (a study job's new series sub-folders)."""
+    (a study job's new series sub-folders).
+
+    Every file of the copy is new (never a link to the spool's), so a folder target may take
+    the copy by hard links (`private_links`) instead of writing it a second time."""
     plan = EditPlan.of(job.target)
     make_dir(scratch)
     if not job.series:
         _edit_folder(folder, scratch, plan)
-        return scratch, job
+        return scratch, private_links(job, scratch)
     renamed = []
     for series in job.series:
         part = scratch / ".series"
@@ -155,7 +159,18 @@ def edited_copy(folder: Path, job: JobInfo, scratch: Path) -> tuple[Path, JobInf
         name = _edit_folder(folder / series, part, plan) or series
         part.rename(scratch / name)
         renamed.append(name)
-    return scratch, replace(job, series=tuple(renamed))
+    return scratch, private_links(replace(job, series=tuple(renamed)), scratch)
+
+
+def private_links(job: JobInfo, scratch: Path) -> JobInfo:
+    """A folder target gets the private copy by hard links where DEST is on the spool's
+    filesystem (else copies): the copy is the job's alone and deleted after the attempt, so
+    DEST shares an inode with nothing. Its files are fsync'ed here, all at once, as the
+    folder target expects of files it links (it fsyncs DEST's folders itself)."""
+    if job.target.type != "folder":
+        return job
+    fsync_all([path for path in scratch.rglob("*") if path.is_file()])
+    return replace(job, target=replace(job.target, link=True))
 
 
 def _edit_folder(source: Path, destination: Path, plan: EditPlan) -> str:
@@ -209,14 +224,17 @@ def _rewrite(path: Path, destination: Path, plan: EditPlan) -> tuple[str, str, b
 
 
 def _convert(path: Path, final: Path, plan: EditPlan, *, shown: str = "") -> None:
-    """`path` as `final` in the plan's syntax: linked when it is in that syntax already."""
+    """`path` as `final` in the plan's syntax: copied as it is when it is in that syntax
+    already (a copy, not a link: the copy may be linked into a folder target's DEST, which
+    must never share an inode with the spool)."""
     assert plan.syntax is not None
     try:
         same = read_instance(path).transfer_syntax == plan.syntax
     except InstanceNotSendable as exc:
         raise EditFailed(f"{shown or path.name}: {exc.reason}", permanent=True) from None
     if same:
-        os.link(path, final, follow_symlinks=False)
+        shutil.copyfile(path, final, follow_symlinks=False)
+        give_file_mode(final)
         return
     try:
         transcode_file(path, final, plan.syntax, allow_lossy=plan.allow_lossy)
