@@ -42,11 +42,11 @@ from mercli.dicom.scp.listener import (
 )
 from mercli.dicom.tls import TlsConfigError, server_context
 from mercli.errors import ListenError
-from mercli.fsutil import open_new, unlink_quietly, write_fd
+from mercli.fsutil import fsync_dir, open_new, start_writeback_range, unlink_quietly, write_fd
 from mercli.names import printable, safe_name
 from mercli.receive.journaled import HEAD, Appender, Journal, SegmentView, instance_names
 from mercli.spool import INCOMING, Spool, Worker
-from mercli.spool.journal import MAX_RECORD_DATA, RecordWriter
+from mercli.spool.journal import RecordWriter
 from mercli.tags import UnreadableDicom, read_tags
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700  # write failure, full disk: the sender may ret
 STATUS_UNREADABLE = 0xC210  # cannot understand: the dataset does not parse
 STATUS_NO_UIDS = 0xC212  # cannot understand: SOP/Series/Study Instance UID missing
 REQUIRED_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+LARGE = 256 * 1024  # bytes past which an instance is journaled as a file of its own
+WRITEBACK_EVERY = 256 * 1024  # bytes of a file written between two writeback starts
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class _ScratchFiles:
     fsync started: ~0.4 ms, twice per instance (dataset and sidecar). A background thread
     creates them while the association thread waits on its fsyncs, so a C-STORE never waits
     for a create. Unused ones are removed with the scratch folder (or reaped after a crash).
+    The folder is synced after each is created, before it is handed out: a large instance's
+    journal record names its file, which must then exist after a power cut.
     """
 
     def __init__(self, worker: Worker, depth: int = 16) -> None:
@@ -122,6 +126,7 @@ class _ScratchFiles:
         while not self._stop.is_set():
             try:
                 created = self._create()
+                fsync_dir(self.worker.scratch)  # its name is durable before it is used
             except OSError:  # full disk: take() will create inline and report the error
                 self._stop.wait(0.5)
                 continue
@@ -140,7 +145,9 @@ class _ScratchFiles:
         try:
             return self._ready.get_nowait()
         except queue.Empty:
-            return self._create()
+            created = self._create()
+            fsync_dir(self.worker.scratch)
+            return created
 
     def close(self) -> None:
         self._stop.set()
@@ -172,6 +179,7 @@ class _InstanceSink:
         self.path = Path()
         self.error: OSError | None = None
         self.size = 0
+        self.written_back = 0
         self.file: BinaryIO | None = None
         try:
             self.path, fd = store.scratch.take()
@@ -192,6 +200,10 @@ class _InstanceSink:
         if self.error is None and self.file is not None:
             try:
                 self.file.write(data)
+                if self.size - self.written_back >= WRITEBACK_EVERY:
+                    self.file.flush()  # on its way to the disk while the rest arrives
+                    start_writeback_range(self.file.fileno(), self.written_back, 0)
+                    self.written_back = self.size
             except OSError as exc:
                 self.error = exc
 
@@ -200,6 +212,14 @@ class _InstanceSink:
             return self.store.complete(self)
         finally:
             self.discard()
+
+    def keep(self) -> Path:
+        """Close the file and leave it in scratch (a journal record names it); its path."""
+        path, self.path = self.path, Path()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        return path
 
     def discard(self) -> None:
         """Close and remove the scratch file (gone already if it was published)."""
@@ -234,6 +254,7 @@ class _JournalSink:
         self.request = request
         self.appender = store.appender(info)
         self.fallback: _InstanceSink | None = None
+        self.large = False  # in a file of its own, named by its journal record
         self.writer: RecordWriter | None = None
         self.error: OSError | None = None
         self.size = 0
@@ -259,8 +280,9 @@ class _JournalSink:
         if self.error is not None or self.writer is None:
             return
         try:
-            if not self.writer.fits(len(data)):
-                self.to_file()
+            large = self.writer.length + len(data) > LARGE
+            if large or not self.writer.fits(len(data)):
+                self.to_file(large=large)
                 assert self.fallback is not None
                 self.fallback.write(data)
                 return
@@ -268,18 +290,23 @@ class _JournalSink:
         except OSError as exc:
             self.error = exc
 
-    def to_file(self) -> None:
-        """Move what the journal holds of this instance into a scratch file and go on there."""
+    def to_file(self, *, large: bool = False) -> None:
+        """Move what the journal holds of this instance into a scratch file and go on there:
+        a `large` one stays journaled, by a record naming its file; any other takes the
+        direct path."""
         writer, self.writer = self.writer, None
         assert writer is not None
         fallback = _InstanceSink(self.store, self.info, self.request)  # writes the Part 10 header
         fallback.write(writer.head(writer.length)[len(self.meta) :])
         fallback.size = self.size
-        if writer.length < MAX_RECORD_DATA:  # the segment is full, not the instance too big
+        if not large:  # the segment is full
             self.journal.roll(self.appender)
+        self.large = large
         self.fallback = fallback
 
     def finish(self) -> int:
+        if self.fallback is not None and self.large and self.error is None:
+            return self.store.complete_large(self)
         if self.fallback is not None:
             return self.fallback.finish()
         if self.error is not None:
@@ -389,6 +416,51 @@ class InstanceStore:
         except UnreadableDicom as exc:
             return self._quarantine_copy(sink, str(exc), association)
         except OSError as exc:
+            association.failures += 1
+            log.error(
+                "cannot store instance from %s: %s",
+                printable(association.sender),
+                exc.strerror or exc,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        with self._lock:
+            association.series.add(series)
+            association.instances += 1
+            association.bytes += sink.size
+        return STATUS_SUCCESS
+
+    def complete_large(self, sink: _JournalSink) -> int:
+        """A large instance: its own scratch file, `fdatasync`ed, then a journal record that
+        names it (one more small `fdatasync`), then success; published behind the answer by
+        a rename, so its bytes are written once. The direct path if the journal fails."""
+        file = sink.fallback
+        assert file is not None
+        association = self._association(sink.info)
+        try:
+            os.fdatasync(file.flush())
+            tags = read_tags(file.path, extra=self.config.extra_tags)
+            missing = [uid for uid in REQUIRED_UIDS if not tags.get(uid)]
+            if missing:
+                try:
+                    return self._quarantine(file, f"missing {', '.join(missing)}", association)
+                finally:
+                    file.discard()
+            sidecar = {**tags, **self._receive_metadata(sink.info)}
+            series, instance = instance_names(sidecar)
+            try:
+                writer = sink.journal.writer(sink.appender)
+                record = writer.commit(series, instance, sidecar, file=str(file.path))
+            except (OSError, ValueError):  # no room for the record: the direct path
+                return file.finish()
+            sink.journal.committed(sink.appender, record)
+            file.keep()
+        except UnreadableDicom as exc:
+            try:
+                return self._quarantine(file, str(exc), association)
+            finally:
+                file.discard()
+        except OSError as exc:
+            file.discard()
             association.failures += 1
             log.error(
                 "cannot store instance from %s: %s",

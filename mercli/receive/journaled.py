@@ -8,10 +8,12 @@ syncs, advances the segments' checkpoints, resets and reuses segments whose reco
 published, and writes an association's completion hints only after its last instance is in
 `incoming/` (so route never sees a hint before the series).
 
-What does not go through the journal: an instance larger than MAX_RECORD_DATA, or one that does
-not fit what is left of a segment and the next (it is copied into a scratch file and takes the
-direct path of mercli.receive.handler), and an instance whose UIDs cannot be read (quarantined
-as before, with a failure status).
+An instance past mercli.receive.handler.LARGE goes on into a scratch file of its own, which is
+`fdatasync`ed and named by its record (no data in the segment): its bytes are written once,
+and publishing renames the file. What does not go through the journal: an instance that does
+not fit what is left of a segment (it takes the direct path of mercli.receive.handler), one
+whose UIDs cannot be read (quarantined as before, with a failure status), and any while no
+segment can be made.
 """
 
 from __future__ import annotations

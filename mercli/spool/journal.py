@@ -18,8 +18,10 @@ A segment::
     [0, HEADER_SIZE)  header: b"MERCLIJ1", generation (u64), checkpoint (u64), zeros
     records from HEADER_SIZE, each 8-aligned:
         b"MJR1", crc32 (u32), generation (u64), data length (u64), meta length (u32), 0 (u32)
-        the data: the instance as a Part 10 file
-        the meta: JSON {"group", "name", "sidecar"}
+        the data: the instance as a Part 10 file (none for a large one, see "file")
+        the meta: JSON {"group", "name", "sidecar"} and, for a large instance, "file": the
+            path of its own file (written, fdatasync'ed and its folder synced before the
+            record), renamed into its group when published
 
 The crc covers the data, the meta, then the header's fields after the crc. A record is written data
 first, meta next, its header last, then the segment is `fdatasync`ed: only then is the instance
@@ -183,9 +185,12 @@ class Segment:
         try:
             meta = json.loads(os.pread(self.fd, meta_length, data_offset + data_length))
             group, name, sidecar = str(meta["group"]), str(meta["name"]), meta["sidecar"]
+            file = str(meta.get("file", ""))
         except (ValueError, KeyError, TypeError):
             return None
-        return Record(self, offset, _align(end), data_offset, data_length, group, name, sidecar)
+        return Record(
+            self, offset, _align(end), data_offset, data_length, group, name, sidecar, file
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -205,6 +210,7 @@ class Record:
     group: str  # incoming/<group>/
     name: str  # <name>.dcm and <name>.tags
     sidecar: dict[str, Any]
+    file: str = ""  # a large instance's own file (synced), instead of data in the record
 
 
 class RecordWriter:
@@ -249,15 +255,15 @@ class RecordWriter:
     def data_offset(self) -> int:
         return self.offset + RECORD_HEADER_SIZE
 
-    def commit(self, group: str, name: str, sidecar: dict[str, Any]) -> Record:
+    def commit(self, group: str, name: str, sidecar: dict[str, Any], file: str = "") -> Record:
         """Write the meta and the header, `fdatasync`: the record is durable on return.
-        ValueError if the meta does not fit the segment (the caller writes a file instead)."""
+        ValueError if the meta does not fit the segment (the caller writes a file instead).
+        `file`: the instance is that file (written and synced by the caller), not data here."""
         self.flush()
-        meta = json.dumps(
-            {"group": group, "name": name, "sidecar": sidecar},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        ).encode()
+        document = {"group": group, "name": name, "sidecar": sidecar}
+        if file:
+            document["file"] = file
+        meta = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         end = self.position + len(meta)
         if end > self.segment.size:
             raise ValueError("the record does not fit the segment")
@@ -278,6 +284,7 @@ class RecordWriter:
             group,
             name,
             sidecar,
+            file,
         )
 
 
@@ -290,7 +297,12 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
 
 
 def write_published(record: Record, data_path: Path, tags_path: Path) -> None:
-    """The record's instance and sidecar as two new files (written, not yet synced)."""
+    """The record's instance and sidecar as two new files (written, not yet synced); only
+    the sidecar for a record whose instance is a file of its own."""
+    sidecar = json.dumps(record.sidecar, ensure_ascii=False, separators=(",", ":"))
+    if record.file:
+        write_fd(open_new(tags_path), sidecar.encode(), sync=False)  # closes it
+        return
     data_fd = open_new(data_path)
     try:
         copied, left = 0, record.data_length
@@ -305,7 +317,6 @@ def write_published(record: Record, data_path: Path, tags_path: Path) -> None:
         start_writeback(data_fd)
     finally:
         os.close(data_fd)
-    sidecar = json.dumps(record.sidecar, ensure_ascii=False, separators=(",", ":"))
     write_fd(open_new(tags_path), sidecar.encode(), sync=False)  # closes it
 
 
@@ -351,12 +362,21 @@ def publish(
     Idempotent: a record published twice replaces its own copy (replay after a crash)."""
     prepared: list[tuple[Record, Path, Path]] = []
     deferred: list[Record] = []
+    made: list[Path] = []  # files made here (a large instance's own file is not one)
     try:
         for record in records:
-            data, tags = scratch / f"journal.{new_id()}", scratch / f"journal.{new_id()}"
+            tags = scratch / f"journal.{new_id()}"
+            if record.file:
+                data = Path(record.file)
+                if not data.exists():  # published before a crash that kept its record: done
+                    continue
+            else:
+                data = scratch / f"journal.{new_id()}"
+                made.append(data)
+            made.append(tags)
             prepared.append((record, data, tags))
             write_published(record, data, tags)
-        fsync_all([path for _, data, tags in prepared for path in (data, tags)])
+        fsync_all(made)
         groups = set()
         for record, data, tags in prepared:
             files = [
@@ -381,9 +401,8 @@ def publish(
             )
         fsync_all([], [spool.state_dir(INCOMING) / group for group in sorted(groups)])
     finally:
-        for _, data, tags in prepared:
-            unlink_quietly(data)  # gone already once published
-            unlink_quietly(tags)
+        for path in made:
+            unlink_quietly(path)  # gone already once published
     return deferred
 
 
