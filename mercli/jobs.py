@@ -27,11 +27,18 @@ that asked for it), `priority` and `processing_hops`: how many processing runs t
 will have been through. Output sidecars carry it as HOPS_KEY and `SenderAET` PROCESS_SENDER +
 the module, so routing never processes a series by the module that made it again, and never
 past MAX_PROCESS_HOPS.
+
+`cancel.json` (`CancelRequest`): `mercli cancel` asking the dispatcher that holds a job's claim
+to stop it (reason, by, uid, at). Written into the claimed item, whole (`Worker.replace_file`);
+dispatch checks for it before an attempt, between instances, and after; it ends the job in
+error/ with error.json `reason` "cancelled: <reason>". resend never copies it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +51,7 @@ from mercli.spool import JOB_FILE, NotRegularFile, Worker, read_regular
 
 DISPATCH_FILE = "dispatch.json"
 PROCESS_FILE = "process.json"
+CANCEL_FILE = "cancel.json"
 JOB_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "AccessionNumber", "Modality")
 RESEND_RULE = "resend"  # the `rules` of a job that resend made
 PRIORITIES = ("urgent", "normal", "offpeak")  # highest first
@@ -533,3 +541,46 @@ class ProcessProgress(Progress):
     """process.json: the runs of a processing job so far (`delivered` unused)."""
 
     FILE: ClassVar[str] = PROCESS_FILE
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Who cancelled a job, when and why (cancel.json; error.json of a cancelled job)."""
+
+    reason: str
+    by: str
+    uid: int
+    at: str
+
+    @classmethod
+    def now(cls, reason: str) -> CancelRequest:
+        """A request by the user running this process, made now."""
+        uid = os.getuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:  # a uid with no passwd entry (containers)
+            name = str(uid)
+        return cls(reason, name, uid, datetime.now(UTC).isoformat(timespec="milliseconds"))
+
+    @classmethod
+    def load(cls, folder: Path) -> CancelRequest | None:
+        """The request in a job folder, or None (none, or unreadable: not a request)."""
+        try:
+            record = json.loads(read_regular(folder / CANCEL_FILE))
+            return cls(
+                str(record["reason"]), str(record["by"]), int(record["uid"]), str(record["at"])
+            )
+        except (OSError, NotRegularFile, ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def error(self) -> str:
+        """error.json's `reason` of the cancelled job."""
+        return f"cancelled: {self.reason}"
+
+    def detail(self) -> dict[str, Any]:
+        """error.json's further fields: who cancelled, and when."""
+        return {"cancelled_by": self.by, "uid": self.uid, "cancelled_at": self.at}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()

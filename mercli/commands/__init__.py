@@ -13,6 +13,7 @@ import click
 # command name -> module in mercli.commands (the click command object has the same name,
 # with "_" for "-")
 COMMAND_MODULES: dict[str, str] = {
+    "cancel": "cmd_cancel",
     "dispatch": "cmd_dispatch",
     "ingest": "cmd_ingest",
     "import-mercure": "cmd_import_mercure",

@@ -52,6 +52,7 @@ def dispatch(spool: Path, once: bool, workers: int) -> None:
     click.echo(
         f"dispatched {summary.delivered} job(s), {summary.retried} to retry, "
         f"{summary.failed} failed"
+        + (f", {summary.cancelled} cancelled" if summary.cancelled else "")
         + (
             f"; unreachable: {', '.join(sorted(summary.unreachable))}"
             if summary.unreachable

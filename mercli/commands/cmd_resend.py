@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mercli.commands.options import common_options
+from mercli.commands.options import common_options, read_ids
 from mercli.errors import ConfigError, ExitCode, UsageError
 from mercli.jobs import Target
 from mercli.resend import (
@@ -17,7 +17,6 @@ from mercli.resend import (
     Filters,
     ResendReport,
     Selected,
-    parse_id,
     parse_time,
     resend_items,
     select,
@@ -113,7 +112,7 @@ def resend(
       mercli purge --state discard --older-than 0 --dry-run | mercli resend --from discard -
       mercli resend --from success --series 1.2.3 --rules rules.toml --target archive
     """
-    names = _read_ids(ids, from_state)
+    names = read_ids(ids, (from_state,))
     filters = Filters(study, series, patient_id, accession, since, until, names)
     if names is None and not everything and filters == Filters():
         raise UsageError("select items: give ids, `-`, a filter (--study, --series, ...) or --all")
@@ -137,19 +136,6 @@ def resend(
             sys.exit(ExitCode.SOME_FAILED)
     if missing:
         sys.exit(ExitCode.SOME_FAILED)
-
-
-def _read_ids(ids: tuple[str, ...], state: str) -> frozenset[str] | None:
-    """Item names from the arguments, `-` meaning one per line on stdin; None if none given."""
-    if not ids:
-        return None
-    texts: list[str] = []
-    for text in ids:
-        if text == "-":
-            texts += [line for line in sys.stdin.read().splitlines() if line.strip()]
-        else:
-            texts.append(text)
-    return frozenset(parse_id(text, state) for text in texts)
 
 
 def _target(rules_path: Path | None, name: str | None) -> tuple[Target | None, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,3 +110,25 @@ def check_extra_tags(
         except InvalidTag as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
     return tuple(value)
+
+
+def read_ids(ids: Sequence[str], states: Sequence[str]) -> frozenset[str] | None:
+    """Item names from the arguments, `-` meaning one per line on stdin; None if none given.
+
+    Each is `ID` or `<state>/ID` for one of `states` (as purge, resend and cancel print them);
+    anything else is a UsageError."""
+    from mercli.resend import parse_id  # pydicom: only for the commands that take ids
+
+    if not ids:
+        return None
+    texts: list[str] = []
+    for text in ids:
+        if text == "-":
+            texts += [line for line in sys.stdin.read().splitlines() if line.strip()]
+        else:
+            texts.append(text)
+    names = set()
+    for text in texts:
+        prefix = text.strip().rpartition("/")[0]
+        names.add(parse_id(text, prefix if prefix in states else states[0]))
+    return frozenset(names)

@@ -18,6 +18,13 @@ that is down costs the others nothing. A dispatcher killed mid-job leaves the cl
 recovery; the job is tried again, and instances it had sent may be sent twice (at-least-once),
 none is skipped.
 
+**Cancelling** (`mercli cancel`): a job being sent has a `cancel.json` (`CancelRequest`) put
+into its claimed folder. It is looked for before the attempt, between the instances of a dicom
+target (other types deliver a job whole per attempt) and after the attempt: a job that is not
+wholly delivered then goes to `error/` with error.json `reason` "cancelled: <reason>", who and
+when (event `cancelled`), never torn mid-file. A job delivered whole meanwhile goes to
+`success/` as usual: the request came too late.
+
 `ordered = true` targets get the series of one study in the order their first instance was
 received: a job waits while another job of the same study and target that was received
 earlier is still in outgoing/ (waiting, retrying, or being sent by any worker).
@@ -48,7 +55,7 @@ from typing import Any
 
 from mercli.dispatch.targets import Attempt, deliver
 from mercli.fsutil import remove_tree
-from mercli.jobs import PRIORITIES, JobInfo, Progress, Target
+from mercli.jobs import CANCEL_FILE, PRIORITIES, CancelRequest, JobInfo, Progress, Target
 from mercli.notify.enqueue import event_variables, quarantine, settle, subscriptions_from
 from mercli.spool import (
     OUTGOING,
@@ -72,6 +79,7 @@ class DispatchSummary:
     delivered: int = 0
     retried: int = 0
     failed: int = 0
+    cancelled: int = 0
     unreachable: set[str] = field(default_factory=set)
 
 
@@ -233,7 +241,7 @@ class Dispatcher:
                 folder, edited = edited_copy(claim.path, info, scratch)
             except EditFailed as exc:
                 return Attempt(error=str(exc), permanent=exc.permanent)
-            return deliver(folder, edited, progress)
+            return deliver(folder, edited, progress, stop=_stop(claim))
         finally:
             remove_tree(scratch)
 
@@ -242,6 +250,10 @@ class Dispatcher:
         try:
             unsafe = irregular_entry(claim.path)  # whatever the target type reads them with
             progress = Progress() if unsafe else Progress.load(claim.path)
+            request = CancelRequest.load(claim.path)
+            if request is not None:  # asked for while the job waited (or was just released)
+                self._cancel(claim, info, progress, request)
+                return Attempt(error=request.error, permanent=True)
             progress.attempts += 1
             started = time.monotonic()
             if unsafe:
@@ -249,7 +261,11 @@ class Dispatcher:
             elif info.target.edits:  # mercli.dispatch.edits, loaded when needed
                 result = self._deliver_edited(claim, info, progress)
             else:
-                result = deliver(claim.path, info, progress)
+                result = deliver(claim.path, info, progress, stop=_stop(claim))
+            request = None if result.ok else CancelRequest.load(claim.path)
+            if request is not None:
+                self._cancel(claim, info, progress, request)
+                return Attempt(result.delivered, request.error, permanent=True)
             self._settle(claim, info, progress, result, time.monotonic() - started)
             return result
         except BaseException:
@@ -259,6 +275,21 @@ class Dispatcher:
         finally:
             with self.lock:
                 self.busy.discard(claim.name)
+
+    def _cancel(
+        self, claim: Claim, info: JobInfo, progress: Progress, request: CancelRequest
+    ) -> None:
+        """End a job `mercli cancel` asked to stop: error/, with who, when and why."""
+        progress.last_error, progress.next_attempt = request.error, 0.0
+        progress.save(self.worker, claim.path)  # `delivered` stays: resend sends only the rest
+        detail = {"target": info.target.name, "attempts": progress.attempts, **request.detail()}
+        claim.quarantine(request.error, **detail)
+        fields = {"item": claim.name, "target": info.target.name, "by": request.by}
+        self.spool.log("cancelled", **fields, reason=request.reason)
+        log.warning(
+            "job %s to %s %s (by %s)", claim.name, info.target.name, request.error, request.by
+        )
+        self.summary.cancelled += 1
 
     def _settle(
         self, claim: Claim, info: JobInfo, progress: Progress, result: Attempt, seconds: float
@@ -320,6 +351,11 @@ class Dispatcher:
             delay,
         )
         self.summary.retried += 1
+
+
+def _stop(claim: Claim) -> Callable[[], bool]:
+    """Whether `mercli cancel` has asked to stop this claimed job (checked between instances)."""
+    return lambda: os.path.exists(claim.path / CANCEL_FILE)
 
 
 def _refused(unsafe: NotRegularFile) -> Attempt:

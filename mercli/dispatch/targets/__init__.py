@@ -30,8 +30,16 @@ DELIVER: dict[str, Deliver] = {
 }
 
 
-def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
-    """Send a job with the module of its target's type."""
+def deliver(
+    folder: Path, job: JobInfo, progress: Progress, *, stop: Callable[[], bool] | None = None
+) -> Attempt:
+    """Send a job with the module of its target's type.
+
+    `stop`: asked between instances by the types that send one at a time (dicom); when it says
+    yes, the attempt ends after the current instance, with an error (`mercli cancel`). The
+    others deliver a job whole per attempt, so dispatch asks before and after instead."""
+    if stop is not None and job.target.type == "dicom":
+        return dicom.deliver(folder, job, progress, stop)
     try:
         send = DELIVER[job.target.type]
     except KeyError:

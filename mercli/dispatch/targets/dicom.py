@@ -5,7 +5,9 @@ delivered yet; every response status is checked. A study job (SPEC §4.1) goes o
 association too: its series in arrival order, each in InstanceNumber order, each instance
 recorded as delivered as `<series>/<name>`. A failure status leaves the job to be
 retried; an instance no codec can convert fails the job for good, as does a job with more
-presentation contexts than one association can carry.
+presentation contexts than one association can carry. `stop` is asked before each instance:
+once it says yes (`mercli cancel`), the association is released after the instance in flight
+and the attempt ends with an error, for dispatch to settle.
 
 With `tls = true` the association runs over TLS (`mercli.dicom.tls`: TLS 1.2+, the server's
 chain checked against `tls_ca` and its name against `host`; `tls_cert`/`tls_key` for mutual
@@ -17,6 +19,7 @@ client certificate refused); it is retried as any other failure, since an admin 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from mercli.dicom.scu.session import (
@@ -48,7 +51,13 @@ def instances_in_order(folder: Path) -> list[Path]:
     return [path for _, _, path in sorted(keyed)]
 
 
-def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
+def _never() -> bool:
+    return False
+
+
+def deliver(
+    folder: Path, job: JobInfo, progress: Progress, stop: Callable[[], bool] = _never
+) -> Attempt:
     """Send the job's instances the peer does not have yet, in order, over one association."""
     target = job.target
     assert target.host is not None and target.port is not None and target.called_aet is not None
@@ -77,6 +86,8 @@ def deliver(folder: Path, job: JobInfo, progress: Progress) -> Attempt:
         files = [path for _, path in pending]
         with StoreSession(peer, files, only_syntax=target.transfer_syntax) as session:
             for key, path in pending:
+                if stop():
+                    return Attempt(sent, "cancelled", permanent=True)
                 try:
                     status = session.store(path)
                 except InstanceNotSendable as exc:
