@@ -310,14 +310,7 @@ class _JournalSink:
         if self.fallback is not None:
             return self.fallback.finish()
         if self.error is not None:
-            association = self.store._association(self.info)
-            association.failures += 1
-            log.error(
-                "cannot store instance from %s: %s",
-                printable(association.sender),
-                self.error.strerror or self.error,
-            )
-            return STATUS_OUT_OF_RESOURCES
+            return self.store._write_failed(self.store._association(self.info), self.error)
         return self.store.complete_journaled(self)
 
     def discard(self) -> None:
@@ -416,18 +409,8 @@ class InstanceStore:
         except UnreadableDicom as exc:
             return self._quarantine_copy(sink, str(exc), association)
         except OSError as exc:
-            association.failures += 1
-            log.error(
-                "cannot store instance from %s: %s",
-                printable(association.sender),
-                exc.strerror or exc,
-            )
-            return STATUS_OUT_OF_RESOURCES
-        with self._lock:
-            association.series.add(series)
-            association.instances += 1
-            association.bytes += sink.size
-        return STATUS_SUCCESS
+            return self._write_failed(association, exc)
+        return self._stored(association, series, sink.size)
 
     def complete_large(self, sink: _JournalSink) -> int:
         """A large instance: its own scratch file, `fdatasync`ed, then a journal record that
@@ -461,18 +444,8 @@ class InstanceStore:
                 file.discard()
         except OSError as exc:
             file.discard()
-            association.failures += 1
-            log.error(
-                "cannot store instance from %s: %s",
-                printable(association.sender),
-                exc.strerror or exc,
-            )
-            return STATUS_OUT_OF_RESOURCES
-        with self._lock:
-            association.series.add(series)
-            association.instances += 1
-            association.bytes += sink.size
-        return STATUS_SUCCESS
+            return self._write_failed(association, exc)
+        return self._stored(association, series, sink.size)
 
     def _quarantine_copy(
         self, sink: _JournalSink, reason: str, association: _AssociationLog
@@ -508,17 +481,25 @@ class InstanceStore:
         except UnreadableDicom as exc:
             return self._quarantine(sink, str(exc), association)
         except OSError as exc:
-            association.failures += 1
-            log.error(
-                "cannot store instance from %s: %s",
-                printable(association.sender),
-                exc.strerror or exc,
-            )
-            return STATUS_OUT_OF_RESOURCES
+            return self._write_failed(association, exc)
+        return self._stored(association, series, sink.size)
+
+    def _write_failed(self, association: _AssociationLog, exc: OSError) -> int:
+        """A write error (full disk): logged, counted, answered 0xA700; the sender may retry."""
+        association.failures += 1
+        log.error(
+            "cannot store instance from %s: %s",
+            printable(association.sender),
+            exc.strerror or exc,
+        )
+        return STATUS_OUT_OF_RESOURCES
+
+    def _stored(self, association: _AssociationLog, series: str, size: int) -> int:
+        """Count a durable instance for the association's hints and log; answer success."""
         with self._lock:
             association.series.add(series)
             association.instances += 1
-            association.bytes += sink.size
+            association.bytes += size
         return STATUS_SUCCESS
 
     def _prepare_sidecar(self, sidecar: dict[str, Any]) -> Path:
