@@ -42,6 +42,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 build: $(BINARIES)
+	@test ! -x $(PY) || $(PY) -m compileall -q mercli  # bytecode, as an installed package has it
 
 # A binary is csrc/NAME.cpp plus its parts in csrc/NAME/, if any (getdcmtags has some).
 .SECONDEXPANSION:

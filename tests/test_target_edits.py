@@ -275,3 +275,24 @@ def test_a_study_job_is_edited_series_by_series_under_new_uids(
     assert counts == sorted(SERIES.values())
     pacs = delivered(tmp_path / "pacs")
     assert {str(dcmread(p).SeriesInstanceUID) for p in pacs} == old
+
+
+def test_pydicom_is_imported_without_requests_which_stays_importable() -> None:
+    """`import_pydicom` (what an editing dispatch loads pydicom with) skips `requests` and
+    leaves it importable for anyone else; pydicom then downloads (never asked) by urllib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mercli.dicom import import_pydicom\n"
+        "import_pydicom()\n"
+        "import pydicom.data.download as d\n"
+        "assert 'pydicom' in sys.modules and 'requests' not in sys.modules, sorted(sys.modules)\n"
+        "assert d.HAVE_REQUESTS is False\n"
+        "import requests\n"
+        "print(requests.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "requests"

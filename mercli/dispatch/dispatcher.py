@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mercli.dicom import import_pydicom
 from mercli.dispatch.targets import Attempt, deliver
 from mercli.fsutil import remove_tree
 from mercli.jobs import CANCEL_FILE, PRIORITIES, CancelRequest, JobInfo, Progress, Target
@@ -233,6 +234,7 @@ class Dispatcher:
     def _deliver_edited(self, claim: Claim, info: JobInfo, progress: Progress) -> Attempt:
         """Deliver a private, edited copy of the job (mercli.dispatch.edits), made in this
         worker's scratch for this attempt and removed after it."""
+        import_pydicom()
         from mercli.dispatch.edits import EditFailed, edited_copy  # pydicom: only if needed
 
         scratch = self.worker.tmp_path(".edited")
