@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from benchmarks.bench_receive import _count_files
 from benchmarks.datasets import DataSet, ct_series, small_series
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 
 BASELINE = "DCMTK storescp -od"
@@ -62,7 +62,7 @@ def _sidecars(spool: Path) -> int:
 def measure(launcher: Launcher, data: DataSet, scratch: Path) -> float:
     """Instances per second for one subject: storescu start until the last file (or sidecar)."""
     out = scratch / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out)
     out.mkdir()
     port = free_port()
     os.sync()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import INSTANCE_SUFFIX, JOB_FILE, OUTGOING, SUCCESS, Spool, Worker
@@ -73,9 +74,9 @@ def _templates(scratch: Path, data: DataSet, subjects: list[str]) -> dict[str, P
 def measure(scratch: Path, job: Path, subject: str, count: int) -> float:
     """Instances per second of one `mercli dispatch --once` of `job` to its target."""
     root = scratch / "spool-run"
-    shutil.rmtree(root, ignore_errors=True)
+    set_aside(root)
     out = scratch / f"out-{subject}"
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out)
     out.mkdir()
     spool = Spool.open(root)
     shutil.copytree(job, spool.state_dir(OUTGOING) / job.name, copy_function=os.link)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import JOB_FILE, OUTGOING, Spool, Worker
@@ -61,7 +62,7 @@ def _template(scratch: Path, data: DataSet, subject: str) -> Path:
 def _fresh_spool(scratch: Path, template: Path, server: Orthanc) -> Path:
     """A spool holding a hard-linked copy of the template job, aimed at `server`."""
     root = scratch / "spool-run"
-    shutil.rmtree(root, ignore_errors=True)
+    set_aside(root)
     spool = Spool.open(root)
     job = spool.state_dir(OUTGOING) / template.name
     shutil.copytree(template, job, copy_function=os.link)
@@ -77,7 +78,7 @@ def _fresh_spool(scratch: Path, template: Path, server: Orthanc) -> Path:
 
 def measure(subject: str, data: DataSet, template: Path, scratch: Path) -> float:
     """Instances per second of one dispatch run into a fresh Orthanc."""
-    shutil.rmtree(scratch / "orthanc", ignore_errors=True)
+    set_aside(scratch / "orthanc")
     with orthanc(scratch / "orthanc", config=DICOMWEB) as server:
         root = _fresh_spool(scratch, template, server)
         os.sync()

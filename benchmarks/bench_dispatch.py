@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series, small_series
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import JOB_FILE, OUTGOING, Spool, Worker
@@ -59,7 +60,7 @@ def _template(scratch: Path, data: DataSet) -> Path:
 
 def _fresh_spool(scratch: Path, template: Path, port: int) -> Path:
     root = scratch / "spool-run"
-    shutil.rmtree(root, ignore_errors=True)
+    set_aside(root)
     spool = Spool.open(root)
     job = spool.state_dir(OUTGOING) / template.name
     shutil.copytree(template, job, copy_function=os.link)
@@ -81,7 +82,7 @@ def _timed(command: list[str]) -> float:
 
 def measure(subject: str, data: DataSet, template: Path, scratch: Path) -> float:
     out = scratch / "received"
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out)
     out.mkdir()
     port = free_port()
     os.sync()

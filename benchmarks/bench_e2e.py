@@ -13,7 +13,6 @@ Target: mercli <= 2.5 x direct + settle. Each row is the median of RUNS runs.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series
 from benchmarks.report import Row
+from benchmarks.scratch import set_aside
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 from tests.orthanckit import orthanc
 
@@ -57,7 +57,7 @@ def _storescu(port: int, data: DataSet, aec: str) -> None:
 
 
 def _storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out)
     out.mkdir(parents=True)
     port = free_port()
     process = subprocess.Popen(
@@ -85,7 +85,7 @@ def through_mercli(data: DataSet, scratch: Path, engine: str) -> float:
     out = scratch / "landed"
     target, target_port = _storescp(out)
     spool = scratch / "spool"
-    shutil.rmtree(spool, ignore_errors=True)
+    set_aside(spool)
     rules = scratch / "rules.toml"
     rules.write_text(RULES.format(settle=SETTLE, port=target_port))
     port = free_port()
@@ -110,7 +110,7 @@ def through_mercli(data: DataSet, scratch: Path, engine: str) -> float:
 
 
 def into_orthanc(data: DataSet, scratch: Path) -> float:
-    shutil.rmtree(scratch / "orthanc", ignore_errors=True)
+    set_aside(scratch / "orthanc")
     with orthanc(scratch / "orthanc") as pacs:
         start = time.perf_counter()
         _storescu(pacs.dicom_port, data, pacs.aet)

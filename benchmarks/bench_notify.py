@@ -13,7 +13,6 @@ median of RUNS interleaved runs (who goes first alternates).
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from benchmarks.bench_studies import (
 )
 from benchmarks.datasets import mr_studies
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from mercli.route.service import RouteService
 from mercli.spool import NOTIFY, Spool
 
@@ -69,7 +69,7 @@ def _route(scratch: Path, received: Path, subject: str, run: int, count: int, se
     wall = time.perf_counter() - wall
     made = len(Spool(root).items(NOTIFY))
     assert summary.instances == count and made == (series if telling else 0), made
-    shutil.rmtree(root)
+    set_aside(root)
     return count / wall
 
 

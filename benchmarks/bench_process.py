@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.datasets import DataSet, ct_series
 from benchmarks.report import Row
+from benchmarks.scratch import set_aside
 from mercli.process import runner
 from mercli.process.service import Processor, ProcessService
 from mercli.route.router import Router, RouteSummary
@@ -78,7 +79,7 @@ def _template(scratch: Path, data: DataSet) -> Path:
 
 def _fresh_spool(scratch: Path, template: Path) -> Path:
     root = scratch / "spool-run"
-    shutil.rmtree(root, ignore_errors=True)
+    set_aside(root)
     spool = Spool.open(root)
     shutil.copytree(template, spool.state_dir(PROCESSING) / template.name, copy_function=os.link)
     return root

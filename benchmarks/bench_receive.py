@@ -10,7 +10,6 @@ is read from /proc just before each receiver is stopped.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.datasets import DataSet, ct_series, huge_instance, small_series
 from benchmarks.report import Row, with_ratios
+from benchmarks.scratch import set_aside
 from tests.netkit import DCMTK_ENV, free_port, port_open, wait_until
 
 PEER = "pynetdicom storescp app"
@@ -105,7 +105,7 @@ def _count_files(folder: Path) -> int:
 def measure(launcher: Launcher, data: DataSet, senders: int, scratch: Path) -> tuple[float, float]:
     """(instances per second, peak RSS MB) for one receiver, one data set, N senders."""
     out = scratch / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    set_aside(out)
     out.mkdir()
     port = free_port()
     os.sync()  # start clean: no subject pays for the previous one's dirty pages

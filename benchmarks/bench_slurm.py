@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks.datasets import ct_series
 from benchmarks.report import Row
+from benchmarks.scratch import set_aside
 from mercli.process.service import ProcessService
 from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
@@ -84,7 +85,7 @@ def _template(scratch: Path, files: list[Path], runner: str) -> Path:
 def measure(scratch: Path, template: Path) -> float:
     """Seconds for `mercli process --once` to run the job (in this process)."""
     root = scratch / "spool-run"
-    shutil.rmtree(root, ignore_errors=True)
+    set_aside(root)
     spool = Spool.open(root)
     shutil.copytree(template, spool.state_dir(PROCESSING) / template.name, copy_function=os.link)
     start = time.perf_counter()
