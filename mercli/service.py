@@ -46,6 +46,15 @@ def stop_on_signals(stop: threading.Event, doing: str, *also: threading.Event) -
     signal.signal(signal.SIGINT, handler)
 
 
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """In a child process: get `signum` when the thread that started it ends, however it
+    ends (`kill -9` of mercli included), so no child outlives the claim it worked for."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
 def ignore_signals() -> None:
     """Stop reacting to SIGINT/SIGTERM (while a stage is already shutting down)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

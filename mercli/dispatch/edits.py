@@ -23,6 +23,20 @@ endian, deflate, an odd length, pixel data that was edited or is small) goes thr
 comes before Pixel Data), and written unsynced, as the copy is: it lives for this attempt
 only, and a target that keeps it copies and syncs it.
 
+A series of `HELPER_MIN` instances or more whose headers are edited is split in two: a forked
+copy of this process (`_Helper`) edits the second half while this thread edits the first, so
+a de-identified CT takes both cores of a small server, not one. The child only reads the
+received files and writes its own instances into the same scratch folder, answers on a pipe
+(the series it saw, or why it failed), and dies with the thread that forked it
+(`PR_SET_PDEATHSIG`); one that does not answer within `helper_deadline` is killed and the
+attempt retried. At most `os.cpu_count() - 1` helpers run in one process at a time; past
+that, a worker edits alone. Conversions (`transfer_syntax`) stay in this process: codec
+libraries may hold thread pools that a forked child must not touch. Forked, not spawned: a
+fresh interpreter takes about half a second to import what this one holds, as long as
+editing a CT series; and safe to fork from a threaded process because the child runs only
+this module, pydicom and mercli.deid (no logging, no thread pool, no lock another thread
+may have held; CPython holds its import lock across a fork), then `os._exit`s.
+
 A study job's series sub-folders are named by their new Series Instance UIDs. The received
 files and every other target's hard links are never touched. The keyed hash is
 deterministic, so a retry makes the same names and `dispatch.json` stays true across
@@ -36,11 +50,17 @@ is never sent unedited or unconverted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
+import json
 import os
+import select
 import shutil
+import signal
 import struct
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +85,7 @@ from mercli.fsutil import fsync_all, give_file_mode, make_dir, open_new, unlink_
 from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
 from mercli.secrets import SecretError
+from mercli.service import die_with_parent
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
 from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
@@ -77,6 +98,8 @@ PIXEL_DATA = 0x7FE00010
 ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
 SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
 COPY_CHUNK = 1024 * 1024
+HELPER_MIN = 32  # instances in a series from which a forked helper edits half of them
+_helpers = threading.BoundedSemaphore(max(0, (os.cpu_count() or 1) - 1))
 META_UIDS = (
     ("MediaStorageSOPClassUID", "SOPClassUID"),
     ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
@@ -175,9 +198,131 @@ def private_links(job: JobInfo, scratch: Path) -> JobInfo:
 
 def _edit_folder(source: Path, destination: Path, plan: EditPlan) -> str:
     """Edit every instance of `source` into `destination`; the (new) series' folder name,
-    or "" when the header was not edited (the name stays)."""
+    or "" when the header was not edited (the name stays). Half of a large series is
+    edited by a `_Helper` when one may start."""
+    paths = sorted(source.glob(f"*{INSTANCE_SUFFIX}"))
+    half = len(paths) // 2
+    helper = None
+    if plan.rewrites and plan.syntax is None and len(paths) >= HELPER_MIN:
+        helper = _Helper.start(paths[half:], destination, plan)
+    if helper is None:
+        return _edit_paths(paths, destination, plan)
+    started = time.monotonic()
+    try:
+        series = _edit_paths(paths[:half], destination, plan)
+    except BaseException:
+        helper.abandon()
+        raise
+    theirs = helper.result(helper_deadline(time.monotonic() - started))  # its errors too
+    return series or theirs
+
+
+def helper_deadline(own: float) -> float:
+    """Seconds a helper may still take once this thread has edited its own half in `own`
+    seconds: ten times that, and never under a minute (a loaded disk is no hang)."""
+    return max(60.0, 10 * own)
+
+
+class _Helper:
+    """A forked copy of this process editing some instances of a series (see the module's
+    docstring); `result` waits for its answer, `abandon` kills it."""
+
+    def __init__(self, pid: int, answers: int) -> None:
+        self.pid, self.answers = pid, answers
+
+    @classmethod
+    def start(cls, paths: list[Path], destination: Path, plan: EditPlan) -> _Helper | None:
+        """The helper, forked now; None when enough run already or the fork failed."""
+        if not _helpers.acquire(blocking=False):
+            return None
+        answers, answer = os.pipe()
+        try:
+            pid = os.fork()  # the child runs only this module's own code and exits
+        except OSError:
+            os.close(answers)
+            os.close(answer)
+            _helpers.release()
+            return None
+        if pid == 0:  # pragma: no cover (the child: measured by what it writes)
+            os.close(answers)
+            _serve(paths, destination, plan, answer)
+        os.close(answer)
+        return cls(pid, answers)
+
+    def result(self, deadline: float) -> str:
+        """The series the helper saw; its EditFailed or OSError raised here."""
+        try:
+            data = self._read(time.monotonic() + deadline)
+        finally:
+            self.abandon()
+        if data is None:
+            raise EditFailed(f"the edit helper gave no answer in {deadline:.0f} s", permanent=False)
+        try:
+            answer = json.loads(data)
+        except ValueError:  # it died mid-answer, or before any (killed, out of memory)
+            raise EditFailed("the edit helper died before it finished", permanent=False) from None
+        if "errno" in answer:
+            raise OSError(answer["errno"], answer["error"])
+        if "error" in answer:
+            raise EditFailed(answer["error"], permanent=bool(answer.get("permanent")))
+        return str(answer.get("series") or "")
+
+    def _read(self, until: float) -> bytes | None:
+        """Its answer, one line (not the pipe's end: a helper another thread forked
+        meanwhile may hold this pipe open too); what came when it ended without one; None
+        at `until`."""
+        data = b""
+        while not data.endswith(b"\n"):
+            left = until - time.monotonic()
+            if left <= 0 or not select.select([self.answers], [], [], left)[0]:
+                return None
+            chunk = os.read(self.answers, 65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def abandon(self) -> None:
+        """Kill the helper if it still runs, reap it, and free its place (idempotent)."""
+        if self.pid == 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.answers)
+        self.pid = 0
+        _helpers.release()
+
+
+def _serve(paths: list[Path], destination: Path, plan: EditPlan, answer: int) -> None:
+    """The helper's life: edit `paths`, write one JSON answer, exit without running any of
+    the parent's exit handlers or flushing its buffers."""
+    code = 1
+    try:
+        die_with_parent(signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handlers are not ours
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        reply: dict[str, object]
+        try:
+            reply = {"series": _edit_paths(paths, destination, plan)}
+        except EditFailed as exc:
+            reply = {"error": str(exc), "permanent": exc.permanent}
+        except OSError as exc:
+            reply = {"errno": exc.errno, "error": str(exc)}
+        except Exception as exc:  # a bug: the attempt fails, is retried, and says what
+            reply = {"error": f"the edit helper failed: {exc!r}", "permanent": False}
+        data = json.dumps(reply).encode() + b"\n"
+        while data:
+            data = data[os.write(answer, data) :]
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _edit_paths(paths: list[Path], destination: Path, plan: EditPlan) -> str:
+    """Edit `paths` into `destination` in this process (`_edit_folder`'s answer)."""
     series = ""
-    for path in sorted(source.glob(f"*{INSTANCE_SUFFIX}")):
+    for path in paths:
         header = None
         if plan.rewrites:
             name, series_uid, header = _rewrite(path, destination, plan)

@@ -25,7 +25,6 @@ and the next run starts from a fresh, empty `out/`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Any
 from mercli.fsutil import fsync_file, open_new, remove_tree, start_writeback
 from mercli.jobs import Module
 from mercli.names import printable, safe_name
+from mercli.service import die_with_parent
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
 from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
@@ -52,7 +52,6 @@ LOG_LIMIT = 1024 * 1024  # bytes of module output kept (the tail)
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a timed-out module
 RESULT_FILE = "result.json"
 TASK_FILE = "task.json"
-_PR_SET_PDEATHSIG = 1
 
 Running = Callable[[Module, int | None], None]  # (module, pid once started / None once ended)
 
@@ -411,8 +410,7 @@ def _pump(stream: Any, output: Tail) -> None:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the thread that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(signal.SIGKILL)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

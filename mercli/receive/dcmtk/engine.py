@@ -54,7 +54,7 @@ from mercli.receive.dcmtk.completeness import check_complete
 from mercli.receive.dcmtk.publisher import HintBook, Publisher, RetryQueue, find_getdcmtags
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
 from mercli.receive.handler import ReceiveConfig, tls_context
-from mercli.service import ignore_signals, stop_on_signals
+from mercli.service import die_with_parent, ignore_signals, stop_on_signals
 from mercli.spool import Spool, Worker, recover
 
 __all__ = [
@@ -394,7 +394,4 @@ def tls_arguments(config: ReceiveConfig) -> list[str]:
 
 def _die_with_parent() -> None:
     """In storescp's parent before exec: SIGTERM it when mercli dies, however mercli dies."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
