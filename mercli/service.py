@@ -46,13 +46,14 @@ def stop_on_signals(stop: threading.Event, doing: str, *also: threading.Event) -
     signal.signal(signal.SIGINT, handler)
 
 
-def die_with_parent(signum: int = signal.SIGKILL) -> None:
+def die_with_parent(signum: int = signal.SIGKILL) -> bool:
     """In a child process: get `signum` when the thread that started it ends, however it
-    ends (`kill -9` of mercli included), so no child outlives the claim it worked for."""
+    ends (`kill -9` of mercli included), so no child outlives the claim it worked for.
+    False where the kernel refused (a seccomp filter, say)."""
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+    return int(ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)) == 0
 
 
 def ignore_signals() -> None:

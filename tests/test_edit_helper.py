@@ -1,63 +1,78 @@
-"""The forked helper that edits half of a large series (mercli.dispatch.edits._Helper).
+"""Edit helpers (mercli.dispatch.helpers): processes forked at dispatch's start that edit half
+of a large series.
 
-Each test routes a real series into a de-identifying folder target's job and edits it the
-way the dispatcher does (`edited_copy`), in this process: with the helper, the copy must be
-the same bytes as without; a helper that fails, dies, hangs, or outlives its parent must
-never pass for a finished edit, nor be left running.
+Each test routes a real series of COUNT instances into a de-identifying folder target's job.
+The helpers are forked from a single-threaded process, so the tests drive them from a fresh
+Python process (`DRIVER`, which can make the helper die, hang or go slow), or through
+`mercli dispatch --once` itself. With a helper the copy must be the same bytes as without; a
+helper that fails, dies, hangs, or outlives its parent must never pass for a finished edit,
+nor be left running.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
+import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 
-from mercli.dispatch import edits
-from mercli.dispatch.edits import EditFailed, edited_copy
+from mercli.dispatch import helpers
 from mercli.jobs import JobInfo
-from mercli.spool import OUTGOING, Spool, Worker
+from mercli.spool import ERROR, OUTGOING, SUCCESS, Spool, Worker
 from tests.test_deid_dispatch import rules_file
+from tests.test_dispatch import dispatch_once
 from tests.test_route import receive_file, route_all, series_files
 
 COUNT = 40  # instances in the series: past HELPER_MIN
 
+DRIVER = """
+import json, os, signal, sys, time
+from pathlib import Path
+from mercli.dispatch import edits, helpers
+from mercli.jobs import JobInfo
 
-def research_job(tmp_path: Path, spool: Spool, **attrs: Any) -> tuple[Path, JobInfo]:
-    """A routed series of COUNT 256x256 instances: the de-identifying target's job."""
-    files = series_files(tmp_path / "src", "1.2.77", COUNT, rows=256, columns=256, **attrs)
-    with Worker(spool, "receive") as worker:
-        for path in files:
-            receive_file(worker, path)
-    route_all(spool, rules_file(tmp_path))
-    for item in spool.items(OUTGOING):
-        info = JobInfo.load(item.name, item.path)
-        if info.target.name == "research":
-            return item.path, info
-    raise AssertionError("no research job")
+mode, job, out, count = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+parent, real, mine = os.getpid(), edits.edit_paths, []
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a dispatcher finishing its jobs does
 
+def edit_paths(paths, destination, plan):
+    if os.getpid() != parent:  # the helper
+        (out.parent / "helper.pid").write_text(str(os.getpid()))
+        if mode == "die":
+            os._exit(9)
+        if mode in ("hang", "orphan"):
+            time.sleep(120)
+        if mode == "slow":
+            time.sleep(1.5)
+    else:
+        mine.extend(p.name for p in paths)
+        if mode == "orphan":
+            time.sleep(120)  # still editing when it is killed
+    return real(paths, destination, plan)
 
-def contents(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def in_child(parent: int, action: Callable[[], None]) -> Callable[..., str]:
-    """`_edit_paths` as it is, except that in a forked helper `action` runs first."""
-    real = edits._edit_paths
-
-    def edit_paths(*args: Any) -> str:
-        if os.getpid() != parent:
-            action()
-        return real(*args)
-
-    return edit_paths
+edits.edit_paths = edit_paths
+if mode == "hang":
+    edits.helper_deadline = lambda own: 1.0
+pool = helpers.EditHelpers.start(count)
+helpers.use(pool)
+result = {"helpers": pool.count}
+try:
+    edits.edited_copy(job, JobInfo.load(job.name, job), out)
+    result["ok"] = True
+except edits.EditFailed as exc:
+    result.update(error=str(exc), permanent=exc.permanent)
+result.update(left=pool.count, mine=mine)
+pool.close()
+print(json.dumps(result))
+"""
 
 
 @pytest.fixture
@@ -65,134 +80,54 @@ def spool(tmp_path: Path) -> Spool:
     return Spool.open(tmp_path / "spool")
 
 
-def test_a_helper_edits_half_and_the_copy_is_the_same_bytes(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job, info = research_job(tmp_path, spool)
-    forked = []
-    real_fork = os.fork
+JPEG_LS_RULES = """
+[targets.research]
+type = "folder"
+path = "research"
+transfer_syntax = "jpeg-ls-lossless"
 
-    def counting_fork() -> int:
-        forked.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", counting_fork)
-    monkeypatch.setattr(edits, "HELPER_MIN", 10**9)
-    alone, _ = edited_copy(job, info, tmp_path / "alone")
-    assert not forked
-    monkeypatch.setattr(edits, "HELPER_MIN", 2)
-    helped, _ = edited_copy(job, info, tmp_path / "helped")
-    assert forked == [1]
-    made = contents(helped)
-    assert len(made) == 2 * COUNT  # instances and sidecars
-    assert made == contents(alone)
+[[rules]]
+name = "all"
+targets = ["research"]
+"""
 
 
-def test_a_refused_instance_in_the_helpers_half_fails_the_job_naming_it(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job, info = research_job(tmp_path, spool)
-    parent = os.getpid()
-    edited_here: list[str] = []
-    real = edits._edit_paths
-
-    def edit_paths(paths: list[Path], *args: Any) -> str:
-        if os.getpid() == parent:
-            edited_here.extend(p.name for p in paths)
-        return real(paths, *args)
-
-    monkeypatch.setattr(edits, "_edit_paths", edit_paths)
-    last = sorted(job.glob("*.dcm"))[-1]  # the helper edits the second half
-    from pydicom import dcmread
-
-    ds = dcmread(last)
-    ds.BurnedInAnnotation = "YES"
-    os.unlink(last)  # a hard link to the receipt: the received file stays as it was
-    ds.save_as(last, enforce_file_format=True)
-    with pytest.raises(EditFailed) as failed:
-        edited_copy(job, info, tmp_path / "copy")
-    assert failed.value.permanent
-    assert last.name in str(failed.value) and "burned-in" in str(failed.value)
-    assert len(edited_here) == COUNT // 2 and last.name not in edited_here  # the helper's
+def research_job(
+    tmp_path: Path, spool: Spool, files: list[Path] | None = None, rules: str = ""
+) -> Path:
+    """A routed series of COUNT 256x256 instances (or `files`): the job of the target
+    `research` (de-identifying, or as `rules` say); rules and research/ in `tmp_path`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if files is None:
+        files = series_files(tmp_path / "src", "1.2.77", COUNT, rows=256, columns=256)
+    with Worker(spool, "receive") as worker:
+        for path in files:
+            receive_file(worker, path)
+    if rules:
+        (tmp_path / "rules.toml").write_text(rules)
+    route_all(spool, tmp_path / "rules.toml" if rules else rules_file(tmp_path))
+    for item in spool.items(OUTGOING):
+        if JobInfo.load(item.name, item.path).target.name == "research":
+            return item.path
+    raise AssertionError("no research job")
 
 
-def test_a_helper_that_dies_fails_the_attempt_to_be_retried(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job, info = research_job(tmp_path, spool)
-    monkeypatch.setattr(edits, "_edit_paths", in_child(os.getpid(), lambda: os._exit(9)))
-    with pytest.raises(EditFailed) as failed:
-        edited_copy(job, info, tmp_path / "copy")
-    assert not failed.value.permanent
-    assert "died" in str(failed.value)
-    assert edits._helpers.acquire(blocking=False)  # its place was given back
-    edits._helpers.release()
+def drive(
+    tmp_path: Path, job: Path, mode: str = "plain", count: int = 1, name: str = "copy"
+) -> dict[str, Any]:
+    """Edit `job` into tmp_path/`name` in a fresh process with `count` helpers (`DRIVER`)."""
+    command = [sys.executable, "-c", DRIVER, mode, str(job), str(tmp_path / name), str(count)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
 
 
-def test_a_helper_that_hangs_is_killed_at_its_deadline(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job, info = research_job(tmp_path, spool)
-    pids = tmp_path / "pids"
-
-    def hang() -> None:
-        pids.write_text(str(os.getpid()))
-        time.sleep(120)
-
-    monkeypatch.setattr(edits, "_edit_paths", in_child(os.getpid(), hang))
-    monkeypatch.setattr(edits, "helper_deadline", lambda own: 1.0)
-    started = time.monotonic()
-    with pytest.raises(EditFailed) as failed:
-        edited_copy(job, info, tmp_path / "copy")
-    assert time.monotonic() - started < 30
-    assert not failed.value.permanent and "no answer" in str(failed.value)
-    with pytest.raises(ProcessLookupError):  # killed and reaped
-        os.kill(int(pids.read_text()), 0)
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_helper_dies_with_a_parent_killed_mid_edit(tmp_path: Path, spool: Spool) -> None:
-    """kill -9 of the dispatching process: its helper must not live on (PR_SET_PDEATHSIG)."""
-    job, _ = research_job(tmp_path, spool)
-    pids = tmp_path / "pids"
-    script = textwrap.dedent(
-        f"""
-        import os, time
-        from pathlib import Path
-        from mercli.dispatch import edits
-        from mercli.jobs import JobInfo
-        parent, real = os.getpid(), edits._edit_paths
-        def edit_paths(*args):
-            if os.getpid() != parent:
-                Path({str(pids)!r}).write_text(str(os.getpid()))
-                time.sleep(120)
-            else:
-                time.sleep(120)  # the parent's half: still editing when it is killed
-            return real(*args)
-        edits._edit_paths = edit_paths
-        job = Path({str(job)!r})
-        edits.edited_copy(job, JobInfo.load(job.name, job), Path({str(tmp_path / "copy")!r}))
-        """
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not pids.exists() or not pids.read_text():
-            assert time.monotonic() < deadline, "no helper started"
-            assert parent.poll() is None, "the parent ended early"
-            time.sleep(0.05)
-        helper = int(pids.read_text())
-        os.kill(helper, 0)  # alive
-    finally:
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
-    deadline = time.monotonic() + 10
-    while _alive(helper):
-        assert time.monotonic() < deadline, "the helper outlived its parent"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, reaped by init soon, counts as ended)."""
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as ended)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -200,12 +135,131 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_without_a_free_place_a_worker_edits_alone(
-    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+def test_a_helper_edits_half_and_the_copy_is_the_same_bytes(tmp_path: Path, spool: Spool) -> None:
+    job = research_job(tmp_path, spool)
+    alone = drive(tmp_path, job, count=0, name="alone")
+    helped = drive(tmp_path, job, count=1, name="helped")
+    assert alone["ok"] and helped["ok"]
+    assert (alone["helpers"], len(alone["mine"])) == (0, COUNT)
+    assert (helped["helpers"], len(helped["mine"]), helped["left"]) == (1, COUNT // 2, 1)
+    made = contents(tmp_path / "helped")
+    assert len(made) == 2 * COUNT  # instances and sidecars
+    assert made == contents(tmp_path / "alone")
+
+
+def test_a_helper_converts_half_and_the_copy_is_the_same_bytes(
+    tmp_path: Path, spool: Spool
 ) -> None:
-    job, info = research_job(tmp_path, spool)
-    monkeypatch.setattr(edits, "_helpers", edits.threading.BoundedSemaphore(1))
-    assert edits._helpers.acquire(blocking=False)  # another worker's helper holds it
-    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked without a place"))
-    copy, _ = edited_copy(job, info, tmp_path / "copy")
-    assert len(contents(copy)) == 2 * COUNT
+    job = research_job(tmp_path, spool, rules=JPEG_LS_RULES)
+    alone = drive(tmp_path, job, count=0, name="alone")
+    helped = drive(tmp_path, job, count=1, name="helped")
+    assert alone["ok"] and helped["ok"] and len(helped["mine"]) == COUNT // 2
+    made = contents(tmp_path / "helped")
+    assert len(made) == 2 * COUNT
+    assert made == contents(tmp_path / "alone")
+    last = dcmread(tmp_path / "helped" / sorted(n for n in made if n.endswith(".dcm"))[-1])
+    assert last.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+
+
+def test_a_refused_instance_in_the_helpers_half_fails_the_job_naming_it(
+    tmp_path: Path, spool: Spool
+) -> None:
+    job = research_job(tmp_path, spool)
+    last = sorted(job.glob("*.dcm"))[-1]  # in the helper's half
+    ds = dcmread(last)
+    ds.BurnedInAnnotation = "YES"
+    os.unlink(last)  # a hard link to the receipt: the received file stays as it was
+    ds.save_as(last, enforce_file_format=True)
+    result = drive(tmp_path, job)
+    assert result["permanent"] is True
+    assert last.name in result["error"] and "burned-in" in result["error"]
+    assert last.name not in result["mine"] and len(result["mine"]) == COUNT // 2
+    assert result["left"] == 1  # a helper that failed an instance is fine: kept
+
+
+def test_a_helper_that_dies_fails_the_attempt_to_be_retried(tmp_path: Path, spool: Spool) -> None:
+    result = drive(tmp_path, research_job(tmp_path, spool), "die")
+    assert result["permanent"] is False and "died" in result["error"]
+    assert result["left"] == 0  # dropped, not replaced
+
+
+def test_a_helper_that_hangs_is_killed_at_its_deadline(tmp_path: Path, spool: Spool) -> None:
+    started = time.monotonic()
+    result = drive(tmp_path, research_job(tmp_path, spool), "hang")
+    assert time.monotonic() - started < 60
+    assert result["permanent"] is False and "no answer" in result["error"]
+    assert result["left"] == 0
+    assert not running(int((tmp_path / "helper.pid").read_text()))
+
+
+def test_a_helper_ignores_sigterm_to_the_group_and_finishes(tmp_path: Path, spool: Spool) -> None:
+    """systemd stops a unit with SIGTERM to every process in it: the dispatcher finishes the
+    jobs in hand, so its helpers must finish theirs."""
+    job = research_job(tmp_path, spool)
+    command = [sys.executable, "-c", DRIVER, "slow", str(job), str(tmp_path / "copy"), "1"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pid_file = tmp_path / "helper.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGTERM)
+    out, _ = driver.communicate(timeout=60)
+    result = json.loads(out)
+    assert result.get("ok") is True, result
+    assert len(contents(tmp_path / "copy")) == 2 * COUNT
+
+
+def test_a_helper_dies_with_a_dispatcher_killed_mid_edit(tmp_path: Path, spool: Spool) -> None:
+    """kill -9 of the dispatching process: its helper must not live on (PR_SET_PDEATHSIG)."""
+    job = research_job(tmp_path, spool)
+    command = [sys.executable, "-c", DRIVER, "orphan", str(job), str(tmp_path / "copy"), "1"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    pid_file = tmp_path / "helper.pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.02)
+        helper = int(pid_file.read_text())
+        assert running(helper)
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 10
+    while running(helper):
+        assert time.monotonic() < deadline, "the helper outlived its dispatcher"
+        time.sleep(0.05)
+
+
+def test_helpers_are_forked_only_from_a_single_threaded_process() -> None:
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        pool = helpers.EditHelpers.start(1)
+        assert pool.count == 0 and pool.take() is None
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_dispatch_once_with_and_without_helpers_delivers_the_same_copy(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """The wiring: `mercli dispatch --edit-helpers 1` uses one (its debug log says so), and
+    the research target gets what `--edit-helpers 0` gives it."""
+    research_job(tmp_path, spool)
+    second = Spool.open(tmp_path / "spool2")
+    files = sorted((tmp_path / "src").glob("*.dcm"))
+    research_job(tmp_path / "again", second, files)  # the same series, routed again
+    alone = dispatch_once(spool, "--edit-helpers", "0", "-v")
+    helped = dispatch_once(second, "--edit-helpers", "1", "-v")
+    assert alone.returncode == 0 and helped.returncode == 0, alone.stderr + helped.stderr
+    assert "edited by helper" not in alone.stderr
+    assert f"{COUNT // 2} of {COUNT} instances edited by helper" in helped.stderr
+    assert len(second.items(SUCCESS)) == 2 and not second.items(ERROR)
+    research = sorted((tmp_path / "research").rglob("*.dcm"))
+    again = sorted((tmp_path / "again" / "research").rglob("*.dcm"))
+    assert len(research) == len(again) == COUNT
+    assert [p.read_bytes() for p in research] == [p.read_bytes() for p in again]

@@ -22,7 +22,14 @@ from mercli.errors import ExitCode
     show_default=True,
     help="Jobs sent at the same time (threads; one association each).",
 )
-def dispatch(spool: Path, once: bool, workers: int) -> None:
+@click.option(
+    "--edit-helpers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Processes that de-identify half of each large series beside a worker "
+    "(forked at start; default: one fewer than the usable cores; 0: none).",
+)
+def dispatch(spool: Path, once: bool, workers: int, edit_helpers: int | None) -> None:
     """Send the jobs in spool/outgoing/ to their targets.
 
     \b
@@ -48,7 +55,7 @@ def dispatch(spool: Path, once: bool, workers: int) -> None:
       mercli dispatch --spool /var/spool/mercli --workers 8
       mercli dispatch --once          # from cron or a script
     """
-    summary = DispatchService(spool, workers).run(once=once)
+    summary = DispatchService(spool, workers, edit_helpers).run(once=once)
     click.echo(
         f"dispatched {summary.delivered} job(s), {summary.retried} to retry, "
         f"{summary.failed} failed"

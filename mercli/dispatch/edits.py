@@ -23,19 +23,13 @@ endian, deflate, an odd length, pixel data that was edited or is small) goes thr
 comes before Pixel Data), and written unsynced, as the copy is: it lives for this attempt
 only, and a target that keeps it copies and syncs it.
 
-A series of `HELPER_MIN` instances or more whose headers are edited is split in two: a forked
-copy of this process (`_Helper`) edits the second half while this thread edits the first, so
-a de-identified CT takes both cores of a small server, not one. The child only reads the
-received files and writes its own instances into the same scratch folder, answers on a pipe
-(the series it saw, or why it failed), and dies with the thread that forked it
-(`PR_SET_PDEATHSIG`); one that does not answer within `helper_deadline` is killed and the
-attempt retried. At most `os.cpu_count() - 1` helpers run in one process at a time; past
-that, a worker edits alone. Conversions (`transfer_syntax`) stay in this process: codec
-libraries may hold thread pools that a forked child must not touch. Forked, not spawned: a
-fresh interpreter takes about half a second to import what this one holds, as long as
-editing a CT series; and safe to fork from a threaded process because the child runs only
-this module, pydicom and mercli.deid (no logging, no thread pool, no lock another thread
-may have held; CPython holds its import lock across a fork), then `os._exit`s.
+A series of `HELPER_MIN` instances or more whose headers are edited is split in two when an
+edit helper is idle (`mercli.dispatch.helpers`: processes the dispatcher forked before its
+threads started): the helper edits the second half into the same scratch folder while this
+thread edits the first, so a de-identified CT takes two cores, not one. Its failure is the
+same failure as here (the instance named, permanent or not); a helper that dies or does not
+answer by `helper_deadline` fails the attempt, to be retried. Conversions
+(`transfer_syntax`) are split the same way.
 
 A study job's series sub-folders are named by their new Series Instance UIDs. The received
 files and every other target's hard links are never touched. The keyed hash is
@@ -50,16 +44,12 @@ is never sent unedited or unconverted.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
-import json
+import logging
 import os
-import select
 import shutil
-import signal
 import struct
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,11 +71,12 @@ from mercli.deid.model import DeidentificationRefused, Profile, ProfileError, lo
 from mercli.dicom.convert import TranscodeError, transcode_file
 from mercli.dicom.modify import Modification, ModifyError, apply_modify, parse_modify
 from mercli.dicom.scu.transcode import InstanceNotSendable, read_instance
+from mercli.dispatch import helpers
+from mercli.dispatch.helpers import HELPER_MIN, HelperLost, Request
 from mercli.fsutil import fsync_all, give_file_mode, make_dir, open_new, unlink_quietly
 from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
 from mercli.secrets import SecretError
-from mercli.service import die_with_parent
 from mercli.spool import INSTANCE_SUFFIX, SIDECAR_SUFFIX
 from mercli.spool.items import json_bytes
 from mercli.tags import UnreadableDicom, read_tags
@@ -93,13 +84,13 @@ from mercli.tags import UnreadableDicom, read_tags
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+log = logging.getLogger(__name__)
+
 DEFER_SIZE = 64 * 1024  # values larger than this stay in the received file until written
 PIXEL_DATA = 0x7FE00010
 ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
 SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
 COPY_CHUNK = 1024 * 1024
-HELPER_MIN = 32  # instances in a series from which a forked helper edits half of them
-_helpers = threading.BoundedSemaphore(max(0, (os.cpu_count() or 1) - 1))
 META_UIDS = (
     ("MediaStorageSOPClassUID", "SOPClassUID"),
     ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
@@ -173,13 +164,13 @@ def edited_copy(folder: Path, job: JobInfo, scratch: Path) -> tuple[Path, JobInf
     plan = EditPlan.of(job.target)
     make_dir(scratch)
     if not job.series:
-        _edit_folder(folder, scratch, plan)
+        _edit_folder(folder, folder, scratch, plan)
         return scratch, private_links(job, scratch)
     renamed = []
     for series in job.series:
         part = scratch / ".series"
         make_dir(part)
-        name = _edit_folder(folder / series, part, plan) or series
+        name = _edit_folder(folder, folder / series, part, plan) or series
         part.rename(scratch / name)
         renamed.append(name)
     return scratch, private_links(replace(job, series=tuple(renamed)), scratch)
@@ -196,25 +187,41 @@ def private_links(job: JobInfo, scratch: Path) -> JobInfo:
     return replace(job, target=replace(job.target, link=True))
 
 
-def _edit_folder(source: Path, destination: Path, plan: EditPlan) -> str:
-    """Edit every instance of `source` into `destination`; the (new) series' folder name,
-    or "" when the header was not edited (the name stays). Half of a large series is
-    edited by a `_Helper` when one may start."""
+def _edit_folder(job: Path, source: Path, destination: Path, plan: EditPlan) -> str:
+    """Edit every instance of `source` (a folder of the job at `job`) into `destination`;
+    the (new) series' folder name, or "" when the header was not edited (the name stays).
+    Half of a large series goes to an edit helper when one is idle."""
     paths = sorted(source.glob(f"*{INSTANCE_SUFFIX}"))
+    pool = helpers.current()
+    large = len(paths) >= HELPER_MIN
+    helper = pool.take() if pool is not None and large else None
+    if pool is None or helper is None:
+        return edit_paths(paths, destination, plan)
     half = len(paths) // 2
-    helper = None
-    if plan.rewrites and plan.syntax is None and len(paths) >= HELPER_MIN:
-        helper = _Helper.start(paths[half:], destination, plan)
-    if helper is None:
-        return _edit_paths(paths, destination, plan)
-    started = time.monotonic()
     try:
-        series = _edit_paths(paths[:half], destination, plan)
-    except BaseException:
-        helper.abandon()
-        raise
-    theirs = helper.result(helper_deadline(time.monotonic() - started))  # its errors too
-    return series or theirs
+        helper.send(Request(str(job), [str(path) for path in paths[half:]], str(destination)))
+    except HelperLost as exc:
+        pool.lose(helper, str(exc))
+        return edit_paths(paths, destination, plan)
+    started = time.monotonic()
+    series, own_error = "", None
+    try:
+        series = edit_paths(paths[:half], destination, plan)
+    except Exception as exc:  # the helper finishes its half first: then it is idle again
+        own_error = exc
+    try:
+        answer = helper.receive(helper_deadline(time.monotonic() - started))
+    except HelperLost as exc:
+        pool.lose(helper, str(exc))
+        if own_error is not None:
+            raise own_error from None
+        raise EditFailed(str(exc), permanent=False) from None
+    pool.give_back(helper)
+    if own_error is not None:
+        raise own_error
+    answer.raise_error()  # what stopped it, as if met here
+    log.debug("%s: %d of %d instances edited by helper", source.name, len(paths) - half, len(paths))
+    return series or answer.series
 
 
 def helper_deadline(own: float) -> float:
@@ -223,121 +230,36 @@ def helper_deadline(own: float) -> float:
     return max(60.0, 10 * own)
 
 
-class _Helper:
-    """A forked copy of this process editing some instances of a series (see the module's
-    docstring); `result` waits for its answer, `abandon` kills it."""
-
-    def __init__(self, pid: int, answers: int) -> None:
-        self.pid, self.answers = pid, answers
-
-    @classmethod
-    def start(cls, paths: list[Path], destination: Path, plan: EditPlan) -> _Helper | None:
-        """The helper, forked now; None when enough run already or the fork failed."""
-        if not _helpers.acquire(blocking=False):
-            return None
-        answers, answer = os.pipe()
-        try:
-            pid = os.fork()  # the child runs only this module's own code and exits
-        except OSError:
-            os.close(answers)
-            os.close(answer)
-            _helpers.release()
-            return None
-        if pid == 0:  # pragma: no cover (the child: measured by what it writes)
-            os.close(answers)
-            _serve(paths, destination, plan, answer)
-        os.close(answer)
-        return cls(pid, answers)
-
-    def result(self, deadline: float) -> str:
-        """The series the helper saw; its EditFailed or OSError raised here."""
-        try:
-            data = self._read(time.monotonic() + deadline)
-        finally:
-            self.abandon()
-        if data is None:
-            raise EditFailed(f"the edit helper gave no answer in {deadline:.0f} s", permanent=False)
-        try:
-            answer = json.loads(data)
-        except ValueError:  # it died mid-answer, or before any (killed, out of memory)
-            raise EditFailed("the edit helper died before it finished", permanent=False) from None
-        if "errno" in answer:
-            raise OSError(answer["errno"], answer["error"])
-        if "error" in answer:
-            raise EditFailed(answer["error"], permanent=bool(answer.get("permanent")))
-        return str(answer.get("series") or "")
-
-    def _read(self, until: float) -> bytes | None:
-        """Its answer, one line (not the pipe's end: a helper another thread forked
-        meanwhile may hold this pipe open too); what came when it ended without one; None
-        at `until`."""
-        data = b""
-        while not data.endswith(b"\n"):
-            left = until - time.monotonic()
-            if left <= 0 or not select.select([self.answers], [], [], left)[0]:
-                return None
-            chunk = os.read(self.answers, 65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-    def abandon(self) -> None:
-        """Kill the helper if it still runs, reap it, and free its place (idempotent)."""
-        if self.pid == 0:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        os.close(self.answers)
-        self.pid = 0
-        _helpers.release()
-
-
-def _serve(paths: list[Path], destination: Path, plan: EditPlan, answer: int) -> None:
-    """The helper's life: edit `paths`, write one JSON answer, exit without running any of
-    the parent's exit handlers or flushing its buffers."""
-    code = 1
-    try:
-        die_with_parent(signal.SIGKILL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handlers are not ours
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        reply: dict[str, object]
-        try:
-            reply = {"series": _edit_paths(paths, destination, plan)}
-        except EditFailed as exc:
-            reply = {"error": str(exc), "permanent": exc.permanent}
-        except OSError as exc:
-            reply = {"errno": exc.errno, "error": str(exc)}
-        except Exception as exc:  # a bug: the attempt fails, is retried, and says what
-            reply = {"error": f"the edit helper failed: {exc!r}", "permanent": False}
-        data = json.dumps(reply).encode() + b"\n"
-        while data:
-            data = data[os.write(answer, data) :]
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _edit_paths(paths: list[Path], destination: Path, plan: EditPlan) -> str:
-    """Edit `paths` into `destination` in this process (`_edit_folder`'s answer)."""
+def edit_paths(paths: list[Path], destination: Path, plan: EditPlan) -> str:
+    """Edit `paths` into `destination` in this process: the (new) series' folder name, or ""
+    (see `_edit_folder`). A failure no check foresaw (pydicom refusing a value, say) fails
+    the job for good naming the instance, as a refused one does."""
     series = ""
     for path in paths:
-        header = None
-        if plan.rewrites:
-            name, series_uid, header = _rewrite(path, destination, plan)
-            series = series or series_uid
-        else:
-            name = path.stem
-            _convert(path, destination / f"{name}{INSTANCE_SUFFIX}", plan)
-        written = destination / f"{name}{INSTANCE_SUFFIX}"
-        try:  # the header holds every tag a sidecar has: they all come before Pixel Data
-            tags = read_tags(io.BytesIO(header) if header is not None else written)
-        except UnreadableDicom as exc:
-            raise EditFailed(
-                f"{path.name}: edited copy unreadable ({exc})", permanent=True
-            ) from None
-        _write_scratch(destination / f"{name}{SIDECAR_SUFFIX}", json_bytes(tags))
+        try:
+            edited = _edit_one(path, destination, plan)
+        except (EditFailed, OSError):
+            raise
+        except Exception as exc:
+            raise EditFailed(f"{path.name}: cannot be edited ({exc!r})", permanent=True) from exc
+        series = series or edited
+    return series
+
+
+def _edit_one(path: Path, destination: Path, plan: EditPlan) -> str:
+    """One instance and its sidecar; the series it is in once edited ("" if unedited)."""
+    header, series = None, ""
+    if plan.rewrites:
+        name, series, header = _rewrite(path, destination, plan)
+    else:
+        name = path.stem
+        _convert(path, destination / f"{name}{INSTANCE_SUFFIX}", plan)
+    written = destination / f"{name}{INSTANCE_SUFFIX}"
+    try:  # the header holds every tag a sidecar has: they all come before Pixel Data
+        tags = read_tags(io.BytesIO(header) if header is not None else written)
+    except UnreadableDicom as exc:
+        raise EditFailed(f"{path.name}: edited copy unreadable ({exc})", permanent=True) from None
+    _write_scratch(destination / f"{name}{SIDECAR_SUFFIX}", json_bytes(tags))
     return series
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from mercli.dispatch import helpers
 from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
 from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
 from mercli.spool import OUTGOING, Spool, Worker, recover
@@ -24,21 +25,29 @@ log = logging.getLogger(__name__)
 class DispatchService:
     """`mercli dispatch`: N worker threads until done (--once) or until SIGINT/SIGTERM."""
 
-    def __init__(self, spool_root: Path, workers: int) -> None:
+    def __init__(self, spool_root: Path, workers: int, edit_helpers: int | None = None) -> None:
         self.spool = Spool.open(spool_root)
         self.workers = max(1, workers)
+        self.edit_helpers = helpers.default_count() if edit_helpers is None else edit_helpers
         self.stop = threading.Event()
         self.wake = threading.Event()
 
     def run(self, *, once: bool) -> DispatchSummary:
-        recover(self.spool)
-        with Worker(self.spool, "dispatch") as worker:
-            dispatcher = Dispatcher(self.spool, worker, once=once)
-            if once:
-                self._threads(dispatcher, self._drain)
-            else:
-                self._serve(dispatcher)
-            return dispatcher.summary
+        # First of all, while this process has one thread: see mercli.dispatch.helpers.
+        pool = helpers.EditHelpers.start(self.edit_helpers)
+        helpers.use(pool)
+        try:
+            recover(self.spool)
+            with Worker(self.spool, "dispatch") as worker:
+                dispatcher = Dispatcher(self.spool, worker, once=once)
+                if once:
+                    self._threads(dispatcher, self._drain)
+                else:
+                    self._serve(dispatcher)
+                return dispatcher.summary
+        finally:
+            helpers.use(None)
+            pool.close()
 
     def _threads(self, dispatcher: Dispatcher, body: object) -> None:
         if self.workers > 1:
