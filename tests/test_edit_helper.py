@@ -65,6 +65,10 @@ pool = helpers.EditHelpers.start(count)
 helpers.use(pool)
 result = {"helpers": pool.count}
 try:
+    if mode == "warm":  # what a worker does before it imports pydicom itself
+        helpers.warm_up()
+        helpers.warm_up()  # once a helper: the second sends nothing
+        edits.edited_copy(job, JobInfo.load(job.name, job), out.parent / "first")
     edits.edited_copy(job, JobInfo.load(job.name, job), out)
     result["ok"] = True
 except edits.EditFailed as exc:
@@ -145,6 +149,20 @@ def test_a_helper_edits_half_and_the_copy_is_the_same_bytes(tmp_path: Path, spoo
     made = contents(tmp_path / "helped")
     assert len(made) == 2 * COUNT  # instances and sidecars
     assert made == contents(tmp_path / "alone")
+
+
+def test_a_warmed_up_helper_answers_each_series_once(tmp_path: Path, spool: Spool) -> None:
+    """A warm-up gets no answer: the answers that follow stay those of their requests."""
+    job = research_job(tmp_path, spool)
+    alone = drive(tmp_path, job, count=0, name="alone")
+    warmed = drive(tmp_path, job, "warm", count=1, name="warmed")
+    assert alone["ok"] and warmed["ok"] and warmed["left"] == 1
+    assert len(warmed["mine"]) == COUNT  # half of each of the two copies
+    assert (
+        contents(tmp_path / "first")
+        == contents(tmp_path / "warmed")
+        == contents(tmp_path / "alone")
+    )
 
 
 def test_a_helper_converts_half_and_the_copy_is_the_same_bytes(

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from mercli.dicom import import_pydicom
+from mercli.dispatch import helpers
 from mercli.dispatch.targets import Attempt, deliver
 from mercli.fsutil import remove_tree
 from mercli.jobs import CANCEL_FILE, PRIORITIES, CancelRequest, JobInfo, Progress, Target
@@ -234,6 +235,7 @@ class Dispatcher:
     def _deliver_edited(self, claim: Claim, info: JobInfo, progress: Progress) -> Attempt:
         """Deliver a private, edited copy of the job (mercli.dispatch.edits), made in this
         worker's scratch for this attempt and removed after it."""
+        helpers.warm_up()  # they import pydicom while this thread does
         import_pydicom()
         from mercli.dispatch.edits import EditFailed, edited_copy  # pydicom: only if needed
 

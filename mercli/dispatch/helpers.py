@@ -63,6 +63,9 @@ class Request:
     destination: str
 
 
+WARM_UP = Request("", [], "")  # import pydicom and the editing code; no answer
+
+
 @dataclass(frozen=True)
 class Answer:
     """A helper's answer: the series it saw, or why it stopped."""
@@ -88,6 +91,7 @@ class Helper:
 
     def __init__(self, pid: int, requests: int, answers: int) -> None:
         self.pid, self.requests, self.answers = pid, requests, answers
+        self.warm = False
         self._buffer = b""
 
     def send(self, request: Request) -> None:
@@ -174,6 +178,16 @@ class EditHelpers:
         with self._lock:
             return len(self._all)
 
+    def warm_up(self) -> None:
+        """Have every idle helper that has not edited yet import pydicom now (no answer), so
+        it is ready when this worker, which is about to import it too, sends half a series."""
+        with self._lock:  # held while sending: nobody else writes to an idle helper's pipe
+            for helper in self._idle:
+                if not helper.warm:
+                    helper.warm = True
+                    with contextlib.suppress(HelperLost):  # found dead at its first request
+                        helper.send(WARM_UP)  # a short line: never blocks on an idle helper
+
     def take(self) -> Helper | None:
         with self._lock:
             return self._idle.pop() if self._idle else None
@@ -249,6 +263,8 @@ def _child(parent: int, requests: int, answers: int) -> None:
         with os.fdopen(requests, "rb") as incoming:
             for line in incoming:
                 answer = _serve(line)
+                if answer is None:
+                    continue
                 data = (json.dumps(asdict(answer)) + "\n").encode()
                 while data:
                     data = data[os.write(answers, data) :]
@@ -257,12 +273,15 @@ def _child(parent: int, requests: int, answers: int) -> None:
         os._exit(code)
 
 
-def _serve(line: bytes) -> Answer:
+def _serve(line: bytes) -> Answer | None:
+    """The answer to one request line (None to a warm-up: it gets none)."""
     from mercli.dispatch.edits import EditFailed, EditPlan, edit_paths
     from mercli.jobs import JobInfo
 
     try:
         request = Request(**json.loads(line))
+        if request == WARM_UP:
+            return None
         job = Path(request.job)
         plan = EditPlan.of(JobInfo.load(job.name, job).target)
         paths = [Path(path) for path in request.paths]
@@ -286,3 +305,9 @@ def use(helpers: EditHelpers | None) -> None:
 
 def current() -> EditHelpers | None:
     return _current
+
+
+def warm_up() -> None:
+    """`EditHelpers.warm_up` of this process's helpers, if it has any."""
+    if _current is not None:
+        _current.warm_up()
