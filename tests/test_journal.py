@@ -73,6 +73,35 @@ def test_records_replay_into_incoming_whole(tmp_path: Path, spool: Spool) -> Non
     assert not (spool.root / "journal" / "dead-receiver").exists()
 
 
+@pytest.mark.parametrize("renamed", ["nothing", "the .dcm", "both"])
+def test_a_large_instance_killed_between_its_two_renames_gets_its_sidecar(
+    tmp_path: Path, spool: Spool, renamed: str
+) -> None:
+    """An instance past 256 KiB is a file of its own, named in its record; publishing renames
+    it into its group, then its sidecar. A kill between the two left a `.dcm` without its
+    `.tags` (seen once in CI): replay must publish the sidecar, not take the instance as done."""
+    (tmp_path / "src").mkdir()
+    path = make_instance(tmp_path / "src", series=SERIES, number=1, rows=512, columns=512)
+    own = tmp_path / "own.dcm"  # the receiver's own file for it (written and synced)
+    own.write_bytes(path.read_bytes())
+    segment = journal_of(spool, "dead-receiver")
+    record = RecordWriter(segment, HEADER_SIZE).commit(
+        SERIES, path.stem, read_tags(path), file=str(own)
+    )
+    assert record.file == str(own)
+    segment.close()
+    group = spool.state_dir("incoming") / SERIES
+    if renamed != "nothing":
+        group.mkdir(parents=True)
+        own.rename(group / f"{path.stem}.dcm")
+    if renamed == "both":
+        (group / f"{path.stem}.tags").write_text(json.dumps(read_tags(path)))
+    replay(spool, "dead-receiver")
+    assert incoming(spool) == {path.stem: path.read_bytes()}
+    assert json.loads((group / f"{path.stem}.tags").read_text()) == read_tags(path)
+    assert not own.exists()
+
+
 @pytest.mark.parametrize("damage", ["flip a data byte", "no header", "short data", "meta"])
 def test_a_torn_record_ends_the_valid_prefix(tmp_path: Path, spool: Spool, damage: str) -> None:
     files = instances(tmp_path / "src", 4)

@@ -320,6 +320,17 @@ def write_published(record: Record, data_path: Path, tags_path: Path) -> None:
     write_fd(open_new(tags_path), sidecar.encode(), sync=False)  # closes it
 
 
+def _sidecar_published(spool: Spool, record: Record) -> bool:
+    """Whether the instance of a record with a file of its own is whole in incoming/: its
+    `.tags` there, or its `.dcm` not (its group was routed on, the pair with it). Publishing
+    renames the `.dcm` first (protocol step 2), so a `.dcm` alone means a crash came between
+    the two renames."""
+    group = spool.state_dir(INCOMING) / record.group
+    if (group / f"{record.name}{SIDECAR_SUFFIX}").exists():
+        return True
+    return not (group / f"{record.name}{INSTANCE_SUFFIX}").exists()
+
+
 def owner_folder(root: Path, owner: str) -> Path:
     return root / JOURNAL_DIR / owner
 
@@ -360,29 +371,30 @@ def publish(
 
     Its files are prepared in `scratch` (the publishing worker's: recovery reaps it).
     Idempotent: a record published twice replaces its own copy (replay after a crash)."""
-    prepared: list[tuple[Record, Path, Path]] = []
+    prepared: list[tuple[Record, Path | None, Path]] = []
     deferred: list[Record] = []
     made: list[Path] = []  # files made here (a large instance's own file is not one)
     try:
         for record in records:
             tags = scratch / f"journal.{new_id()}"
+            data: Path | None
             if record.file:
                 data = Path(record.file)
-                if not data.exists():  # published before a crash that kept its record: done
-                    continue
+                if not data.exists():  # renamed into its group before a crash kept the record
+                    if _sidecar_published(spool, record):
+                        continue  # whole, or routed on: done
+                    data = None  # killed between the two renames: the sidecar is left
             else:
                 data = scratch / f"journal.{new_id()}"
                 made.append(data)
             made.append(tags)
             prepared.append((record, data, tags))
-            write_published(record, data, tags)
+            write_published(record, data or tags, tags)
         fsync_all(made)
         groups = set()
         for record, data, tags in prepared:
-            files = [
-                (data, f"{record.name}{INSTANCE_SUFFIX}"),
-                (tags, f"{record.name}{SIDECAR_SUFFIX}"),
-            ]
+            files = [] if data is None else [(data, f"{record.name}{INSTANCE_SUFFIX}")]
+            files.append((tags, f"{record.name}{SIDECAR_SUFFIX}"))
             try:
                 replaced = spool.publish_to_group(
                     INCOMING, record.group, files, sync=False, wait=wait
