@@ -59,6 +59,16 @@ def edit_paths(paths, destination, plan):
     return real(paths, destination, plan)
 
 edits.edit_paths = edit_paths
+if mode == "rotate":  # the secret file changes once the worker has read it
+    plan_of = edits.EditPlan.of.__func__
+
+    def of(cls, target):
+        plan = plan_of(cls, target)
+        if os.getpid() == parent:
+            Path(str(target.pseudonym_secret_file)).write_bytes(b"another-secret-of-16-bytes+")
+        return plan
+
+    edits.EditPlan.of = classmethod(of)
 if mode == "hang":
     edits.helper_deadline = lambda own: 1.0
 pool = helpers.EditHelpers.start(count)
@@ -193,6 +203,14 @@ def test_a_refused_instance_in_the_helpers_half_fails_the_job_naming_it(
     assert last.name in result["error"] and "burned-in" in result["error"]
     assert last.name not in result["mine"] and len(result["mine"]) == COUNT // 2
     assert result["left"] == 1  # a helper that failed an instance is fine: kept
+
+
+def test_a_secret_rotated_mid_attempt_never_splits_a_series_between_two_keys(
+    tmp_path: Path, spool: Spool
+) -> None:
+    result = drive(tmp_path, research_job(tmp_path, spool), "rotate")
+    assert result["permanent"] is False and "secret changed" in result["error"]
+    assert result["left"] == 1
 
 
 def test_a_helper_that_dies_fails_the_attempt_to_be_retried(tmp_path: Path, spool: Spool) -> None:

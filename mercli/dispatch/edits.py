@@ -45,6 +45,8 @@ is never sent unedited or unconverted.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import io
 import logging
 import os
@@ -72,7 +74,7 @@ from mercli.dicom.convert import TranscodeError, transcode_file
 from mercli.dicom.modify import Modification, ModifyError, apply_modify, parse_modify
 from mercli.dicom.scu.transcode import InstanceNotSendable, read_instance
 from mercli.dispatch import helpers
-from mercli.dispatch.helpers import HELPER_MIN, HelperLost, Request
+from mercli.dispatch.helpers import HELPER_MIN, Answer, HelperLost, Request
 from mercli.fsutil import fsync_all, give_file_mode, make_dir, open_new, unlink_quietly
 from mercli.jobs import JobInfo, Target
 from mercli.names import safe_name
@@ -127,6 +129,16 @@ class EditPlan:
             syntax=target.transfer_syntax,
             allow_lossy=target.allow_lossy,
         )
+
+    def fingerprint(self) -> str:
+        """What this plan does, the secret included (keyed, never shown): an edit helper
+        that built its own plan from the job compares it with the worker's, so a secret
+        rotated between the two never splits one series between two keys."""
+        profile = self.profile
+        secret = profile.secret if profile is not None else b""
+        shown = (profile.options, profile.allow_burned_in, profile.keep_private) if profile else ()
+        parts = repr((shown, self.modifications, self.syntax, self.allow_lossy))
+        return hmac.new(secret, parts.encode(), hashlib.sha256).hexdigest()
 
     @property
     def rewrites(self) -> bool:
@@ -198,8 +210,9 @@ def _edit_folder(job: Path, source: Path, destination: Path, plan: EditPlan) -> 
     if pool is None or helper is None:
         return edit_paths(paths, destination, plan)
     half = len(paths) // 2
+    request = Request(str(job), str(source), half, str(destination), plan.fingerprint())
     try:
-        helper.send(Request(str(job), [str(path) for path in paths[half:]], str(destination)))
+        helper.send(request)
     except HelperLost as exc:
         pool.lose(helper, str(exc))
         return edit_paths(paths, destination, plan)
@@ -209,6 +222,9 @@ def _edit_folder(job: Path, source: Path, destination: Path, plan: EditPlan) -> 
         series = edit_paths(paths[:half], destination, plan)
     except Exception as exc:  # the helper finishes its half first: then it is idle again
         own_error = exc
+    except BaseException:
+        pool.lose(helper, "its worker stopped mid-series")
+        raise
     try:
         answer = helper.receive(helper_deadline(time.monotonic() - started))
     except HelperLost as exc:
@@ -219,9 +235,45 @@ def _edit_folder(job: Path, source: Path, destination: Path, plan: EditPlan) -> 
     pool.give_back(helper)
     if own_error is not None:
         raise own_error
-    answer.raise_error()  # what stopped it, as if met here
-    log.debug("%s: %d of %d instances edited by helper", source.name, len(paths) - half, len(paths))
+    _raise_what_stopped(answer)  # as if met here
+    if answer.edited != len(paths) - half:
+        raise EditFailed(
+            f"the edit helper edited {answer.edited} of {len(paths) - half} instances",
+            permanent=False,
+        )
+    log.debug("%s: %d of %d instances edited by helper", source.name, answer.edited, len(paths))
     return series or answer.series
+
+
+def serve_request(request: Request) -> Answer:
+    """In an edit helper (`mercli.dispatch.helpers`): edit what `request` asks, with the
+    plan built from the job's own job.json, if it is the worker's (`EditPlan.fingerprint`)."""
+    try:
+        job = Path(request.job)
+        plan = EditPlan.of(JobInfo.load(job.name, job).target)
+        if plan.fingerprint() != request.fingerprint:
+            raise EditFailed(
+                "the target's edits or secret changed during the attempt", permanent=False
+            )
+        paths = sorted(Path(request.source).glob(f"*{INSTANCE_SUFFIX}"))[request.start :]
+        series = edit_paths(paths, Path(request.destination), plan)
+        return Answer(series=series, edited=len(paths))
+    except EditFailed as exc:
+        return Answer(error=str(exc) or "the edit helper failed", permanent=exc.permanent)
+    except OSError as exc:
+        return Answer(
+            error=exc.strerror or str(exc) or repr(exc),
+            errno=exc.errno if exc.errno is not None else errno.EIO,
+            filename=None if exc.filename is None else str(exc.filename),
+        )
+
+
+def _raise_what_stopped(answer: Answer) -> None:
+    """Raise what stopped a helper, as the worker would have met it."""
+    if answer.errno is not None:
+        raise OSError(answer.errno, answer.error, answer.filename)
+    if answer.error:
+        raise EditFailed(answer.error, permanent=answer.permanent)
 
 
 def helper_deadline(own: float) -> float:
@@ -238,8 +290,8 @@ def edit_paths(paths: list[Path], destination: Path, plan: EditPlan) -> str:
     for path in paths:
         try:
             edited = _edit_one(path, destination, plan)
-        except (EditFailed, OSError):
-            raise
+        except (EditFailed, OSError, MemoryError, RecursionError):
+            raise  # the last two: this machine, not the instance (retried)
         except Exception as exc:
             raise EditFailed(f"{path.name}: cannot be edited ({exc!r})", permanent=True) from exc
         series = series or edited

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -44,9 +45,15 @@ HELPER_MIN = 32  # instances in a series from which half of it goes to a helper
 CLOSE_WAIT = 5.0  # seconds helpers get to exit once their pipes are closed
 
 
-def default_count() -> int:
-    """One fewer than the cores this process may run on: the dispatcher's threads keep one."""
-    return max(0, len(os.sched_getaffinity(0)) - 1)
+def default_count(workers: int) -> int:
+    """One fewer than the cores this process may use (its affinity, and a cgroup's CPU
+    quota), and no more than `workers`: each worker uses one helper at a time."""
+    cores = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    return max(0, min(workers, cores - 1))
 
 
 class HelperLost(Exception):
@@ -55,15 +62,18 @@ class HelperLost(Exception):
 
 @dataclass(frozen=True)
 class Request:
-    """What a helper edits: `paths` of the job at `job` (its claim folder, job.json inside)
-    into `destination`."""
+    """What a helper edits: the instances of `source` (a folder of the job at `job`, its
+    claim folder with job.json), sorted by name, from the `start`-th on, into `destination`,
+    with the plan whose `fingerprint` the worker has. Short: always one atomic pipe write."""
 
     job: str
-    paths: list[str]
+    source: str
+    start: int
     destination: str
+    fingerprint: str
 
 
-WARM_UP = Request("", [], "")  # import pydicom and the editing code; no answer
+WARM_UP = Request("", "", 0, "", "")  # import pydicom and the editing code; no answer
 
 
 @dataclass(frozen=True)
@@ -71,19 +81,11 @@ class Answer:
     """A helper's answer: the series it saw, or why it stopped."""
 
     series: str = ""
+    edited: int = 0  # instances written: the worker checks it is all it asked for
     error: str = ""
     permanent: bool = False
     errno: int | None = None
     filename: str | None = None
-
-    def raise_error(self) -> None:
-        """Raise what the helper met, as the worker would have met it."""
-        if self.errno is not None or self.filename is not None:
-            raise OSError(self.errno, self.error, self.filename)
-        if self.error:
-            from mercli.dispatch.edits import EditFailed
-
-            raise EditFailed(self.error, permanent=self.permanent)
 
 
 class Helper:
@@ -93,6 +95,7 @@ class Helper:
         self.pid, self.requests, self.answers = pid, requests, answers
         self.warm = False
         self._buffer = b""
+        self._killing = threading.Lock()
 
     def send(self, request: Request) -> None:
         """Hand it `request` (it is idle, so it reads at once); HelperLost if it is gone."""
@@ -126,7 +129,12 @@ class Helper:
         return line
 
     def kill(self) -> None:
-        """SIGKILL and reap it unless reaped already (pid 0), close its pipes (idempotent)."""
+        """SIGKILL and reap it unless reaped already (pid 0), close its pipes (idempotent:
+        one thread at a time, so a descriptor is never closed twice)."""
+        with self._killing:
+            self._kill()
+
+    def _kill(self) -> None:
         pid, self.pid = self.pid, 0
         try:
             if pid:
@@ -150,6 +158,7 @@ class EditHelpers:
         self._idle = list(helpers)
         self._all = list(helpers)
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def start(cls, count: int) -> EditHelpers:
@@ -179,23 +188,32 @@ class EditHelpers:
             return len(self._all)
 
     def warm_up(self) -> None:
-        """Have every idle helper that has not edited yet import pydicom now (no answer), so
-        it is ready when this worker, which is about to import it too, sends half a series."""
+        """Have one idle helper that has not edited yet import pydicom now (no answer), so
+        it is ready when this worker, which is about to import it too, sends half a series.
+        One per call: helpers no worker needs yet stay small."""
         with self._lock:  # held while sending: nobody else writes to an idle helper's pipe
-            for helper in self._idle:
-                if not helper.warm:
-                    helper.warm = True
-                    with contextlib.suppress(HelperLost):  # found dead at its first request
-                        helper.send(WARM_UP)  # a short line: never blocks on an idle helper
+            cold = [helper for helper in self._idle if not helper.warm]
+            if cold:
+                cold[-1].warm = True  # the one `take` hands out next
+                with contextlib.suppress(HelperLost):  # found dead at its first request
+                    cold[-1].send(WARM_UP)  # a short line: never blocks on an idle helper
 
     def take(self) -> Helper | None:
         with self._lock:
-            return self._idle.pop() if self._idle else None
+            helper = self._idle.pop() if self._idle else None
+        if helper is not None:
+            helper.warm = True  # it imports pydicom for this request if not before
+        return helper
 
     def give_back(self, helper: Helper) -> None:
+        """Idle again; killed instead if the pool was closed meanwhile."""
         with self._lock:
-            if helper in self._all:
+            if helper in self._all and not self._closed:
                 self._idle.append(helper)
+                return
+            if helper in self._all:
+                self._all.remove(helper)
+        helper.kill()
 
     def lose(self, helper: Helper, why: str) -> None:
         """Kill a helper that died, hung or answered nonsense; it is not replaced."""
@@ -206,9 +224,13 @@ class EditHelpers:
         helper.kill()
 
     def close(self) -> None:
-        """Close every helper's request pipe (it exits), wait a little, kill what is left."""
+        """Close every idle helper's request pipe (it exits), wait a little, kill what is
+        left; a helper a worker still holds is killed when the worker gives it back (or
+        with this process)."""
         with self._lock:
-            helpers, self._all, self._idle = self._all, [], []
+            self._closed = True
+            helpers, self._idle = self._idle, []
+            self._all = [helper for helper in self._all if helper not in helpers]
         for helper in helpers:
             with contextlib.suppress(OSError):
                 os.close(helper.requests)
@@ -274,23 +296,20 @@ def _child(parent: int, requests: int, answers: int) -> None:
 
 
 def _serve(line: bytes) -> Answer | None:
-    """The answer to one request line (None to a warm-up: it gets none)."""
-    from mercli.dispatch.edits import EditFailed, EditPlan, edit_paths
-    from mercli.jobs import JobInfo
-
+    """The answer to one request line (None to a warm-up: it gets none). The editing code
+    is `mercli.dispatch.edits.serve_request`, loaded by name on the first line: this module
+    stays free of pydicom, which the dispatcher has not loaded when it forks."""
+    editing = importlib.import_module("mercli.dispatch.edits")
     try:
         request = Request(**json.loads(line))
-        if request == WARM_UP:
-            return None
-        job = Path(request.job)
-        plan = EditPlan.of(JobInfo.load(job.name, job).target)
-        paths = [Path(path) for path in request.paths]
-        return Answer(series=edit_paths(paths, Path(request.destination), plan))
-    except EditFailed as exc:
-        return Answer(error=str(exc), permanent=exc.permanent)
-    except OSError as exc:
-        return Answer(error=exc.strerror or str(exc), errno=exc.errno, filename=exc.filename)
-    except Exception as exc:  # a bug here, not in an instance (edit_paths names those)
+    except (ValueError, TypeError) as exc:
+        return Answer(error=f"the edit helper got a bad request: {exc}")
+    if request == WARM_UP:
+        return None
+    try:
+        answer: Answer = editing.serve_request(request)
+        return answer
+    except Exception as exc:  # a bug, or MemoryError: retried, not the instance's fault
         return Answer(error=f"the edit helper failed: {exc!r}")
 
 

@@ -12,6 +12,7 @@ import importlib
 import logging
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from mercli.dispatch import helpers
@@ -28,11 +29,15 @@ class DispatchService:
     def __init__(self, spool_root: Path, workers: int, edit_helpers: int | None = None) -> None:
         self.spool = Spool.open(spool_root)
         self.workers = max(1, workers)
-        self.edit_helpers = helpers.default_count() if edit_helpers is None else edit_helpers
+        self.edit_helpers = (
+            helpers.default_count(self.workers) if edit_helpers is None else edit_helpers
+        )
         self.stop = threading.Event()
         self.wake = threading.Event()
 
     def run(self, *, once: bool) -> DispatchSummary:
+        # pydicom warns with the odd value it read: patient data, not for a log.
+        warnings.simplefilter("ignore")
         # First of all, while this process has one thread: see mercli.dispatch.helpers.
         pool = helpers.EditHelpers.start(self.edit_helpers)
         helpers.use(pool)
