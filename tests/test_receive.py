@@ -626,7 +626,10 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance(
             break
         acknowledged.append(path)
     assoc.abort()  # type: ignore[attr-defined]
-    running.process.wait(timeout=30)
+    try:  # a SIGKILLed process ends once its threads leave the kernel: a slow disk holds them
+        running.process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"receive outlived SIGKILL by 120 s: {kernel_state(running.process.pid)}")
     running.log_file.close()
     assert len(acknowledged) >= (60 if side == 128 else 30)
     # What it acknowledged is in its journal, if not yet in incoming/: recovery publishes it.
@@ -644,3 +647,13 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance(
         wait_until(lambda: len(list((spool / "leases").iterdir())) == 1, what="dead lease reaped")
         (live,) = (spool / "leases").iterdir()
         assert [p.name for p in (spool / "tmp").iterdir()] == [live.name]  # dead scratch reaped
+
+
+def kernel_state(pid: int) -> str:
+    """Each thread's state and kernel wait channel (what a process that will not die is in)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (task / "wchan").read_text() if (task / "wchan").exists() else "?"
+        found.append(f"{task.name}:{stat}:{wchan}")
+    return " ".join(found)
