@@ -23,13 +23,12 @@ endian, deflate, an odd length, pixel data that was edited or is small) goes thr
 comes before Pixel Data), and written unsynced, as the copy is: it lives for this attempt
 only, and a target that keeps it copies and syncs it.
 
-A series of `HELPER_MIN` instances or more whose headers are edited is split in two when an
-edit helper is idle (`mercli.dispatch.helpers`: processes the dispatcher forked before its
-threads started): the helper edits the second half into the same scratch folder while this
-thread edits the first, so a de-identified CT takes two cores, not one. Its failure is the
-same failure as here (the instance named, permanent or not); a helper that dies or does not
-answer by `helper_deadline` fails the attempt, to be retried. Conversions
-(`transfer_syntax`) are split the same way.
+A series of `HELPER_MIN` instances or more is split in two when an edit helper is idle
+(`mercli.dispatch.helpers`: processes the dispatcher forked before its threads started): the
+helper edits (or converts) the second half into the same scratch folder while this thread
+does the first, so a de-identified CT takes two cores, not one. Its failure is the same
+failure as here (the instance named, permanent or not); a helper that dies or does not answer
+by `helper_deadline` fails the attempt, to be retried.
 
 A study job's series sub-folders are named by their new Series Instance UIDs. The received
 files and every other target's hard links are never touched. The keyed hash is
