@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mercli.commands.options import common_options
+from mercli.dispatch.helpers import default_count
 from mercli.dispatch.service import DispatchService
 from mercli.errors import ExitCode
 
@@ -55,6 +56,8 @@ def dispatch(spool: Path, once: bool, workers: int, edit_helpers: int | None) ->
       mercli dispatch --spool /var/spool/mercli --workers 8
       mercli dispatch --once          # from cron or a script
     """
+    if edit_helpers is None:
+        edit_helpers = default_count(workers)
     summary = DispatchService(spool, workers, edit_helpers).run(once=once)
     click.echo(
         f"dispatched {summary.delivered} job(s), {summary.retried} to retry, "

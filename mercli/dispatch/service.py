@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 class DispatchService:
     """`mercli dispatch`: N worker threads until done (--once) or until SIGINT/SIGTERM."""
 
-    def __init__(self, spool_root: Path, workers: int, edit_helpers: int | None = None) -> None:
+    def __init__(self, spool_root: Path, workers: int, edit_helpers: int = 0) -> None:
+        """`edit_helpers`: processes forked at `run` (mercli.dispatch.helpers); the command
+        asks for `helpers.default_count`, a program embedding the service for none unless
+        it says so."""
         self.spool = Spool.open(spool_root)
         self.workers = max(1, workers)
-        self.edit_helpers = (
-            helpers.default_count(self.workers) if edit_helpers is None else edit_helpers
-        )
+        self.edit_helpers = edit_helpers
         self.stop = threading.Event()
         self.wake = threading.Event()
 
