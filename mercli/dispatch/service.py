@@ -8,13 +8,13 @@ outgoing/ (watchdog), a retry falls due, or FULL_SCAN seconds pass.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
 import warnings
 from pathlib import Path
 
+from mercli.dicom import import_pydicom
 from mercli.dispatch import helpers
 from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
 from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
@@ -61,7 +61,7 @@ class DispatchService:
             # threads importing it for the first time at once can see it half-initialised
             # ("cannot import name 'UID' from partially initialized module"): import it here,
             # once, before they start. Not at start-up: `--help` stays light.
-            importlib.import_module("pydicom")
+            import_pydicom()  # and before they start: it hides `requests` while it runs
         threads = [
             threading.Thread(target=body, args=(dispatcher,), name=f"dispatch-{n}")  # type: ignore[arg-type]
             for n in range(self.workers)
