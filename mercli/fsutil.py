@@ -139,14 +139,15 @@ def fsync_all(
         for step, path in steps:
             step(path)
         return
-    pool = _pool()
+    pool = sync_pool()
     futures = [pool.submit(step, path) for step, path in steps]
     errors = [error for future in futures if (error := future.exception()) is not None]
     if errors:
         raise errors[0]
 
 
-def _pool() -> ThreadPoolExecutor:
+def sync_pool() -> ThreadPoolExecutor:
+    """The threads that fsync for this process (made on first use, none across a fork)."""
     global _sync_pool
     with _sync_pool_lock:
         if _sync_pool is None or _sync_pool[0] != os.getpid():

@@ -36,6 +36,7 @@ from mercli.spool import (
     Spool,
     lease_state,
 )
+from mercli.spool.notices import uncollected
 
 RECENT_ERRORS = 5
 PRIORITY_STATES = (OUTGOING, ERROR)  # states whose jobs are counted per priority
@@ -147,8 +148,9 @@ def _recent_errors(spool: Spool) -> list[dict[str, Any]]:
 
 
 def _notify(spool: Spool) -> dict[str, Any]:
-    """The notification outbox per channel (waiting, claimed ones included, and failed for
-    good) and the latest failures with their reasons (SPEC §8)."""
+    """The notification outbox per channel (waiting: in notify/, claimed, or still in a
+    worker's notification log; and failed for good) and the latest failures with their
+    reasons (SPEC §8)."""
     channels: dict[str, dict[str, int]] = {}
     for key, state in (("waiting", NOTIFY), ("failed", NOTIFY_FAILED)):
         for item in spool.items(state) + spool.claimed(state):
@@ -157,6 +159,10 @@ def _notify(spool: Spool) -> dict[str, Any]:
             name = str(channel.get("name") or "?") if isinstance(channel, dict) else "?"
             counts = channels.setdefault(name, {"waiting": 0, "failed": 0})
             counts[key] += 1
+    for record in uncollected(spool.root):  # in the workers' logs, not yet in notify/
+        channel = record.get("channel")
+        name = str(channel.get("name") or "?") if isinstance(channel, dict) else "?"
+        channels.setdefault(name, {"waiting": 0, "failed": 0})["waiting"] += 1
     failed = sorted(spool.items(NOTIFY_FAILED), key=lambda i: i.name, reverse=True)
     recent = []
     for item in failed[:RECENT_ERRORS]:

@@ -17,7 +17,19 @@ from typing import Any
 
 from mercli import fsutil
 
-PATCHED_OS = ("open", "write", "fsync", "rename", "replace", "mkdir", "link", "unlink", "rmdir")
+PATCHED_OS = (
+    "open",
+    "write",
+    "pwrite",
+    "fsync",
+    "fdatasync",
+    "rename",
+    "replace",
+    "mkdir",
+    "link",
+    "unlink",
+    "rmdir",
+)
 
 
 def _install_tripwire(limit: int) -> None:

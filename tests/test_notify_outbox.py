@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from mercli.errors import ConfigError
+from mercli.notify.collect import collect
 from mercli.route.router import Router, RouteSummary
 from mercli.rules.config import load_rules
 from mercli.spool import (
@@ -69,6 +70,9 @@ def rules_file(
 
 
 def notifications(spool: Spool) -> list[dict[str, Any]]:
+    """The notification items, once the workers' logs are collected into notify/."""
+    with Worker(spool, "notify") as worker:
+        collect(spool, worker)
     found = [
         json.loads((item.path / "notification.json").read_text()) for item in spool.items(NOTIFY)
     ]
@@ -95,7 +99,7 @@ def test_no_channel_no_notification_and_no_notify_key(tmp_path: Path, spool: Spo
     rules = tmp_path / "rules.toml"
     rules.write_text(FOLDER.format(target_notify="") + '[[rules]]\nname = "a"\ntargets = ["out"]\n')
     routed(tmp_path, spool, rules, {"1.2.21": 1})
-    assert spool.items(NOTIFY) == []
+    assert notifications(spool) == []
     (job,) = spool.items(OUTGOING)
     assert "notify" not in json.loads((job.path / "job.json").read_text())
 
@@ -115,7 +119,7 @@ def test_discarded_series_notify_the_discarding_rule(tmp_path: Path, spool: Spoo
 def test_delivered_goes_with_the_job_into_success(tmp_path: Path, spool: Spool) -> None:
     rules = rules_file(tmp_path, events='["delivered"]', target_notify='notify = ["hook"]')
     routed(tmp_path, spool, rules, {"1.2.23": 2})
-    assert spool.items(NOTIFY) == []
+    assert notifications(spool) == []
     result = dispatch_once(spool)
     assert result.returncode == 0, result.stderr
     assert len(spool.items(SUCCESS)) == 1
@@ -265,7 +269,7 @@ def test_processed_tells_the_modules_notification_text(tmp_path: Path, spool: Sp
     rules.write_text(text)
     receive_series(tmp_path, spool, SERIES, 2, SeriesDescription="CHEST")
     route_all(spool, rules)
-    assert spool.items(NOTIFY) == []
+    assert notifications(spool) == []
     assert process_once(spool).processed == 1
     (made,) = notifications(spool)
     assert made["body"] == "processed copy found nothing"

@@ -1,10 +1,11 @@
 """Notifications that are never lost (SPEC §8): an outbox in the spool, sent by `mercli notify`.
 
 The stage that causes an event (route: received, routed, discarded; process: processed,
-failed; dispatch: delivered, failed) writes one **notification item** per channel that
-asked for the event into `notify/`, in the same transaction as its own state change: the
-event and its notification exist together or not at all. `mercli notify` claims them
-(leases, as dispatch), sends, retries with backoff and ends each in `notify_sent/` or, after
+failed; dispatch: delivered, failed) writes one notification per channel that asked for the
+event in the same transaction as its own state change, as a line of its worker's
+notification log (`mercli.spool.notices`): the event and its notification exist together or
+not at all. `mercli notify` collects the committed ones into **notification items** in
+`notify/` (`collect`), claims them (leases, as dispatch), sends, retries with backoff and ends each in `notify_sent/` or, after
 its last try, in `notify_failed/` with `error.json`. A dead webhook delays nothing but
 its own notifications.
 

@@ -115,8 +115,7 @@ class Channel:
         """The channel as notification items and job files carry it: its name, its type and
         what differs from the defaults (`from_json` fills those in again). A few keys instead
         of two dozen: every routed series writes it once per job and notification."""
-        data = self.to_json()
-        return {key: data[key] for key in _recorded_keys(self)}
+        return {key: _fresh(value) for key, value in _record(self).items()}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Channel:
@@ -142,6 +141,20 @@ class Subscription:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Subscription:
         return cls(Channel.from_json(data["channel"]), tuple(data.get("on") or ()))
+
+
+def _fresh(value: Any) -> Any:
+    """A caller's own copy of a record value (headers and `to` are the mutable ones)."""
+    if isinstance(value, dict):
+        return dict(value)
+    return list(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256)
+def _record(channel: Channel) -> dict[str, Any]:
+    """`Channel.record`, worked out once per channel (the caller gets a copy)."""
+    data = channel.to_json()
+    return {key: data[key] for key in _recorded_keys(channel)}
 
 
 @functools.lru_cache(maxsize=64)

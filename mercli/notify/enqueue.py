@@ -2,8 +2,11 @@
 
 `add_notifications` renders, for every subscription that wants the event, the channel's
 templates with the event's variables (patient data only for `phi = true` channels) and
-prepares a notification item in the caller's transaction: the state change and its
-notifications are published by one rename, or neither is. A template that fails at run time
+adds the notification to the caller's transaction: it goes into the worker's notification
+log, synced before the commit rename, and counts only if that rename happens
+(`mercli.spool.notices`); `mercli notify` then makes it an item of `notify/`
+(`mercli.notify.collect`). The state change and its notifications exist together, or
+neither does. A template that fails at run time
 (it passed `rules check` with sample values) still yields a notification, whose body says
 so: an event is never silently dropped.
 
@@ -21,14 +24,7 @@ from typing import Any
 from mercli.fsutil import link_tree
 from mercli.names import new_id
 from mercli.notify.channels import PHI_VARIABLES, Subscription, TemplateProblem, render
-from mercli.spool import (
-    ERROR,
-    ERROR_FILE,
-    NOTIFICATION_FILE,
-    NOTIFY,
-    Claim,
-    Transaction,
-)
+from mercli.spool import ERROR, ERROR_FILE, Claim, Transaction
 from mercli.spool.items import error_record, json_bytes, now_iso
 
 _TAG_VARIABLES = {  # sidecar keyword -> template variable
@@ -94,10 +90,8 @@ def add_notifications(
         except TemplateProblem as exc:
             body = f"mercli {event}: the {channel.name} template failed at run time: {exc}"
             subject = f"mercli {event}"
-        item = new_id()
-        folder = transaction.new_item(NOTIFY, item)
         record = {
-            "id": item,
+            "id": new_id(),
             "created": now_iso(),
             "event": event,
             "subject": subject,
@@ -105,7 +99,7 @@ def add_notifications(
             "channel": channel.record(),
             "source": {key: value for key, value in source.items() if value is not None},
         }
-        transaction.write_json(folder / NOTIFICATION_FILE, record)
+        transaction.notify(record)
         made += 1
     return made
 

@@ -1,10 +1,12 @@
 """Running `mercli notify`: worker threads over one Sender, once or as a service.
 
-Sending is network-bound, so `--workers N` are threads of one process sharing one lease; more
-processes (or hosts with a shared spool) scale the same way, since every notification is
-claimed by rename. As a service the workers sleep until an item appears in notify/
-(watchdog), a retry falls due, or FULL_SCAN seconds pass; dead senders' claims are recovered
-every RECOVER_EVERY seconds, and at start.
+The stages write notifications into their workers' logs (`mercli.spool.notices`); a
+collector thread turns those of committed transactions into items of notify/ every
+COLLECT_EVERY seconds (`mercli.notify.collect`). Sending is network-bound, so `--workers N`
+are threads of one process sharing one lease; more processes (or hosts with a shared spool)
+scale the same way, since every notification is claimed by rename. As a service the workers
+sleep until an item appears in notify/ (watchdog), a retry falls due, or FULL_SCAN seconds
+pass; dead workers' claims (and logs) are recovered every RECOVER_EVERY seconds, and at start.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mercli.notify.collect import Collector
 from mercli.notify.sender import NotifySummary, Sender
 from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
 from mercli.spool import NOTIFY, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
+
+COLLECT_EVERY = 0.2  # seconds between passes over the notification logs
 
 
 class NotifyService:
@@ -32,13 +37,15 @@ class NotifyService:
         self.wake = threading.Event()
 
     def run(self, *, once: bool) -> NotifySummary:
-        recover(self.spool)
+        recover(self.spool)  # first: it decides what dead workers' logs hold
         with Worker(self.spool, "notify") as worker:
+            collector = Collector(self.spool, worker)
             sender = Sender(self.spool, worker, once=once)
             if once:
+                collector.collect()
                 self._threads(sender, self._drain)
             else:
-                self._serve(sender)
+                self._serve(sender, collector)
             return sender.summary
 
     def _threads(self, sender: Sender, body: Callable[[Sender], None]) -> None:
@@ -57,11 +64,13 @@ class NotifyService:
         while not self.stop.is_set() and (picked := sender.pick()) is not None:
             sender.attempt(*picked)
 
-    def _serve(self, sender: Sender) -> None:
+    def _serve(self, sender: Sender, collector: Collector) -> None:
         stop_on_signals(self.stop, "finishing the notifications in hand", self.wake)
         log.info("sending notifications from %s with %d worker(s)", self.spool.root, self.workers)
         recoverer = threading.Thread(target=self._recover_periodically, daemon=True)
         recoverer.start()
+        collecting = threading.Thread(target=self._collect, args=(collector,), daemon=True)
+        collecting.start()
         with wake_on_changes(self.wake, [self.spool.state_dir(NOTIFY)]):
             self._threads(sender, self._work)
 
@@ -78,6 +87,17 @@ class NotifyService:
             timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))
             self.wake.wait(timeout)
             self.wake.clear()
+
+    def _collect(self, collector: Collector) -> None:
+        """The notification logs polled into notify/ (a pass with nothing new is a listing
+        and a read of zeros; a file event would not say more, since lines are overwrites)."""
+        while not self.stop.is_set():
+            try:
+                if collector.collect():
+                    self.wake.set()
+            except OSError as exc:
+                log.error("collecting notifications: %s", exc)
+            self.stop.wait(COLLECT_EVERY)
 
     def _recover_periodically(self) -> None:
         while not self.stop.wait(RECOVER_EVERY):

@@ -40,7 +40,7 @@ from typing import Any
 from mercli.audit.keys import trail_fields
 from mercli.jobs import input_hops, job_record
 from mercli.names import new_id, safe_name
-from mercli.notify.enqueue import add_notifications, event_variables
+from mercli.notify.enqueue import add_notifications, event_variables, wanted
 from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
 from mercli.rules.decide import Decision, RuleTimeout, decide
@@ -240,7 +240,7 @@ class Router:
                     "error": decision.reason if decision.discarded else "",
                 }
                 source = {"item": series, "rule": rule.name}
-                if rule.name not in told:
+                if rule.name not in told and wanted(subscriptions, "received"):
                     told.add(rule.name)
                     received = event_variables("received", first, **fields)
                     received["instances"] = len(instances)

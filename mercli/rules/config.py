@@ -228,6 +228,9 @@ class Rule:
         return self.action == "discard"
 
 
+_SUBSCRIPTIONS = object()
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """A whole rules file. `keywords` are those any rule reads, sorted; `cache` is decide's."""
@@ -299,13 +302,18 @@ class RuleSet:
     def job_subscriptions(self, target: str, rules: Iterable[str]) -> list[dict[str, Any]]:
         """job.json's `notify` for a job to `target`: the target's own subscriptions and
         those of the matched rules that name it (delivered and failed only)."""
-        found = [*self.subscriptions(self.targets[target])]
-        for rule in self.rules_named(rules):
-            if target in rule.targets:
-                found += self.subscriptions(rule)
-        return [
-            data for data in subscriptions_json(found) if set(data["on"]) & {"delivered", "failed"}
-        ]
+        key = (_SUBSCRIPTIONS, target, tuple(rules))  # never a key of decide's (tag values)
+        made = self.cache.get(key)
+        if made is None:  # the same few answers for every series a rule set routes
+            found = [*self.subscriptions(self.targets[target])]
+            for rule in self.rules_named(key[2]):
+                if target in rule.targets:
+                    found += self.subscriptions(rule)
+            wanted = {"delivered", "failed"}
+            made = [data for data in subscriptions_json(found) if set(data["on"]) & wanted]
+            if len(self.cache) < 4096:
+                self.cache[key] = made
+        return list(made)  # shared records: written into job.json, never changed
 
     @property
     def offpeak_window(self) -> str | None:

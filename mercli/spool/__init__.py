@@ -34,6 +34,9 @@ Layout::
       journal/<owner>/<n>.seg    receive's write-ahead journal: instances acknowledged, not yet
                                    (all) published into incoming/ (mercli.spool.journal)
       journal/spare/             reset segments a receiver may take instead of making new ones
+      notices/<owner>/<n>.log    a worker's notification log: the notifications of its
+                                   transactions, collected into notify/ once committed
+                                   (mercli.spool.notices); cursor.json: the collector's place
 
 Protocol:
 
@@ -75,6 +78,14 @@ Protocol:
    records of a segment are exactly its valid prefix past its checkpoint; recovery of the
    owner (step 4) publishes them before anything else of the owner is removed. See
    `mercli.spool.journal` for the format, the checkpoint and the reuse of segments.
+5b. **Notifications.** A transaction's notifications (SPEC §8) are one line of its worker's
+   log in `notices/<owner>/`, written into preallocated blocks and `fdatasync`ed before the
+   commit rename, then marked `commit` after it (or `abort`, synced, before a failed
+   transaction's claim is released). A line counts iff its transaction committed; recovery of
+   a dead owner decides its unmarked lines from its claims before settling them (`out/` there
+   or the item gone: committed) and writes the markers. A collector (`mercli notify`) turns
+   committed lines into items of `notify/`, and waits at an unmarked line while its owner's
+   lease exists. See `mercli.spool.notices`.
 6. **Deadlines.** Every lock is tried without blocking, again and again, until a deadline
    (`LOCK_DEADLINE`, 3 s): a group locked longer (a hung or hostile process holding a
    `flock` on it) makes a publish or a claim fail with `LockTimeout`, an OSError, having
@@ -91,7 +102,7 @@ atomic within one filesystem, which `Spool.open` checks.
 Modules, each depending only on those before it: `items` (folder and file names, `Item`,
 the files inside items; a leaf), `events` (the audit trail), `store` (`Spool`: layout,
 reading, publishing, placing items, hints), `journal` (receive's write-ahead journal: step
-5a), `recovery` (`recover`, `lease_is_held`: steps 4 and 5) and `claims` (`Worker`, `Claim`,
+5a), `notices` (the notification log: step 5b), `recovery` (`recover`, `lease_is_held`: steps 4 and 5) and `claims` (`Worker`, `Claim`,
 `Transaction`: steps 3 and 4). Callers import the
 public names from `mercli.spool`.
 """

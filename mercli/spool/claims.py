@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mercli.fsutil import (
     remove_tree,
     rename_noreplace,
     set_file_mode,
+    sync_pool,
     unlink_quietly,
     write_new,
 )
@@ -50,6 +52,7 @@ from mercli.spool.items import (
     now_iso,
     replace_file,
 )
+from mercli.spool.notices import ABORT, COMMIT, NoticeLog
 from mercli.spool.recovery import roll_forward, settle_claim
 from mercli.spool.store import Spool
 
@@ -71,6 +74,8 @@ class Worker:
         self.claims_dir = spool.claims / self.id
         self._lease_fd: int | None = None
         self._tmp_counter = 0
+        self._notices: NoticeLog | None = None
+        self._notices_lock = threading.Lock()
 
     def __enter__(self) -> Worker:
         self.start()
@@ -118,12 +123,23 @@ class Worker:
             except LockTimeout as exc:
                 stuck += 1
                 log.warning("claim %s left for recovery: %s", key_dir.name, exc)
+        if self._notices is not None:
+            self._notices.close()
+            self._notices = None
         remove_tree(self.scratch)
         if not stuck:
             remove_tree(self.claims_dir)
             unlink_quietly(self.spool.leases / self.id)
         os.close(self._lease_fd)
         self._lease_fd = None
+
+    @property
+    def notices(self) -> NoticeLog:
+        """This worker's notification log (`mercli.spool.notices`), made on first use."""
+        with self._notices_lock:
+            if self._notices is None:
+                self._notices = NoticeLog(self.spool.root, self.id)
+            return self._notices
 
     def tmp_path(self, suffix: str = "") -> Path:
         """A fresh, unused path in this worker's scratch folder."""
@@ -248,6 +264,7 @@ class Transaction:
         self._made: list[Path] = []
         self._unsynced: list[Path] = []
         self._states: set[str] = set()  # state folders made in out.tmp/ so far
+        self._notifications: list[dict[str, Any]] = []
 
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
         """A JSON file of a prepared output (job.json, a notification): written now, fsync'ed
@@ -269,16 +286,43 @@ class Transaction:
         self._made.append(path)
         return path
 
+    def notify(self, notification: dict[str, Any]) -> None:
+        """A notification (a notification.json record) that exists iff this commits: one line
+        of the worker's notification log, synced before the commit rename (step 3a)."""
+        self._notifications.append(notification)
+
     def commit(self) -> list[Item]:
         """Make everything durable, then commit by one rename, then publish each output."""
-        for path in self._unsynced:
-            fsync_file(path)
-        for path in self._made:
-            fsync_tree(path)
-        for state_dir in list_subdirs(self.root):
-            fsync_dir(state_dir)
-        fsync_dir(self.root)
-        os.rename(self.root, self.claim.key_dir / OUT)
+        txn = new_id() if self._notifications else ""
+        notices = self.claim.worker.notices if txn else None
+        logged = None
+        if notices is not None:
+            line = {"txn": txn, "key": self.claim.key_dir.name}
+            logged = sync_pool().submit(
+                notices.append, {**line, "notifications": self._notifications}, sync=True
+            )
+        try:
+            for path in self._unsynced:
+                fsync_file(path)
+            for path in self._made:
+                fsync_tree(path)
+            for state_dir in list_subdirs(self.root):
+                fsync_dir(state_dir)
+            fsync_dir(self.root)
+            if logged is not None:
+                logged.result()
+            os.rename(self.root, self.claim.key_dir / OUT)
+        except BaseException:
+            if logged is not None:
+                logged.exception()  # it has finished before anything else is written
+            if notices is not None:
+                try:
+                    notices.append({ABORT: txn}, sync=True)  # before the caller releases
+                except OSError as exc:
+                    log.error("cannot mark transaction %s aborted: %s", txn, exc)
+            raise
+        if notices is not None:
+            notices.append({COMMIT: txn}, sync=False)
         fsync_dir(self.claim.key_dir)
         return roll_forward(self.claim.spool, self.claim.key_dir)
 

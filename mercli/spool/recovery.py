@@ -39,6 +39,7 @@ from mercli.spool.items import (
 )
 from mercli.spool.journal import JOURNAL_DIR, SPARE_DIR, replay
 from mercli.spool.journal import owner_folder as journal_folder
+from mercli.spool.notices import resolve_dead_owner
 from mercli.spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ def _recover_owner(spool: Spool, owner: str, report: RecoveryReport) -> None:
         log.error("journal of dead receiver %s cannot be published yet: %s", owner, exc)
         return
     claims_dir = spool.claims / owner
+    try:  # before any claim is settled: the claims still tell what happened
+        resolve_dead_owner(spool.root, owner, claims_dir, ITEM, OUT)
+    except OSError as exc:
+        log.error("notification log of dead worker %s cannot be resolved yet: %s", owner, exc)
+        return
     released: list[tuple[str, str]] = []
     rolled_forward: list[tuple[str, str]] = []
     stuck = False

@@ -1,0 +1,152 @@
+"""Collecting the notification log into `notify/`: one item per notification, in batches.
+
+The stages write notifications as lines of their worker's log (`mercli.spool.notices`); this
+turns the lines of committed transactions into notification items (a folder with
+notification.json, as `mercli.notify` describes) that `mercli notify` claims and sends.
+
+One collector at a time per log (an exclusive `flock` on the log's folder, never waited
+for). A batch is written in this worker's scratch, synced together, renamed into `notify/`
+under each notification's own id (never clobbering: a batch re-collected after a crash
+finds its items there already), the folder synced once, and only then the cursor moved
+(written whole, durably). A crash anywhere in between collects the batch again and sends
+nothing twice that had not already been sent (an item already sent is the at-least-once
+that a crash allows).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mercli.fsutil import (
+    fsync_all,
+    fsync_dir,
+    make_dir,
+    remove_tree,
+    rename_noreplace,
+    unlink_quietly,
+    write_new,
+)
+from mercli.names import new_id
+from mercli.spool import NOTIFICATION_FILE, NOTIFY, Spool, Worker
+from mercli.spool.items import json_bytes
+from mercli.spool.notices import (
+    CURSOR_FILE,
+    NOTICES_DIR,
+    pending,
+    read_cursor,
+    segment_numbers,
+    segment_path,
+)
+
+log = logging.getLogger(__name__)
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what new_id makes; anything else is renamed
+
+
+class Collector:
+    """Collects every worker's log into `notify/`. A pass over a log with nothing new
+    costs a listing and one read of a block of zeros: cheap enough to poll."""
+
+    def __init__(self, spool: Spool, worker: Worker) -> None:
+        self.spool = spool
+        self.worker = worker
+
+    def collect(self) -> int:
+        """One pass over every log; how many notification items it made."""
+        made = 0
+        try:
+            owners = sorted(os.listdir(self.spool.root / NOTICES_DIR))
+        except FileNotFoundError:
+            return 0
+        for owner in owners:
+            folder = self.spool.root / NOTICES_DIR / owner
+            try:
+                made += self._collect_owner(owner, folder)
+            except OSError as exc:  # the next pass tries again; the log keeps everything
+                log.error("notification log %s cannot be collected yet: %s", owner, exc)
+        return made
+
+    def _owner_exists(self, owner: str) -> bool:
+        return (self.spool.leases / owner).exists() or (self.spool.claims / owner).is_dir()
+
+    def _collect_owner(self, owner: str, folder: Path) -> int:
+        # Whether the owner exists is asked before its log is read: an owner gone at this
+        # moment has written its last line (its lease goes last, after every marker).
+        owner_exists = self._owner_exists(owner)
+        with _locked(folder) as held:
+            if not held:
+                return 0  # another collector has it now
+            cursor = read_cursor(folder)
+            found = pending(folder, cursor, owner_exists=owner_exists)
+            made = self._publish(found.notifications) if found.notifications else 0
+            if not owner_exists and not found.waiting:
+                remove_tree(folder)  # everything collected, and nobody writes here again
+                return made
+            if found.cursor != cursor:
+                place = [found.cursor.segment, found.cursor.offset]
+                self.worker.replace_file(folder / CURSOR_FILE, json.dumps(place).encode())
+            for number in segment_numbers(folder):
+                if number < found.cursor.segment:  # passed: never read again
+                    unlink_quietly(segment_path(folder, number))
+        return made
+
+    def _publish(self, notifications: list[dict[str, Any]]) -> int:
+        """Items for a batch of notifications, durable before the caller moves the cursor."""
+        built: list[tuple[str, Path]] = []
+        try:
+            for record in notifications:
+                name = str(record.get("id") or "")
+                if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+                    name = record["id"] = new_id()
+                folder = self.worker.tmp_path()
+                make_dir(folder)
+                built.append((name, folder))
+                write_new(folder / NOTIFICATION_FILE, json_bytes(record), sync=False)
+            fsync_all(
+                [folder / NOTIFICATION_FILE for _, folder in built],
+                [folder for _, folder in built],
+            )
+            made = 0
+            for name, folder in built:
+                try:
+                    rename_noreplace(folder, self.spool.state_dir(NOTIFY) / name)
+                    made += 1
+                except FileExistsError:  # collected before a crash that kept the cursor
+                    continue
+            fsync_dir(self.spool.state_dir(NOTIFY))
+            return made
+        finally:
+            for _, folder in built:
+                remove_tree(folder)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking flock on a log's folder: True if this process has it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield os.fstat(fd).st_nlink > 0
+    finally:
+        os.close(fd)
+
+
+def collect(spool: Spool, worker: Worker) -> int:
+    """Collect every log once (`mercli notify --once`, tests)."""
+    return Collector(spool, worker).collect()

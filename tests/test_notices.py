@@ -1,0 +1,245 @@
+"""The notification log (`mercli.spool.notices`) and its collection into notify/
+(`mercli.notify.collect`), on real files: a transaction's notifications count iff it
+committed, a collector never takes a line whose fate is open while its writer lives, torn
+lines and zeros end a segment, segments roll over and are deleted once passed, a collector
+killed at every step loses and doubles nothing, and a routed series' notification reaches a
+real webhook through a running `mercli notify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mercli.names import new_id
+from mercli.notify.collect import Collector, collect
+from mercli.spool import NOTIFICATION_FILE, NOTIFY, NOTIFY_SENT, Spool, Worker, recover
+from mercli.spool import notices as notices_module
+from mercli.spool.notices import (
+    ABORT,
+    COMMIT,
+    CURSOR_FILE,
+    NOTICES_DIR,
+    pending,
+    read_cursor,
+    segment_numbers,
+    segment_path,
+)
+from tests.crashkit import run_until_done
+from tests.netkit import wait_until
+from tests.test_dispatch import routed
+from tests.test_notify_outbox import rules_file
+from tests.test_notify_send import Hook, names, service
+
+
+def note(body: str) -> dict[str, Any]:
+    return {"id": new_id(), "event": "routed", "body": body, "channel": {"name": "x"}}
+
+
+def bodies(spool: Spool) -> list[str]:
+    return sorted(
+        json.loads((item.path / NOTIFICATION_FILE).read_text())["body"]
+        for item in spool.items(NOTIFY)
+    )
+
+
+def collected(spool: Spool) -> int:
+    with Worker(spool, "notify") as worker:
+        return collect(spool, worker)
+
+
+def test_a_live_writers_open_transaction_waits_for_its_fate(spool: Spool) -> None:
+    with Worker(spool, "route") as writer:
+        writer.notices.append({"txn": "t1", "key": "k", "notifications": [note("a")]}, sync=True)
+        writer.notices.append({"txn": "t2", "key": "k", "notifications": [note("b")]}, sync=True)
+        writer.notices.append({ABORT: "t2"}, sync=True)  # t2 failed; t1 is still mid-commit
+        assert collected(spool) == 0 and bodies(spool) == []
+        writer.notices.append({COMMIT: "t1"}, sync=False)
+        assert collected(spool) == 1 and bodies(spool) == ["a"]
+        assert collected(spool) == 0  # the cursor moved past both: nothing twice
+        folder = spool.root / NOTICES_DIR / writer.id
+        assert json.loads((folder / CURSOR_FILE).read_text())[0] == 1
+    assert collected(spool) == 0 and bodies(spool) == ["a"]
+    assert not folder.exists()  # the writer stopped and everything was collected
+
+
+def test_zeros_and_torn_lines_end_a_segment(spool: Spool) -> None:
+    with Worker(spool, "route") as writer:
+        writer.notices.append({"txn": "t", "key": "k", "notifications": [note("a")]}, sync=True)
+        writer.notices.append({COMMIT: "t"}, sync=False)
+        folder = spool.root / NOTICES_DIR / writer.id
+        path = segment_path(folder, 1)
+        end = len(path.read_bytes().rstrip(b"\0"))
+        fd = os.open(path, os.O_WRONLY)
+        try:  # a line cut short (its writer died in it), then a whole line after it
+            os.pwrite(fd, b'{"txn":"u","key":"k","notifications":[{"body":', end)
+            os.pwrite(fd, b'\n{"txn":"v","key":"k","notifications":[]}\n', end + 60)
+        finally:
+            os.close(fd)
+        found = pending(folder, read_cursor(folder), owner_exists=True)
+        assert [n["body"] for n in found.notifications] == ["a"] and found.waiting == 0
+
+
+def test_segments_roll_over_and_passed_ones_are_deleted(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notices_module, "FIRST_SEGMENT_SIZE", 2048)
+    monkeypatch.setattr(notices_module, "MAX_SEGMENT_SIZE", 4096)
+    with Worker(spool, "route") as writer:
+        folder = spool.root / NOTICES_DIR / writer.id
+        for n in range(60):
+            txn = f"t{n}"
+            writer.notices.append({"txn": txn, "key": "k", "notifications": [note(f"{n:02d}")]},
+                                  sync=True)  # fmt: skip
+            writer.notices.append({COMMIT: txn}, sync=False)
+            if n == 30:
+                assert collected(spool) == 31
+        made = segment_numbers(folder)
+        assert made[-1] >= 3 and (segment_path(folder, made[-1]).stat().st_size == 4096)
+        assert collected(spool) == 29
+        assert segment_numbers(folder)[0] > 1  # the passed segments are gone
+    assert bodies(spool) == [f"{n:02d}" for n in range(60)]
+
+
+def test_a_line_longer_than_a_segment_gets_a_segment_of_its_own(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notices_module, "FIRST_SEGMENT_SIZE", 1024)
+    with Worker(spool, "route") as writer:
+        long = note("x" * 5000)
+        writer.notices.append({"txn": "t", "key": "k", "notifications": [long]}, sync=True)
+        writer.notices.append({COMMIT: "t"}, sync=False)
+    assert collected(spool) == 1 and bodies(spool) == ["x" * 5000]
+
+
+def test_hostile_ids_and_keys_stay_inside_the_spool(spool: Spool) -> None:
+    with Worker(spool, "route") as writer:
+        evil = {**note("a"), "id": "../../escape"}
+        writer.notices.append({"txn": "t", "key": "../..", "notifications": [evil]}, sync=True)
+        writer.notices.append({COMMIT: "t"}, sync=False)
+    assert collected(spool) == 1
+    (item,) = spool.items(NOTIFY)
+    assert item.path.parent == spool.state_dir(NOTIFY) and ".." not in item.name
+    assert not (spool.root.parent / "escape").exists()
+
+
+def test_two_collectors_at_once_make_each_item_once(spool: Spool) -> None:
+    with Worker(spool, "route") as writer:
+        for n in range(200):
+            writer.notices.append({"txn": f"t{n}", "key": "k", "notifications": [note(str(n))]},
+                                  sync=False)  # fmt: skip
+            writer.notices.append({COMMIT: f"t{n}"}, sync=False)
+    counts: list[int] = []
+    with Worker(spool, "notify") as one, Worker(spool, "notify") as two:
+        collectors = [Collector(spool, one), Collector(spool, two)]
+        threads = [
+            threading.Thread(target=lambda c=c: counts.append(c.collect())) for c in collectors
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        counts += [c.collect() for c in collectors]
+    assert sum(counts) == 200 and len(spool.items(NOTIFY)) == 200
+
+
+def test_kill_9_at_every_step_of_collecting_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    template, root = tmp_path / "template", tmp_path / "spool"
+    spool = Spool.open(template)
+    with Worker(spool, "route") as writer:
+        for n in range(3):
+            writer.notices.append({"txn": f"t{n}", "key": "k", "notifications": [note(str(n))]},
+                                  sync=True)  # fmt: skip
+            writer.notices.append({COMMIT: f"t{n}"}, sync=False)
+
+    def setup() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(template, root, symlinks=True)
+
+    def scenario() -> None:
+        collected(Spool(root))
+
+    def check(step: int) -> None:
+        spool = Spool(root)
+        recover(spool, tmp_grace=0)
+        assert len(bodies(spool)) <= 3, step
+        collected(spool)  # the next collector finishes the job
+        assert bodies(spool) == ["0", "1", "2"], step
+        assert not (root / NOTICES_DIR).exists() or os.listdir(root / NOTICES_DIR) == [], step
+
+    assert run_until_done(scenario, check, setup=setup) > 10
+
+
+def test_recovery_decides_a_dead_writers_open_transactions_from_its_claims(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """A writer that died after its line, before its marker: `out/` in the claim (committed),
+    the item still claimed (not), the claim gone (rolled forward)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            writer = Worker(spool, "route")
+            writer.start()
+            claims = spool.claims / writer.id
+            keys = (("incoming~a", ["item", "out"]), ("incoming~b", ["item"]), ("incoming~c", []))
+            for key, made in keys:
+                for name in made:
+                    (claims / key / name).mkdir(parents=True)
+                writer.notices.append(
+                    {"txn": key, "key": key, "notifications": [note(key)]}, sync=True
+                )
+        finally:
+            os._exit(0)  # dies holding everything: no stop, no markers
+    os.waitpid(pid, 0)
+    assert collected(spool) == 0  # its lease is still there: recovery decides first
+    recover(spool, tmp_grace=0)
+    assert collected(spool) == 2 and bodies(spool) == ["incoming~a", "incoming~c"]
+    assert not (spool.root / NOTICES_DIR).exists() or os.listdir(spool.root / NOTICES_DIR) == []
+
+
+def test_routed_notification_reaches_a_webhook_through_mercli_notify(
+    tmp_path: Path, spool: Spool
+) -> None:
+    hook = Hook()
+    try:
+        rules = rules_file(tmp_path, events='["routed"]')
+        rules.write_text(rules.read_text().replace("http://127.0.0.1:9/hook", hook.url()))
+        running = service(spool)
+        try:
+            routed(tmp_path, spool, rules, {"1.2.30": 2})
+            wait_until(lambda: len(names(spool, NOTIFY_SENT)) == 1, timeout=30, what="delivery")
+        finally:
+            running.terminate()
+            assert running.wait(timeout=30) == 0
+        (request,) = hook.requests
+        assert request["body"].startswith(b"routed|ct|out|")
+        assert not (spool.root / NOTICES_DIR).exists() or os.listdir(spool.root / NOTICES_DIR) == []
+    finally:
+        hook.close()
+
+
+def test_status_counts_what_waits_in_the_logs_then_notify_once_sends_it(
+    tmp_path: Path, spool: Spool
+) -> None:
+    from mercli.status import collect_status
+    from tests.test_notify_send import notify_once
+
+    hook = Hook()
+    try:
+        rules = rules_file(tmp_path, events='["received", "routed"]')
+        rules.write_text(rules.read_text().replace("http://127.0.0.1:9/hook", hook.url()))
+        routed(tmp_path, spool, rules, {"1.2.31": 1, "1.2.32": 1})
+        assert spool.items(NOTIFY) == []  # still lines of the router's log
+        waiting = collect_status(spool)["notify"]["channels"]["hook"]["waiting"]
+        assert waiting == 4  # received and routed, for two series
+        result = notify_once(spool)
+        assert result.returncode == 0, result.stderr
+        assert len(names(spool, NOTIFY_SENT)) == 4 and len(hook.requests) == 4
+        assert "hook" not in collect_status(spool)["notify"]["channels"]
+    finally:
+        hook.close()
