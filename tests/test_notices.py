@@ -55,11 +55,11 @@ def collected(spool: Spool) -> int:
 
 def test_a_live_writers_open_transaction_waits_for_its_fate(spool: Spool) -> None:
     with Worker(spool, "route") as writer:
-        writer.notices.append({"txn": "t1", "key": "k", "notifications": [note("a")]}, sync=True)
-        writer.notices.append({"txn": "t2", "key": "k", "notifications": [note("b")]}, sync=True)
-        writer.notices.append({ABORT: "t2"}, sync=True)  # t2 failed; t1 is still mid-commit
+        writer.notices.open_transaction("t1", "k", [note("a")])
+        writer.notices.open_transaction("t2", "k", [note("b")])
+        writer.notices.mark("t2", "k", ABORT)  # t2 failed; t1 is still mid-commit
         assert collected(spool) == 0 and bodies(spool) == []
-        writer.notices.append({COMMIT: "t1"}, sync=False)
+        writer.notices.mark("t1", "k", COMMIT)
         assert collected(spool) == 1 and bodies(spool) == ["a"]
         assert collected(spool) == 0  # the cursor moved past both: nothing twice
         folder = spool.root / NOTICES_DIR / writer.id
@@ -70,8 +70,8 @@ def test_a_live_writers_open_transaction_waits_for_its_fate(spool: Spool) -> Non
 
 def test_zeros_and_torn_lines_end_a_segment(spool: Spool) -> None:
     with Worker(spool, "route") as writer:
-        writer.notices.append({"txn": "t", "key": "k", "notifications": [note("a")]}, sync=True)
-        writer.notices.append({COMMIT: "t"}, sync=False)
+        writer.notices.open_transaction("t", "k", [note("a")])
+        writer.notices.mark("t", "k", COMMIT)
         folder = spool.root / NOTICES_DIR / writer.id
         path = segment_path(folder, 1)
         end = len(path.read_bytes().rstrip(b"\0"))
@@ -82,7 +82,7 @@ def test_zeros_and_torn_lines_end_a_segment(spool: Spool) -> None:
         finally:
             os.close(fd)
         found = pending(folder, read_cursor(folder), owner_exists=True)
-        assert [n["body"] for n in found.notifications] == ["a"] and found.waiting == 0
+        assert [n["body"] for _, _, n in found.notifications] == ["a"] and found.waiting == 0
 
 
 def test_segments_roll_over_and_passed_ones_are_deleted(
@@ -94,9 +94,8 @@ def test_segments_roll_over_and_passed_ones_are_deleted(
         folder = spool.root / NOTICES_DIR / writer.id
         for n in range(60):
             txn = f"t{n}"
-            writer.notices.append({"txn": txn, "key": "k", "notifications": [note(f"{n:02d}")]},
-                                  sync=True)  # fmt: skip
-            writer.notices.append({COMMIT: txn}, sync=False)
+            writer.notices.open_transaction(txn, "k", [note(f"{n:02d}")])
+            writer.notices.mark(txn, "k", COMMIT)
             if n == 30:
                 assert collected(spool) == 31
         made = segment_numbers(folder)
@@ -112,16 +111,16 @@ def test_a_line_longer_than_a_segment_gets_a_segment_of_its_own(
     monkeypatch.setattr(notices_module, "FIRST_SEGMENT_SIZE", 1024)
     with Worker(spool, "route") as writer:
         long = note("x" * 5000)
-        writer.notices.append({"txn": "t", "key": "k", "notifications": [long]}, sync=True)
-        writer.notices.append({COMMIT: "t"}, sync=False)
+        writer.notices.open_transaction("t", "k", [long])
+        writer.notices.mark("t", "k", COMMIT)
     assert collected(spool) == 1 and bodies(spool) == ["x" * 5000]
 
 
 def test_hostile_ids_and_keys_stay_inside_the_spool(spool: Spool) -> None:
     with Worker(spool, "route") as writer:
         evil = {**note("a"), "id": "../../escape"}
-        writer.notices.append({"txn": "t", "key": "../..", "notifications": [evil]}, sync=True)
-        writer.notices.append({COMMIT: "t"}, sync=False)
+        writer.notices.open_transaction("t", "../..", [evil])
+        writer.notices.mark("t", "k", COMMIT)
     assert collected(spool) == 1
     (item,) = spool.items(NOTIFY)
     assert item.path.parent == spool.state_dir(NOTIFY) and ".." not in item.name
@@ -131,9 +130,8 @@ def test_hostile_ids_and_keys_stay_inside_the_spool(spool: Spool) -> None:
 def test_two_collectors_at_once_make_each_item_once(spool: Spool) -> None:
     with Worker(spool, "route") as writer:
         for n in range(200):
-            writer.notices.append({"txn": f"t{n}", "key": "k", "notifications": [note(str(n))]},
-                                  sync=False)  # fmt: skip
-            writer.notices.append({COMMIT: f"t{n}"}, sync=False)
+            writer.notices.open_transaction(f"t{n}", "k", [note(str(n))])
+            writer.notices.mark(f"t{n}", "k", COMMIT)
     counts: list[int] = []
     with Worker(spool, "notify") as one, Worker(spool, "notify") as two:
         collectors = [Collector(spool, one), Collector(spool, two)]
@@ -153,9 +151,8 @@ def test_kill_9_at_every_step_of_collecting_loses_and_doubles_nothing(tmp_path: 
     spool = Spool.open(template)
     with Worker(spool, "route") as writer:
         for n in range(3):
-            writer.notices.append({"txn": f"t{n}", "key": "k", "notifications": [note(str(n))]},
-                                  sync=True)  # fmt: skip
-            writer.notices.append({COMMIT: f"t{n}"}, sync=False)
+            writer.notices.open_transaction(f"t{n}", "k", [note(str(n))])
+            writer.notices.mark(f"t{n}", "k", COMMIT)
 
     def setup() -> None:
         shutil.rmtree(root, ignore_errors=True)
@@ -190,9 +187,7 @@ def test_recovery_decides_a_dead_writers_open_transactions_from_its_claims(
             for key, made in keys:
                 for name in made:
                     (claims / key / name).mkdir(parents=True)
-                writer.notices.append(
-                    {"txn": key, "key": key, "notifications": [note(key)]}, sync=True
-                )
+                writer.notices.open_transaction(key, key, [note(key)])
         finally:
             os._exit(0)  # dies holding everything: no stop, no markers
     os.waitpid(pid, 0)
@@ -243,3 +238,89 @@ def test_status_counts_what_waits_in_the_logs_then_notify_once_sends_it(
         assert "hook" not in collect_status(spool)["notify"]["channels"]
     finally:
         hook.close()
+
+
+def test_a_cursor_that_cannot_be_written_collects_nothing_twice(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is published but the cursor stays: the next pass finds the items (one
+    already sent, one with an id that had to be replaced) and makes none of them again."""
+    with Worker(spool, "route") as writer, Worker(spool, "notify") as worker:
+        writer.notices.open_transaction("t", "k", [note("a"), {**note("b"), "id": "../x"}])
+        writer.notices.mark("t", "k", COMMIT)
+        collector = Collector(spool, worker)
+        with monkeypatch.context() as patch:
+
+            def refuse(path: Path, data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+            patch.setattr(worker, "replace_file", refuse)
+            collector.collect()  # the error is logged, not raised
+        first, second = spool.items(NOTIFY)  # published before the cursor failed
+        os.rename(first.path, spool.state_dir(NOTIFY_SENT) / first.name)  # sent meanwhile
+        assert collector.collect() == 0
+        assert read_cursor(spool.root / NOTICES_DIR / writer.id).segment == 1  # moved now
+    assert [i.name for i in spool.items(NOTIFY)] == [second.name]
+    assert [i.name for i in spool.items(NOTIFY_SENT)] == [first.name]
+    assert collected(spool) == 0
+    assert not (spool.root / NOTICES_DIR).exists() or os.listdir(spool.root / NOTICES_DIR) == []
+
+
+def test_a_marker_needs_no_new_segment_on_a_full_disk(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notices_module, "FIRST_SEGMENT_SIZE", 1024)
+    with Worker(spool, "route") as writer:
+        writer.notices.open_transaction("t", "k", [note("x" * 700)])  # the room left: a marker
+
+        def full(*args: object) -> int:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(notices_module, "_create_segment", full)
+        writer.notices.mark("t", "k", COMMIT)
+        with pytest.raises(OSError, match="No space"):
+            writer.notices.open_transaction("u", "k", [note("y")])
+    assert collected(spool) == 1 and bodies(spool) == ["x" * 700]
+
+
+def test_a_key_claimed_again_gets_its_commit_marker_synced_first(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    with Worker(spool, "route") as writer:
+        writer.notices.open_transaction("t", "incoming~s", [note("a")])
+        writer.notices.mark("t", "incoming~s", COMMIT)
+        assert len(syncs) == 1  # the line; the commit marker is not synced
+        writer.notices.before_claim("incoming~other")
+        assert len(syncs) == 1
+        assert writer.claim("incoming", "s") is None  # nothing there, but the key was synced
+        assert len(syncs) == 2
+        writer.notices.before_claim("incoming~s")
+        assert len(syncs) == 2  # durable already
+
+
+def test_an_error_after_the_commit_rename_finishes_the_transaction(
+    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename committed: the caller's release rolls it forward (as recovery would), so
+    the outputs and their notification stay, and the series is not routed again."""
+    from mercli.spool import INCOMING, OUTGOING
+    from mercli.spool import claims as claims_module
+
+    real = claims_module.roll_forward
+    failures = [OSError(5, "Input/output error")]
+
+    def once(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(claims_module, "roll_forward", once)
+    rules = rules_file(tmp_path, events='["routed"]')
+    with pytest.raises(OSError, match="Input/output"):
+        routed(tmp_path, spool, rules, {"1.2.33": 2})
+    assert spool.items(INCOMING) == [] and len(spool.items(OUTGOING)) == 1
+    assert spool.claimed(INCOMING) == []
+    assert collected(spool) == 1

@@ -5,9 +5,9 @@ failed; dispatch: delivered, failed) writes one notification per channel that as
 event in the same transaction as its own state change, as a line of its worker's
 notification log (`mercli.spool.notices`): the event and its notification exist together or
 not at all. `mercli notify` collects the committed ones into **notification items** in
-`notify/` (`collect`), claims them (leases, as dispatch), sends, retries with backoff and ends each in `notify_sent/` or, after
-its last try, in `notify_failed/` with `error.json`. A dead webhook delays nothing but
-its own notifications.
+`notify/` (`collect`), claims them (leases, as dispatch), sends, retries with backoff and
+ends each in `notify_sent/` or, after its last try, in `notify_failed/` with `error.json`. A
+dead webhook delays nothing but its own notifications.
 
 A notification item is a folder holding `notification.json` (and, once tried,
 `progress.json`):

@@ -16,6 +16,7 @@ that a crash allows).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -34,8 +35,7 @@ from mercli.fsutil import (
     unlink_quietly,
     write_new,
 )
-from mercli.names import new_id
-from mercli.spool import NOTIFICATION_FILE, NOTIFY, Spool, Worker
+from mercli.spool import NOTIFICATION_FILE, NOTIFY, NOTIFY_FAILED, NOTIFY_SENT, Spool, Worker
 from mercli.spool.items import json_bytes
 from mercli.spool.notices import (
     CURSOR_FILE,
@@ -48,6 +48,7 @@ from mercli.spool.notices import (
 
 log = logging.getLogger(__name__)
 
+BATCH = 1000  # notifications collected at most in one pass over one log
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what new_id makes; anything else is renamed
 
 
@@ -81,31 +82,48 @@ class Collector:
         # Whether the owner exists is asked before its log is read: an owner gone at this
         # moment has written its last line (its lease goes last, after every marker).
         owner_exists = self._owner_exists(owner)
+        made = 0
         with _locked(folder) as held:
             if not held:
                 return 0  # another collector has it now
-            cursor = read_cursor(folder)
-            found = pending(folder, cursor, owner_exists=owner_exists)
-            made = self._publish(found.notifications) if found.notifications else 0
-            if not owner_exists and not found.waiting:
-                remove_tree(folder)  # everything collected, and nobody writes here again
-                return made
-            if found.cursor != cursor:
-                place = [found.cursor.segment, found.cursor.offset]
-                self.worker.replace_file(folder / CURSOR_FILE, json.dumps(place).encode())
-            for number in segment_numbers(folder):
-                if number < found.cursor.segment:  # passed: never read again
-                    unlink_quietly(segment_path(folder, number))
-        return made
+            while True:
+                cursor = read_cursor(folder)
+                found = pending(folder, cursor, owner_exists=owner_exists, limit=BATCH)
+                if found.notifications:
+                    made += self._publish(owner, found.notifications)
+                if not owner_exists and not found.waiting and not found.more:
+                    remove_tree(folder)  # everything collected, and nobody writes here again
+                    return made
+                if found.cursor != cursor:
+                    place = [found.cursor.segment, found.cursor.offset]
+                    self.worker.replace_file(folder / CURSOR_FILE, json.dumps(place).encode())
+                for number in segment_numbers(folder):
+                    if number < found.cursor.segment:  # passed: never read again
+                        unlink_quietly(segment_path(folder, number))
+                if not found.more:
+                    return made
 
-    def _publish(self, notifications: list[dict[str, Any]]) -> int:
-        """Items for a batch of notifications, durable before the caller moves the cursor."""
+    def _publish(self, owner: str, notifications: list[tuple[str, int, dict[str, Any]]]) -> int:
+        """Items for a batch of notifications, durable before the caller moves the cursor.
+
+        A notification whose item exists already (in notify/, claimed by a sender, sent or
+        given up) is not made again: its batch was collected before, and the cursor could not
+        be moved then (an error or a crash in between).
+        """
+        notify = self.spool.state_dir(NOTIFY)
+        known = {item.name for item in self.spool.claimed(NOTIFY)}
         built: list[tuple[str, Path]] = []
         try:
-            for record in notifications:
+            for txn, index, record in notifications:
                 name = str(record.get("id") or "")
                 if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
-                    name = record["id"] = new_id()
+                    digest = hashlib.sha256(f"{owner}/{txn}/{index}".encode()).hexdigest()
+                    name = record["id"] = f"n{digest[:40]}"  # the same on every collection
+                if name in known or any(
+                    (self.spool.state_dir(state) / name).exists()
+                    for state in (NOTIFY, NOTIFY_SENT, NOTIFY_FAILED)
+                ):
+                    continue
                 folder = self.worker.tmp_path()
                 make_dir(folder)
                 built.append((name, folder))
@@ -117,11 +135,12 @@ class Collector:
             made = 0
             for name, folder in built:
                 try:
-                    rename_noreplace(folder, self.spool.state_dir(NOTIFY) / name)
+                    rename_noreplace(folder, notify / name)
                     made += 1
-                except FileExistsError:  # collected before a crash that kept the cursor
+                except FileExistsError:  # made by a collector that died before its cursor
                     continue
-            fsync_dir(self.spool.state_dir(NOTIFY))
+            if made:
+                fsync_dir(notify)
             return made
         finally:
             for _, folder in built:

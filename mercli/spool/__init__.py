@@ -99,11 +99,11 @@ Protocol:
 The spool must live on one local filesystem (or NFSv4 with working flock): renames are only
 atomic within one filesystem, which `Spool.open` checks.
 
-Modules, each depending only on those before it: `items` (folder and file names, `Item`,
-the files inside items; a leaf), `events` (the audit trail), `store` (`Spool`: layout,
-reading, publishing, placing items, hints), `journal` (receive's write-ahead journal: step
-5a), `notices` (the notification log: step 5b), `recovery` (`recover`, `lease_is_held`: steps 4 and 5) and `claims` (`Worker`, `Claim`,
-`Transaction`: steps 3 and 4). Callers import the
+Modules, each depending only on those before it: `items` (folder and file names, `Item`, the
+files inside items; a leaf), `events` (the audit trail), `store` (`Spool`: layout, reading,
+publishing, placing items, hints), `journal` (receive's write-ahead journal: step 5a),
+`notices` (the notification log: step 5b), `recovery` (`recover`, `lease_is_held`: steps 4
+and 5) and `claims` (`Worker`, `Claim`, `Transaction`: steps 3 and 4). Callers import the
 public names from `mercli.spool`.
 """
 

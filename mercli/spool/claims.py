@@ -187,6 +187,8 @@ class Worker:
         """
         source = self.spool.state_dir(state) / name
         key_dir = self.claims_dir / f"{state}{KEY_SEPARATOR}{name}"
+        if self._notices is not None:
+            self._notices.before_claim(key_dir.name)
         try:
             make_dir(key_dir)
         except FileExistsError:
@@ -224,8 +226,15 @@ class Claim:
     def __repr__(self) -> str:
         return f"Claim({self.state}/{self.name} by {self.worker.id})"
 
-    def release(self) -> Item:
-        """Give the item back to its state unchanged, for someone to take again."""
+    def release(self) -> Item | None:
+        """Give the item back to its state unchanged, for someone to take again.
+
+        Unless a transaction of it has committed (`out/` there: an error came after the
+        commit rename): that is finished instead, as recovery would (None then).
+        """
+        if (self.key_dir / OUT).is_dir():
+            roll_forward(self.spool, self.key_dir)
+            return None
         item = self.spool.place(self.path, self.state, self.name)
         remove_tree(self.key_dir)
         return item
@@ -288,19 +297,22 @@ class Transaction:
 
     def notify(self, notification: dict[str, Any]) -> None:
         """A notification (a notification.json record) that exists iff this commits: one line
-        of the worker's notification log, synced before the commit rename (step 3a)."""
+        of the worker's notification log, synced before the commit rename (step 5b)."""
         self._notifications.append(notification)
 
     def commit(self) -> list[Item]:
-        """Make everything durable, then commit by one rename, then publish each output."""
+        """Make everything durable, then commit by one rename, then publish each output.
+
+        With notifications, their line in the worker's log is written and synced beside the
+        other fsyncs (a thread of the fsync pool: its flush overlaps theirs) and must be
+        durable before the rename; the marker after it says how the transaction ended.
+        """
         txn = new_id() if self._notifications else ""
         notices = self.claim.worker.notices if txn else None
         logged = None
         if notices is not None:
-            line = {"txn": txn, "key": self.claim.key_dir.name}
-            logged = sync_pool().submit(
-                notices.append, {**line, "notifications": self._notifications}, sync=True
-            )
+            key = self.claim.key_dir.name
+            logged = sync_pool().submit(notices.open_transaction, txn, key, self._notifications)
         try:
             for path in self._unsynced:
                 fsync_file(path)
@@ -314,17 +326,24 @@ class Transaction:
             os.rename(self.root, self.claim.key_dir / OUT)
         except BaseException:
             if logged is not None:
-                logged.exception()  # it has finished before anything else is written
-            if notices is not None:
-                try:
-                    notices.append({ABORT: txn}, sync=True)  # before the caller releases
-                except OSError as exc:
-                    log.error("cannot mark transaction %s aborted: %s", txn, exc)
+                logged.exception()  # finished (written or not) before its marker goes in
+                self._mark(txn, ABORT)  # synced before the caller releases the claim
             raise
-        if notices is not None:
-            notices.append({COMMIT: txn}, sync=False)
-        fsync_dir(self.claim.key_dir)
+        try:
+            fsync_dir(self.claim.key_dir)  # the commit durable before its marker says so
+        finally:
+            if logged is not None:
+                self._mark(txn, COMMIT)
         return roll_forward(self.claim.spool, self.claim.key_dir)
+
+    def _mark(self, txn: str, fate: str) -> None:
+        """A marker never fails the transaction: it goes into room its line kept, so only
+        an I/O error can stop it; then the line waits for recovery (commit) or, if an abort
+        marker is lost, is taken as committed once the worker is gone (at least once)."""
+        try:
+            self.claim.worker.notices.mark(txn, self.claim.key_dir.name, fate)
+        except OSError as exc:
+            log.error("cannot mark transaction %s %s in the notification log: %s", txn, fate, exc)
 
     def abort(self) -> None:
         """Drop everything prepared; the claim stays held."""

@@ -1,16 +1,18 @@
 """The notification log: a transaction's notifications made durable for one `fdatasync`.
 
-Protocol step 3a of `mercli.spool`. SPEC §8 wants the notification of an event written in the
-same transaction as the event's state change. As an item of its own in `out.tmp/notify/` it
-cost two folders, a file and four fsyncs of new metadata: on a disk where each is a flush,
-a fifth of routing a ten-instance series. So a transaction appends its notifications as one
-line to a **log** of its worker, into blocks the log already owns, and `fdatasync`s it
-before the commit rename; `mercli notify` later turns the lines of committed transactions
-into notification items in `notify/` (`mercli.notify.collect`).
+Protocol step 5b of `mercli.spool`. SPEC §8 wants the notification of an event written in
+the same transaction as the event's state change. As an item of its own in `out.tmp/notify/`
+it cost two folders, a file and four fsyncs of new metadata: on a disk where each is a
+flush, a fifth of routing a ten-instance series. So a transaction appends its notifications
+as one line to a **log** of its worker, into blocks the log already owns, and `fdatasync`s it
+before the commit rename (beside the transaction's other fsyncs, so the flushes overlap);
+`mercli notify` later turns the lines of committed transactions into notification items in
+`notify/` (`mercli.notify.collect`).
 
 Layout: `notices/<owner>/<n>.log`, the segments of one worker (n = 00000001, 00000002...;
-each written full of zeros and fsync'ed before use, so a write into it and its `fdatasync`
-change no metadata), and `notices/<owner>/cursor.json`, where the collector has got to.
+each written full of zeros and fsync'ed, with its folder, before use, so a write into it and
+its `fdatasync` change no metadata), and `notices/<owner>/cursor.json`, where the collector
+has got to.
 
 A segment holds lines of compact JSON, each written whole by one `pwrite`; its **valid
 prefix** ends at the first line that is not a whole JSON object (zeros: not written yet; a
@@ -19,19 +21,26 @@ torn line: its writer died). Three kinds of line:
     {"txn": T, "key": "<state>~<name>", "notifications": [...]}
         written and fdatasync'ed before transaction T's commit rename (T is unique; key is
         its claim's folder under claims/<owner>/)
-    {"commit": T}    written right after the rename (not synced: see below)
-    {"abort": T}     written (and synced) when T failed before its rename
+    {"commit": T}    written once the rename is durable (not synced itself: see below)
+    {"abort": T}     written and synced when T failed before its rename, before the claim
+                     is released
+
+A transaction's line keeps MARK_ROOM bytes of its segment for its marker, so a marker is
+always a write into blocks the log owns: a full disk cannot refuse it.
 
 A transaction's notifications are sent iff it committed. The **fate** of T is its marker;
 without one (the worker died between the lines, or a power cut took the unsynced marker),
 recovery of the dead owner (step 4) decides from the claim before it settles it: `out/`
 there, or the claimed item gone (rolled forward), means committed; the item there without
-`out/` means not (recovery then gives the item back) — and it writes the markers, synced, into
-a new segment of the dead owner's log. A worker that fails a commit writes `abort` before it
-releases the claim. So a collector never guesses: it waits at a line without a marker while
-its owner's lease exists, and takes such a line as committed only once the owner is gone
-without recovery having found it (if even the abort marker could not be written: at least
-once, never lost).
+`out/` means not (recovery then gives the item back), and it writes the markers, synced, into
+a new segment of the dead owner's log. For that answer to be about T's claim and not a
+later claim of the same name, a worker syncs its log before it claims a key whose commit
+marker is not durable yet (`before_claim`: rare, a series that grew after it was routed),
+and syncs a full segment before it moves to the next. A collector never guesses: it waits
+at a line without a marker while its owner's lease exists. It takes such a line as
+committed only once the owner is gone without recovery having marked it, which happens only
+if writing a marker failed with an I/O error (the worker logs it): then a transaction that
+failed may be told of, a notification is never lost.
 
 Segments are never reused: a full one is left for the collector, which deletes a segment
 once its cursor has passed into a later one, and an owner's folder once the owner is gone
@@ -40,6 +49,7 @@ and everything in it collected.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -57,6 +67,7 @@ FIRST_SEGMENT_SIZE = 256 * 1024  # a `route --once` from cron writes a few lines
 MAX_SEGMENT_SIZE = 4 * 1024 * 1024
 READ_BLOCK = 256 * 1024
 COMMIT, ABORT = "commit", "abort"
+MARK_ROOM = 128  # bytes a transaction line keeps for its marker ({"commit": "<new_id>"})
 
 
 def owner_folder(root: Path, owner: str) -> Path:
@@ -113,7 +124,12 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 class NoticeLog:
     """The log one worker appends to (thread-safe: dispatch and process share a worker
-    between threads). Made when the worker first notifies; `close` at the worker's stop."""
+    between threads). Made when the worker first notifies; `close` at the worker's stop.
+
+    A transaction's line keeps MARK_ROOM bytes of its segment for its marker (for every
+    transaction open at once), so a marker never needs a new segment: it is a write into
+    blocks the log owns, which a full disk cannot refuse.
+    """
 
     def __init__(self, root: Path, owner: str, first: int = 1) -> None:
         self.folder = owner_folder(root, owner)
@@ -122,37 +138,88 @@ class NoticeLog:
         self._number = first - 1
         self._size = 0
         self._offset = 0
+        self._open: set[str] = set()  # transactions whose marker is still to come
+        self._unsynced: set[str] = set()  # claim keys whose commit marker is not synced yet
+        self._closed = False
 
-    def append(self, record: dict[str, Any], *, sync: bool) -> None:
-        """Write one line; with `sync`, durable when this returns."""
+    def open_transaction(self, txn: str, key: str, notifications: list[dict[str, Any]]) -> None:
+        """The line of transaction `txn` (claim `key`), durable when this returns."""
+        data = _line({"txn": txn, "key": key, "notifications": notifications})
+        with self._lock:
+            fd = self._room(len(data) + (len(self._open) + 1) * MARK_ROOM)
+            self._write(fd, data)
+            self._open.add(txn)
+            self._sync(fd)
+
+    def mark(self, txn: str, key: str, fate: str) -> None:
+        """The marker of an opened transaction: `commit` (left unsynced: a power cut that
+        takes it is recovery's to decide, see `before_claim`) or `abort` (synced)."""
+        data = _line({fate: txn})
+        with self._lock:
+            self._open.discard(txn)
+            fd = self._room(len(data))  # within the room kept for it, if it was opened
+            self._write(fd, data)
+            if fate == ABORT:
+                self._sync(fd)
+            else:
+                self._unsynced.add(key)
+
+    def before_claim(self, key: str) -> None:
+        """Sync an unsynced commit marker of claim `key` before the key is claimed again:
+        recovery decides an unmarked line from the claim of that key, which a new claim of
+        the same name would misrepresent."""
+        with self._lock:
+            if key in self._unsynced and self._fd is not None:
+                self._sync(self._fd)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Any line, synced (recovery's markers for a dead owner)."""
         data = _line(record)
         with self._lock:
             fd = self._room(len(data))
-            _pwrite_all(fd, data, self._offset)
-            self._offset += len(data)
-            if sync:
-                os.fdatasync(fd)
+            self._write(fd, data)
+            self._sync(fd)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        _pwrite_all(fd, data, self._offset)
+        self._offset += len(data)
+
+    def _sync(self, fd: int) -> None:
+        os.fdatasync(fd)
+        self._unsynced.clear()  # every earlier line of the log is durable now
 
     def _room(self, length: int) -> int:
+        if self._closed:
+            raise OSError(errno.EBADF, "the notification log is closed", str(self.folder))
         if self._fd is not None and self._offset + length <= self._size:
             return self._fd
         if self._fd is None:
-            make_dir(self.folder.parent, exist_ok=True)
-            make_dir(self.folder, exist_ok=True)
+            _make_dir_durably(self.folder.parent)
+            _make_dir_durably(self.folder)
         number = self._number + 1
-        size = min(MAX_SEGMENT_SIZE, FIRST_SEGMENT_SIZE << max(0, number - 1))
+        size = min(MAX_SEGMENT_SIZE, FIRST_SEGMENT_SIZE << min(16, max(0, number - 1)))
         size = max(size, length)
         fd = _create_segment(self.folder, number, size)
         if self._fd is not None:
-            os.close(self._fd)  # full: left to the collector
+            try:
+                self._sync(self._fd)  # its unsynced markers durable before later lines are
+            finally:
+                os.close(self._fd)  # full: left to the collector
         self._fd, self._number, self._size, self._offset = fd, number, size, 0
         return fd
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _make_dir_durably(path: Path) -> None:
+    """A folder of the log, its entry in its parent durable (lines synced in it count)."""
+    if make_dir(path, exist_ok=True):
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True, order=True)
@@ -215,16 +282,18 @@ def read_lines(folder: Path, start: Place) -> Iterator[tuple[Place, dict[str, An
 
 @dataclass
 class Pending:
-    """What a collector may take from one owner's log now."""
+    """What a collector may take from one owner's log now: (txn, index, notification) each."""
 
-    notifications: list[dict[str, Any]] = field(default_factory=list)
+    notifications: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     cursor: Place = field(default_factory=Place)  # after the last line taken or skipped
     waiting: int = 0  # transactions without a fate yet (their owner is alive)
+    more: bool = False  # stopped at the limit: more to take right away
 
 
-def pending(folder: Path, cursor: Place, *, owner_exists: bool) -> Pending:
+def pending(folder: Path, cursor: Place, *, owner_exists: bool, limit: int = 0) -> Pending:
     """The notifications of committed transactions after `cursor`, in log order, up to the
-    first transaction whose fate is unknown while its owner exists (it may be mid-commit)."""
+    first transaction whose fate is unknown while its owner exists (it may be mid-commit),
+    and to about `limit` notifications (0: no limit)."""
     lines = list(read_lines(folder, cursor))
     fates = {str(r[kind]): kind for _, r in lines for kind in (COMMIT, ABORT) if kind in r}
     found = Pending(cursor=cursor)
@@ -240,8 +309,15 @@ def pending(folder: Path, cursor: Place, *, owner_exists: bool) -> Pending:
             if fate != ABORT:
                 notes = record.get("notifications")
                 if isinstance(notes, list):
-                    found.notifications += [n for n in notes if isinstance(n, dict)]
+                    found.notifications += [
+                        (str(txn), index, note)
+                        for index, note in enumerate(notes)
+                        if isinstance(note, dict)
+                    ]
         found.cursor = place
+        if limit and len(found.notifications) >= limit:
+            found.more = True
+            break
     return found
 
 
@@ -254,7 +330,10 @@ def uncollected(root: Path) -> Iterator[dict[str, Any]]:
         return
     for owner in owners:
         folder = owner_folder(root, owner)
-        yield from pending(folder, read_cursor(folder), owner_exists=True).notifications
+        for _, _, notification in pending(
+            folder, read_cursor(folder), owner_exists=True
+        ).notifications:
+            yield notification
 
 
 def unresolved(folder: Path, start: Place) -> list[dict[str, Any]]:
@@ -290,7 +369,7 @@ def resolve_dead_owner(root: Path, owner: str, claims_dir: Path, item: str, out:
             key_dir = claims_dir / key
             plain = key not in ("", ".", "..") and "/" not in key and "\0" not in key
             committed = not plain or (key_dir / out).is_dir() or not (key_dir / item).exists()
-            log.append({COMMIT if committed else ABORT: record["txn"]}, sync=True)
+            log.append({COMMIT if committed else ABORT: record["txn"]})
     finally:
         log.close()
     return len(open_lines)
