@@ -1,15 +1,15 @@
 """What notifications cost routing (target: <= 5 %).
 
-250 series (50 studies x 5 series x 10 MR instances; the worst case: the cost is per series),
-and 50 series of 100 instances, are received once (storescu into
-mercli receive); each run routes a fresh copy of that spool in this process
-(`RouteService.run_once`, two folder targets) with rules that notify nobody and with the
-same rules plus a webhook channel that the rule asks for `routed`, `delivered` and `failed`
-(the usual set): per series one notification rendered and appended to the router's
-notification log inside the routing transaction (one `fdatasync` before the commit rename),
-and the subscriptions in both jobs' job.json. Collecting the log into notify/ items is
-`mercli notify`'s work, done after the timing (and checked: one item a series). The rows are instances per second,
-median of RUNS interleaved runs (who goes first alternates).
+250 series (50 studies x 5 series x 10 MR instances; the worst case: the cost is per
+series), and 50 series of 100 instances, are received once (storescu into mercli receive);
+each run routes a fresh copy of that spool in this process (`RouteService.run_once`, two
+folder targets) with rules that notify nobody and with the same rules plus a webhook channel
+that the rule asks for `routed`, `delivered` and `failed` (the usual set): per series one
+notification rendered and appended to the router's notification log inside the routing
+transaction (one `fdatasync` before the commit rename), and the subscriptions in both jobs'
+job.json. Collecting the log into notify/ items is `mercli notify`'s work, done after the
+timing (and checked: one item a series). The rows are instances per second, median of RUNS
+interleaved runs (who goes first alternates).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from benchmarks.bench_studies import (
 from benchmarks.datasets import mr_studies
 from benchmarks.report import Row, with_ratios
 from benchmarks.scratch import set_aside
-from mercli.route.service import RouteService
 from mercli.notify.collect import collect
+from mercli.route.service import RouteService
 from mercli.spool import NOTIFY, Spool, Worker
 
 RUNS = 7  # the 10-instance case moves by +-5 % with the disk's state between runs: medians of 7
