@@ -324,3 +324,29 @@ def test_an_error_after_the_commit_rename_finishes_the_transaction(
     assert spool.items(INCOMING) == [] and len(spool.items(OUTGOING)) == 1
     assert spool.claimed(INCOMING) == []
     assert collected(spool) == 1
+
+
+def test_the_log_holds_no_patient_data_for_a_channel_without_phi(
+    tmp_path: Path, spool: Spool
+) -> None:
+    from mercli.route.router import Router, RouteSummary
+    from mercli.rules.config import load_rules
+    from tests.test_route import receive_file, series_files
+
+    files = series_files(
+        tmp_path / "src", "1.2.34", 1, PatientName="Doe^Secret", PatientID="PID-SECRET-9"
+    )
+    with Worker(spool, "receive") as worker:
+        receive_file(worker, files[0])
+    rules = load_rules(rules_file(tmp_path, events='["routed"]'))
+    with Worker(spool, "route") as worker:
+        router = Router(spool, worker, rules)
+        for state in router.due(float("inf"))[0]:
+            router.route(state, RouteSummary())
+        logged = b"".join(p.read_bytes() for p in (spool.root / NOTICES_DIR).rglob("*.log"))
+        assert b'"routed"' in logged and b"SECRET" not in logged.upper()
+    assert collected(spool) == 1
+    (item,) = spool.items(NOTIFY)
+    record = json.loads((item.path / NOTIFICATION_FILE).read_text())
+    assert "variables" not in record and record["body"].startswith("routed|ct|out|")
+    assert "SECRET" not in json.dumps(record).upper()

@@ -21,10 +21,14 @@ A notification item is a folder holding `notification.json` (and, once tried,
       "source": {"item": "<job/series id>", "rule": "...", "target": "...", "module": "..."}
     }
 
-Templates are rendered when the notification is written (Jinja2's sandbox, bounded), so
-`mercli notify` needs no rules file and sends exactly what the event said. Secrets stay
+The event's variables are taken when the event happens and travel with the notification
+(in the worker's log); the templates are rendered with them (Jinja2's sandbox, bounded) when
+`mercli notify` collects the notification into its item, off the path of the stage that
+caused the event. So `mercli notify` needs no rules file and sends exactly what the event
+said. Secrets stay
 references (`password_file`, `${ENV}` header values and passwords), read at send time.
-The rendered text holds patient data only for channels with `phi = true`; `source` never.
+The variables and the rendered text hold patient data only for channels with `phi = true`;
+`source` never.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from mercli.fsutil import (
     unlink_quietly,
     write_new,
 )
+from mercli.notify.enqueue import rendered
 from mercli.spool import NOTIFICATION_FILE, NOTIFY, NOTIFY_FAILED, NOTIFY_SENT, Spool, Worker
 from mercli.spool.items import json_bytes
 from mercli.spool.notices import (
@@ -127,7 +128,8 @@ class Collector:
                 folder = self.worker.tmp_path()
                 make_dir(folder)
                 built.append((name, folder))
-                write_new(folder / NOTIFICATION_FILE, json_bytes(record), sync=False)
+                data = json_bytes(rendered(record))
+                write_new(folder / NOTIFICATION_FILE, data, sync=False)
             fsync_all(
                 [folder / NOTIFICATION_FILE for _, folder in built],
                 [folder for _, folder in built],

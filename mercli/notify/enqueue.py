@@ -1,14 +1,14 @@
 """Writing notifications into `notify/`, inside the transaction of the event they tell of.
 
-`add_notifications` renders, for every subscription that wants the event, the channel's
-templates with the event's variables (patient data only for `phi = true` channels) and
-adds the notification to the caller's transaction: it goes into the worker's notification
-log, synced before the commit rename, and counts only if that rename happens
-(`mercli.spool.notices`); `mercli notify` then makes it an item of `notify/`
-(`mercli.notify.collect`). The state change and its notifications exist together, or
-neither does. A template that fails at run time
-(it passed `rules check` with sample values) still yields a notification, whose body says
-so: an event is never silently dropped.
+`add_notifications` takes, for every subscription that wants the event, the event's
+variables (patient data only for `phi = true` channels) and adds the notification to the
+caller's transaction: it goes into the worker's notification log, synced before the commit
+rename, and counts only if that rename happens (`mercli.spool.notices`); `mercli notify`
+then renders the channel's templates with those variables (`rendered`) and makes it an item
+of `notify/` (`mercli.notify.collect`). The state change and its notifications exist
+together, or neither does. A template that fails at run time (it passed `rules check` with
+sample values) still yields a notification, whose body says so: an event is never silently
+dropped.
 
 `settle` ends a claim in a state together with notifications (dispatch and process use it
 for delivered and failed): the item is hard-linked into the transaction, so nothing is
@@ -23,7 +23,13 @@ from typing import Any
 
 from mercli.fsutil import link_tree
 from mercli.names import new_id
-from mercli.notify.channels import PHI_VARIABLES, Subscription, TemplateProblem, render
+from mercli.notify.channels import (
+    PHI_VARIABLES,
+    Channel,
+    Subscription,
+    TemplateProblem,
+    render,
+)
 from mercli.spool import ERROR, ERROR_FILE, Claim, Transaction
 from mercli.spool.items import error_record, json_bytes, now_iso
 
@@ -83,25 +89,46 @@ def add_notifications(
         if not channel.phi:
             for name in PHI_VARIABLES:
                 values.pop(name, None)
-        try:
-            body = render(channel.body_template(), values)
-            subject_template = channel.subject_template()
-            subject = render(subject_template, values) if subject_template else ""
-        except TemplateProblem as exc:
-            body = f"mercli {event}: the {channel.name} template failed at run time: {exc}"
-            subject = f"mercli {event}"
         record = {
             "id": new_id(),
             "created": now_iso(),
             "event": event,
-            "subject": subject,
-            "body": body,
             "channel": channel.record(),
             "source": {key: value for key, value in source.items() if value is not None},
+            "variables": values,  # rendered when collected: `rendered`
         }
         transaction.notify(record)
         made += 1
     return made
+
+
+def rendered(record: dict[str, Any]) -> dict[str, Any]:
+    """The notification item a log record becomes (`mercli.notify.collect`): subject and body
+    rendered from the channel's templates with the event's variables, which it then drops.
+
+    Rendering waits until here, off the path of the stage that caused the event (a tenth of
+    the cost a notification adds to routing a small series): the variables were taken, and
+    patient data left out for channels without `phi = true`, when the event happened.
+    """
+    values = record.get("variables")
+    if not isinstance(values, dict):
+        return record  # rendered already
+    item = {key: value for key, value in record.items() if key != "variables"}
+    event = str(record.get("event") or "")
+    try:
+        channel = Channel.from_json(record["channel"])
+        body = render(channel.body_template(), values)
+        subject_template = channel.subject_template()
+        subject = render(subject_template, values) if subject_template else ""
+    except (TemplateProblem, KeyError, TypeError, ValueError) as exc:
+        name = (
+            record.get("channel", {}).get("name")
+            if isinstance(record.get("channel"), dict)
+            else "?"
+        )
+        body = f"mercli {event}: the {name} template failed at run time: {exc}"
+        subject = f"mercli {event}"
+    return {**item, "subject": subject, "body": body}
 
 
 def settle(

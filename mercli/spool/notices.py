@@ -93,7 +93,7 @@ def segment_path(folder: Path, number: int) -> Path:
 
 
 def _line(record: dict[str, Any]) -> bytes:
-    text = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    text = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
     return text.encode() + b"\n"
 
 
