@@ -82,7 +82,7 @@ def test_zeros_and_torn_lines_end_a_segment(spool: Spool) -> None:
         finally:
             os.close(fd)
         found = pending(folder, read_cursor(folder), owner_exists=True)
-        assert [n["body"] for _, _, n in found.notifications] == ["a"] and found.waiting == 0
+        assert [n["body"] for _, _, _, n in found.notifications] == ["a"] and found.waiting == 0
 
 
 def test_segments_roll_over_and_passed_ones_are_deleted(
@@ -350,3 +350,69 @@ def test_the_log_holds_no_patient_data_for_a_channel_without_phi(
     record = json.loads((item.path / NOTIFICATION_FILE).read_text())
     assert "variables" not in record and record["body"].startswith("routed|ct|out|")
     assert "SECRET" not in json.dumps(record).upper()
+
+
+def test_an_abort_for_a_line_never_written_takes_no_room(spool: Spool) -> None:
+    with Worker(spool, "route") as writer:
+        writer.notices.open_transaction("t", "k", [note("a")])
+        path = segment_path(spool.root / NOTICES_DIR / writer.id, 1)
+        before = path.read_bytes()
+        for n in range(500):  # commits whose lines could not be written (a full disk)
+            writer.notices.mark(f"lost{n}", "k", ABORT)
+        assert path.read_bytes() == before
+        writer.notices.mark("t", "k", COMMIT)
+    assert collected(spool) == 1
+
+
+def test_a_long_log_is_collected_in_windows_and_batches_once_each(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marker further away than the window (a transaction that took long among many
+    short ones) is still found; every notification is made once; the cursor ends at the end."""
+    from mercli.notify import collect as collect_module
+
+    monkeypatch.setattr(collect_module, "WINDOW", 50)
+    monkeypatch.setattr(collect_module, "BATCH", 7)
+    with Worker(spool, "route") as writer:
+        writer.notices.open_transaction("slow", "k", [note("slow")])
+        for n in range(300):
+            writer.notices.open_transaction(f"t{n}", "k", [note(f"{n:03d}"), note(f"{n:03d}b")])
+            writer.notices.mark(f"t{n}", "k", COMMIT)
+        writer.notices.mark("slow", "k", COMMIT)
+        assert collected(spool) == 601
+        assert collected(spool) == 0
+        for n in range(100):  # 200 lines: four windows of 50, each taken in turn
+            writer.notices.open_transaction(f"u{n}", "k", [note(f"u{n:03d}")])
+            writer.notices.mark(f"u{n}", "k", COMMIT)
+        assert collected(spool) == 100
+        folder = spool.root / NOTICES_DIR / writer.id
+        assert pending(folder, read_cursor(folder), owner_exists=True).notifications == []
+    made = bodies(spool)
+    assert len(made) == 701 and len(set(made)) == 701 and "slow" in made
+
+
+def test_large_variables_are_rendered_at_the_event(spool: Spool) -> None:
+    from mercli.notify.channels import Channel, Subscription
+    from mercli.notify.enqueue import add_notifications
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.made: list[dict[str, Any]] = []
+
+        def notify(self, record: dict[str, Any]) -> None:
+            self.made.append(record)
+
+    channel = Channel(name="hook", type="webhook", url="http://x", body="{{ event }} {{ result }}")
+    transaction = Recorder()
+    small, large = {"event": "processed", "result": {"a": 1}}, {"result": {"a": "y" * 20000}}
+    for values in (small, {"event": "processed", **large}):
+        add_notifications(
+            transaction,  # type: ignore[arg-type]
+            [Subscription(channel, ("processed",))],
+            "processed",
+            values,
+            {"item": "job"},
+        )
+    kept, rendered_now = transaction.made
+    assert kept["variables"] == small and "body" not in kept
+    assert "variables" not in rendered_now and rendered_now["body"].startswith("processed {")

@@ -5,12 +5,14 @@ turns the lines of committed transactions into notification items (a folder with
 notification.json, as `mercli.notify` describes) that `mercli notify` claims and sends.
 
 One collector at a time per log (an exclusive `flock` on the log's folder, never waited
-for). A batch is written in this worker's scratch, synced together, renamed into `notify/`
-under each notification's own id (never clobbering: a batch re-collected after a crash
-finds its items there already), the folder synced once, and only then the cursor moved
-(written whole, durably). A crash anywhere in between collects the batch again and sends
-nothing twice that had not already been sent (an item already sent is the at-least-once
-that a crash allows).
+for). The log is read WINDOW lines at a time; the notifications found are published BATCH
+at a time: rendered (`mercli.notify.enqueue.rendered`), written in this worker's scratch,
+synced together, renamed into `notify/` under each notification's own id (never clobbering),
+the folder synced once, and only then the cursor moved past the batch's last line (written
+whole, durably). A batch collected again (a crash or an error before its cursor moved)
+makes no item that exists already in notify/, in a sender's claim, in notify_sent/ or in
+notify_failed/ (looked for in that order, the order an item moves in): nothing is sent twice
+without a crash, and a crash can at most repeat a batch whose cursor it kept from moving.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from mercli.fsutil import (
 )
 from mercli.notify.enqueue import rendered
 from mercli.spool import NOTIFICATION_FILE, NOTIFY, NOTIFY_FAILED, NOTIFY_SENT, Spool, Worker
-from mercli.spool.items import json_bytes
+from mercli.spool.items import KEY_SEPARATOR, json_bytes
 from mercli.spool.notices import (
     CURSOR_FILE,
     NOTICES_DIR,
+    Place,
     pending,
     read_cursor,
     segment_numbers,
@@ -49,7 +52,8 @@ from mercli.spool.notices import (
 
 log = logging.getLogger(__name__)
 
-BATCH = 1000  # notifications collected at most in one pass over one log
+BATCH = 1000  # notifications published together, then the cursor moved
+WINDOW = 20000  # log lines read at once
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what new_id makes; anything else is renamed
 
 
@@ -89,20 +93,40 @@ class Collector:
                 return 0  # another collector has it now
             while True:
                 cursor = read_cursor(folder)
-                found = pending(folder, cursor, owner_exists=owner_exists, limit=BATCH)
-                if found.notifications:
-                    made += self._publish(owner, found.notifications)
+                found = pending(folder, cursor, owner_exists=owner_exists, window=WINDOW)
+                for batch, place in _batches(found.notifications):
+                    made += self._publish(owner, batch)
+                    cursor = self._move(folder, cursor, place)
                 if not owner_exists and not found.waiting and not found.more:
                     remove_tree(folder)  # everything collected, and nobody writes here again
                     return made
-                if found.cursor != cursor:
-                    place = [found.cursor.segment, found.cursor.offset]
-                    self.worker.replace_file(folder / CURSOR_FILE, json.dumps(place).encode())
+                self._move(folder, cursor, found.cursor)
                 for number in segment_numbers(folder):
                     if number < found.cursor.segment:  # passed: never read again
                         unlink_quietly(segment_path(folder, number))
                 if not found.more:
                     return made
+
+    def _made_before(self, name: str) -> bool:
+        """Whether the item `name` exists already: looked for where an item goes next, in
+        the order it goes (notify/, a sender's claim, then sent or failed), so an item
+        moving meanwhile is seen in one place or the next."""
+        if (self.spool.state_dir(NOTIFY) / name).exists():
+            return True
+        if any(self.spool.claims.glob(f"*/{NOTIFY}{KEY_SEPARATOR}{name}")):
+            return True
+        return any(
+            (self.spool.state_dir(state) / name).exists() for state in (NOTIFY_SENT, NOTIFY_FAILED)
+        )
+
+    def _move(self, folder: Path, cursor: Place, place: Place) -> Place:
+        """The cursor moved to `place` (written whole and durably), if that is further."""
+        if place > cursor:
+            self.worker.replace_file(
+                folder / CURSOR_FILE, json.dumps([place.segment, place.offset]).encode()
+            )
+            return place
+        return cursor
 
     def _publish(self, owner: str, notifications: list[tuple[str, int, dict[str, Any]]]) -> int:
         """Items for a batch of notifications, durable before the caller moves the cursor.
@@ -112,7 +136,6 @@ class Collector:
         be moved then (an error or a crash in between).
         """
         notify = self.spool.state_dir(NOTIFY)
-        known = {item.name for item in self.spool.claimed(NOTIFY)}
         built: list[tuple[str, Path]] = []
         try:
             for txn, index, record in notifications:
@@ -120,10 +143,7 @@ class Collector:
                 if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
                     digest = hashlib.sha256(f"{owner}/{txn}/{index}".encode()).hexdigest()
                     name = record["id"] = f"n{digest[:40]}"  # the same on every collection
-                if name in known or any(
-                    (self.spool.state_dir(state) / name).exists()
-                    for state in (NOTIFY, NOTIFY_SENT, NOTIFY_FAILED)
-                ):
+                if self._made_before(name):
                     continue
                 folder = self.worker.tmp_path()
                 make_dir(folder)
@@ -147,6 +167,20 @@ class Collector:
         finally:
             for _, folder in built:
                 remove_tree(folder)
+
+
+def _batches(
+    notifications: list[tuple[Place, str, int, dict[str, Any]]],
+) -> Iterator[tuple[list[tuple[str, int, dict[str, Any]]], Place]]:
+    """BATCH notifications at a time (never splitting a line's), each with the place after
+    its last line: the cursor once the batch is published."""
+    batch: list[tuple[str, int, dict[str, Any]]] = []
+    for number, (place, txn, index, record) in enumerate(notifications):
+        batch.append((txn, index, record))
+        last = number + 1 == len(notifications)
+        if last or (len(batch) >= BATCH and notifications[number + 1][0] != place):
+            yield batch, place
+            batch = []
 
 
 @contextmanager

@@ -17,6 +17,7 @@ copied, and the claim goes as every transaction's does.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ _TAG_VARIABLES = {  # sidecar keyword -> template variable
     "AccessionNumber": "accession_number",
 }
 _HOSTNAME = os.uname().nodename
+VARIABLES_LIMIT = 16 * 1024  # bytes of variables a log line carries; larger: rendered at once
 
 
 def event_variables(
@@ -97,6 +99,8 @@ def add_notifications(
             "source": {key: value for key, value in source.items() if value is not None},
             "variables": values,  # rendered when collected: `rendered`
         }
+        if len(json.dumps(values, default=str)) > VARIABLES_LIMIT:
+            record = rendered(record)  # a large result.json: only the (capped) text is kept
         transaction.notify(record)
         made += 1
     return made

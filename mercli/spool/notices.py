@@ -156,8 +156,10 @@ class NoticeLog:
         takes it is recovery's to decide, see `before_claim`) or `abort` (synced)."""
         data = _line({fate: txn})
         with self._lock:
+            if txn not in self._open:
+                return  # its line was never written: nothing to mark, no room to take
             self._open.discard(txn)
-            fd = self._room(len(data))  # within the room kept for it, if it was opened
+            fd = self._room(len(data))  # within the room kept for it
             self._write(fd, data)
             if fate == ABORT:
                 self._sync(fd)
@@ -217,9 +219,10 @@ class NoticeLog:
 
 
 def _make_dir_durably(path: Path) -> None:
-    """A folder of the log, its entry in its parent durable (lines synced in it count)."""
-    if make_dir(path, exist_ok=True):
-        fsync_dir(path.parent)
+    """A folder of the log, its entry in its parent durable (lines synced in it count),
+    whoever made it (another worker may have made it and not synced its parent yet)."""
+    make_dir(path, exist_ok=True)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True, order=True)
@@ -282,42 +285,53 @@ def read_lines(folder: Path, start: Place) -> Iterator[tuple[Place, dict[str, An
 
 @dataclass
 class Pending:
-    """What a collector may take from one owner's log now: (txn, index, notification) each."""
+    """What a collector may take from one owner's log now: (place after its line, txn,
+    index, notification) each, in log order."""
 
-    notifications: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    notifications: list[tuple[Place, str, int, dict[str, Any]]] = field(default_factory=list)
     cursor: Place = field(default_factory=Place)  # after the last line taken or skipped
     waiting: int = 0  # transactions without a fate yet (their owner is alive)
-    more: bool = False  # stopped at the limit: more to take right away
+    more: bool = False  # stopped at the window's end: more to take right away
 
 
-def pending(folder: Path, cursor: Place, *, owner_exists: bool, limit: int = 0) -> Pending:
+def pending(folder: Path, cursor: Place, *, owner_exists: bool, window: int = 0) -> Pending:
     """The notifications of committed transactions after `cursor`, in log order, up to the
-    first transaction whose fate is unknown while its owner exists (it may be mid-commit),
-    and to about `limit` notifications (0: no limit)."""
-    lines = list(read_lines(folder, cursor))
+    first transaction whose fate is unknown while its owner exists (it may be mid-commit).
+
+    `window`: read at most that many lines (0: all). A transaction whose marker may lie past
+    the window is then a place to stop, not a fate to guess; if that leaves nothing to take
+    (a marker further away than the window), the whole log is read.
+    """
+    lines: list[tuple[Place, dict[str, Any]]] = []
+    for entry in read_lines(folder, cursor):
+        lines.append(entry)
+        if window and len(lines) >= window:
+            break
+    cut = bool(window) and len(lines) >= window
     fates = {str(r[kind]): kind for _, r in lines for kind in (COMMIT, ABORT) if kind in r}
     found = Pending(cursor=cursor)
     for place, record in lines:
         txn = record.get("txn")
         if txn is not None:
             fate = fates.get(str(txn))
-            if fate is None and owner_exists:
+            if fate is None and (owner_exists or cut):
+                if cut and found.cursor == cursor:
+                    return pending(folder, cursor, owner_exists=owner_exists)
+                found.more = cut
                 found.waiting = sum(
                     1 for _, r in lines if "txn" in r and str(r["txn"]) not in fates
                 )
-                break
+                return found
             if fate != ABORT:
                 notes = record.get("notifications")
                 if isinstance(notes, list):
                     found.notifications += [
-                        (str(txn), index, note)
+                        (place, str(txn), index, note)
                         for index, note in enumerate(notes)
                         if isinstance(note, dict)
                     ]
         found.cursor = place
-        if limit and len(found.notifications) >= limit:
-            found.more = True
-            break
+    found.more = cut
     return found
 
 
@@ -330,10 +344,8 @@ def uncollected(root: Path) -> Iterator[dict[str, Any]]:
         return
     for owner in owners:
         folder = owner_folder(root, owner)
-        for _, _, notification in pending(
-            folder, read_cursor(folder), owner_exists=True
-        ).notifications:
-            yield notification
+        found = pending(folder, read_cursor(folder), owner_exists=True)
+        yield from (notification for _, _, _, notification in found.notifications)
 
 
 def unresolved(folder: Path, start: Place) -> list[dict[str, Any]]:
