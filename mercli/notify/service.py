@@ -97,6 +97,9 @@ class NotifyService:
                     self.wake.set()
             except OSError as exc:
                 log.error("collecting notifications: %s", exc)
+            except Exception as exc:  # a bug or a template's surprise must not end collecting
+                # the type only: a rendering error's text may quote a patient's values
+                log.error("collecting notifications failed (%s); trying again", type(exc).__name__)
             self.stop.wait(COLLECT_EVERY)
 
     def _recover_periodically(self) -> None:

@@ -276,7 +276,7 @@ class Transaction:
         self._notifications: list[dict[str, Any]] = []
 
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
-        """A JSON file of a prepared output (job.json, a notification): written now, fsync'ed
+        """A JSON file of a prepared output (job.json, held.json): written now, fsync'ed
         at commit together with the transaction's other such files. The first of those
         fsyncs commits the journal for all of them; one each as they are written would cost
         a journal commit each (a third of routing a small series into two jobs)."""

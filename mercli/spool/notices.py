@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from mercli.fsutil import fsync_dir, make_dir, open_new, unlink_quietly
+from mercli.spool.items import ITEM, OUT
 
 NOTICES_DIR = "notices"
 CURSOR_FILE = "cursor.json"
@@ -362,7 +363,7 @@ def read_cursor(folder: Path) -> Place:
         return Place()
 
 
-def resolve_dead_owner(root: Path, owner: str, claims_dir: Path, item: str, out: str) -> int:
+def resolve_dead_owner(root: Path, owner: str, claims_dir: Path) -> int:
     """Decide the fate of every transaction a dead owner left without a marker, from its
     claim (see the module docstring), and write the markers, synced, in a new segment.
 
@@ -380,7 +381,7 @@ def resolve_dead_owner(root: Path, owner: str, claims_dir: Path, item: str, out:
             key = str(record.get("key", ""))
             key_dir = claims_dir / key
             plain = key not in ("", ".", "..") and "/" not in key and "\0" not in key
-            committed = not plain or (key_dir / out).is_dir() or not (key_dir / item).exists()
+            committed = not plain or (key_dir / OUT).is_dir() or not (key_dir / ITEM).exists()
             log.append({COMMIT if committed else ABORT: record["txn"]})
     finally:
         log.close()

@@ -119,7 +119,7 @@ def _recover_owner(spool: Spool, owner: str, report: RecoveryReport) -> None:
         return
     claims_dir = spool.claims / owner
     try:  # before any claim is settled: the claims still tell what happened
-        resolve_dead_owner(spool.root, owner, claims_dir, ITEM, OUT)
+        resolve_dead_owner(spool.root, owner, claims_dir)
     except OSError as exc:
         log.error("notification log of dead worker %s cannot be resolved yet: %s", owner, exc)
         return
