@@ -180,9 +180,12 @@ from mercli.receive.journaled import Appender, Journal
 from mercli.spool import Spool, Worker
 from mercli.tags import read_tags
 
+import mercli.fsutil
+
 target, after, thread = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 calls = {"n": 0}
-real = getattr(os, target)
+owner = mercli.fsutil if target == "_syncfs" else os  # syncfs is called through ctypes
+real = getattr(owner, target)
 
 def dying(*args, **kwargs):
     if threading.current_thread().name.startswith(thread):  # receiving, publishing, syncing
@@ -191,7 +194,7 @@ def dying(*args, **kwargs):
             os._exit(9)  # as kill -9: no clean-up of any kind
     return real(*args, **kwargs)
 
-setattr(os, target, dying)
+setattr(owner, target, dying)
 spool = Spool(sys.argv[4])
 worker = Worker(spool, "receive").__enter__()
 journal = Journal(spool, worker)
@@ -211,7 +214,7 @@ print("done", flush=True)
 """.replace("SERIES_UID", SERIES)
 
 
-RECEIVING, PUBLISHING, SYNCING = "MainThread", "journal-publish", "mercli-fsync"
+RECEIVING, PUBLISHING = "MainThread", "journal-publish"
 
 
 @pytest.mark.parametrize(
@@ -229,8 +232,10 @@ RECEIVING, PUBLISHING, SYNCING = "MainThread", "journal-publish", "mercli-fsync"
         ("copy_file_range", 4, PUBLISHING, None),
         ("rename", 1, PUBLISHING, None),  # a .dcm renamed into its group, its .tags not yet
         ("rename", 4, PUBLISHING, None),
-        ("fsync", 1, SYNCING, None),  # the batch's files being synced
-        ("fsync", 3, SYNCING, None),
+        ("_syncfs", 1, PUBLISHING, None),  # the batch's files being synced (one syncfs)
+        ("fsync", 1, PUBLISHING, None),  # the flush after it
+        ("_syncfs", 2, PUBLISHING, None),  # renamed into their groups, folders being synced
+        ("fsync", 2, PUBLISHING, None),
         ("pwrite", 1, PUBLISHING, None),  # a checkpoint
         ("fdatasync", 1, PUBLISHING, None),  # a segment's reset
     ],
@@ -289,3 +294,144 @@ def test_a_receiver_stopping_cleanly_publishes_everything_and_keeps_spares(
         journal = Journal(spool, worker)
         journal.close()
     assert len(list((spool.root / "journal" / "spare").glob("*.seg"))) == len(spares)
+
+
+# -- when the publisher publishes -----------------------------------------------------------------
+
+
+def _journal_in_process(spool: Spool) -> tuple[object, object, Worker]:
+    from mercli.receive.journaled import Appender, Journal
+
+    worker = Worker(spool, "receive").__enter__()
+    return Journal(spool, worker), Appender(), worker
+
+
+def _ack(journal: object, appender: object, path: Path) -> None:
+    writer = journal.writer(appender)  # type: ignore[attr-defined]
+    writer.write(path.read_bytes())
+    record = writer.commit(SERIES, path.stem, read_tags(path))
+    journal.committed(appender, record)  # type: ignore[attr-defined]
+
+
+def _wait_for(predicate: object, seconds: float) -> float:
+    """Seconds until predicate() held; AssertionError after `seconds`."""
+    import time
+
+    start = time.monotonic()
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() - start < seconds, f"not within {seconds} s"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The publishing policy's thresholds, set per test."""
+    from mercli.receive import journaled
+
+    def set_policy(quiet: float, lag: float, backlog: int) -> None:
+        monkeypatch.setattr(journaled, "QUIET", quiet)
+        monkeypatch.setattr(journaled, "MAX_LAG", lag)
+        monkeypatch.setattr(journaled, "MAX_BACKLOG", backlog)
+
+    return set_policy
+
+
+def test_a_burst_is_published_once_its_association_pauses(
+    tmp_path: Path, spool: Spool, held: object
+) -> None:
+    """Publishing waits while instances keep coming (its writes would queue ahead of each
+    acknowledgement's fdatasync), then publishes all of them."""
+    held(quiet=1.5, lag=60.0, backlog=1000)  # type: ignore[operator]
+    files = instances(tmp_path / "src", 5)
+    journal, appender, worker = _journal_in_process(spool)
+    try:
+        for path in files:
+            _ack(journal, appender, path)
+        assert incoming(spool) == {}  # held: the last record came a moment ago
+        waited = _wait_for(lambda: len(incoming(spool)) == 5, 30)
+        assert waited > 0.5  # not before the pause
+        assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+    finally:
+        journal.close()  # type: ignore[attr-defined]
+        worker.__exit__(None, None, None)
+
+
+def test_a_steady_stream_is_published_no_later_than_max_lag(
+    tmp_path: Path, spool: Spool, held: object
+) -> None:
+    """An association that never pauses still sees its instances published: the oldest held
+    record waits MAX_LAG at most."""
+    import time
+
+    held(quiet=30.0, lag=0.3, backlog=1000)  # type: ignore[operator]
+    files = instances(tmp_path / "src", 40)
+    journal, appender, worker = _journal_in_process(spool)
+    try:
+        published_while_streaming = 0
+        for path in files:  # one every 50 ms: never quiet for 30 s
+            _ack(journal, appender, path)
+            time.sleep(0.05)
+            published_while_streaming = len(incoming(spool))
+        assert published_while_streaming >= 10, published_while_streaming
+    finally:
+        journal.close()  # type: ignore[attr-defined]
+        worker.__exit__(None, None, None)
+    assert len(incoming(spool)) == 40
+
+
+def test_a_large_backlog_is_published_without_waiting(
+    tmp_path: Path, spool: Spool, held: object
+) -> None:
+    held(quiet=30.0, lag=30.0, backlog=4)  # type: ignore[operator]
+    files = instances(tmp_path / "src", 6)
+    journal, appender, worker = _journal_in_process(spool)
+    try:
+        for path in files:
+            _ack(journal, appender, path)
+        _wait_for(lambda: len(incoming(spool)) >= 4, 10)
+    finally:
+        journal.close()  # type: ignore[attr-defined]
+        worker.__exit__(None, None, None)
+
+
+def test_stopping_publishes_what_is_held_at_once(
+    tmp_path: Path, spool: Spool, held: object
+) -> None:
+    import time
+
+    held(quiet=30.0, lag=30.0, backlog=1000)  # type: ignore[operator]
+    files = instances(tmp_path / "src", 3)
+    journal, appender, worker = _journal_in_process(spool)
+    for path in files:
+        _ack(journal, appender, path)
+    start = time.monotonic()
+    journal.close()  # type: ignore[attr-defined]
+    worker.__exit__(None, None, None)
+    assert time.monotonic() - start < 10
+    assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+
+
+def test_a_full_segment_waiting_to_be_published_counts_as_a_spare(
+    tmp_path: Path, spool: Spool, held: object
+) -> None:
+    """While its records are held, a sealed segment will be a spare again: no new segment is
+    made for it (each costs 16 MiB of zeros written while instances arrive)."""
+    import time
+
+    held(quiet=30.0, lag=30.0, backlog=1000)  # type: ignore[operator]
+    files = instances(tmp_path / "src", 2)
+    journal, appender, worker = _journal_in_process(spool)
+    folder = spool.root / "journal" / worker.id
+    try:
+        _wait_for(lambda: journal._spares.qsize() == 2, 30)  # type: ignore[attr-defined]
+        _ack(journal, appender, files[0])
+        journal.roll(appender)  # type: ignore[attr-defined]  # full: sealed, its record held
+        _ack(journal, appender, files[1])  # the second spare
+        time.sleep(1.0)  # the maker looks every 50 ms
+        # two taken, one made for the first take; none for the sealed one coming back
+        assert len(list(folder.glob("*.seg"))) == 3
+    finally:
+        journal.close()  # type: ignore[attr-defined]
+        worker.__exit__(None, None, None)
+    assert len(incoming(spool)) == 2

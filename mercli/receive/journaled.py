@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mercli.fsutil import make_dir, unlink_quietly
+from mercli.fsutil import FilesystemSync, make_dir, unlink_quietly
 from mercli.names import safe_name
 from mercli.spool import Spool, Worker
 from mercli.spool.journal import (
@@ -57,6 +57,9 @@ CLOSE_GRACE = 30.0  # seconds a stopping receiver keeps trying to publish what i
 LOCK_WAIT = 0.2  # seconds the publisher tries a series' lock before it moves on
 RETRY_EVERY = 1.0  # seconds between tries of the instances whose series was locked
 UNAVAILABLE_FOR = 5.0  # seconds no segment is made after the disk had no room for one
+QUIET = 0.05  # seconds without a new record before the publisher starts on what it holds...
+MAX_LAG = 2.0  # ...unless its oldest record has waited this long...
+MAX_BACKLOG = 2048  # ...or this many records wait (well below QUEUE_DEPTH: senders never wait)
 
 
 @dataclass(eq=False)
@@ -104,6 +107,9 @@ class Journal:
         self._slots: dict[int, Slot] = {}  # id(segment) -> slot
         self._stop = threading.Event()
         self._unavailable_until = 0.0  # monotonic time until which no segment is made
+        self._last_commit = 0.0  # monotonic time of the last record committed
+        self._closing = threading.Event()
+        self._filesystem = FilesystemSync(spool.root)
         self._adopt_spares()
         self._maker = threading.Thread(target=self._make_spares, name="journal-spares", daemon=True)
         self._maker.start()
@@ -132,7 +138,7 @@ class Journal:
 
     def _make_spares(self) -> None:
         while not self._stop.is_set():
-            if self._spares.qsize() >= SPARES:
+            if self._spares.qsize() + self._returning() >= SPARES:
                 self._stop.wait(0.05)
                 continue
             if time.monotonic() < self._unavailable_until:
@@ -143,6 +149,12 @@ class Journal:
             except OSError as exc:  # a full disk: instances take the direct path meanwhile
                 log.warning("cannot prepare a journal segment: %s", exc)
                 self._unavailable_until = time.monotonic() + UNAVAILABLE_FOR
+
+    def _returning(self) -> int:
+        """Full segments whose records wait to be published: spares again once they are (made
+        anew instead, each would cost another 16 MiB of zeros written while instances arrive)."""
+        with self._lock:
+            return sum(1 for slot in self._slots.values() if slot.sealed and slot.pending)
 
     def take_slot(self) -> Slot:
         """A segment for an association: a spare, else one made now (OSError if the disk
@@ -202,6 +214,7 @@ class Journal:
             appender.slot.pending += 1
             appender.slot.unpublished[record.offset] = record.end
         appender.offset = record.end
+        self._last_commit = time.monotonic()
         self._queue.put(record)
 
     def ended(self, appender: Appender, hints: Callable[[], None]) -> None:
@@ -220,9 +233,26 @@ class Journal:
 
     # -- publishing (one thread) ----------------------------------------------------------------
 
+    def _await_quiet(self, since: float) -> None:
+        """Hold a burst's records until its associations pause (QUIET), the oldest has waited
+        MAX_LAG, or MAX_BACKLOG wait. Publishing writes new files and syncs them; beside an
+        association's per-instance `fdatasync` on this disk that queue of writes made each
+        acknowledgement wait behind it (2000 x 12 KB: 1.85 s with publishing alongside, 1.05 s
+        with it held to the end). The records are durable already; only `incoming/` waits."""
+        while not self._closing.is_set():
+            now = time.monotonic()
+            if (
+                now - self._last_commit >= QUIET
+                or now - since >= MAX_LAG
+                or self._queue.qsize() >= MAX_BACKLOG
+            ):
+                return
+            self._closing.wait(0.01)  # cheap, and only while records are held
+
     def _publish_loop(self) -> None:
         deferred: list[Record] = []  # groups that were locked: tried again every RETRY_EVERY
         retry_at = 0.0
+        drained = True  # the last batch emptied the queue: a new burst may be starting
         while True:
             timeout = max(0.0, retry_at - time.monotonic()) if deferred else None
             batch: list[Record | Ending] = []
@@ -236,6 +266,8 @@ class Journal:
                 return
             if first is not _NOTHING:
                 batch.append(first)
+                if drained:
+                    self._await_quiet(time.monotonic())
             stop = False
             while len(batch) < BATCH:
                 try:
@@ -246,6 +278,7 @@ class Journal:
                     stop = True
                     break
                 batch.append(more)
+            drained = len(batch) < BATCH
             if deferred and time.monotonic() >= retry_at:
                 batch = [*deferred, *batch]  # in order: a series' records stay in order
                 deferred = []
@@ -266,7 +299,13 @@ class Journal:
         delay = 0.5
         while records:
             try:
-                deferred = publish(self.spool, records, self.worker.scratch, wait=LOCK_WAIT)
+                deferred = publish(
+                    self.spool,
+                    records,
+                    self.worker.scratch,
+                    wait=LOCK_WAIT,
+                    filesystem=self._filesystem,
+                )
                 break
             except OSError as exc:
                 log.error("cannot publish %d received instance(s): %s", len(records), exc)
@@ -304,11 +343,13 @@ class Journal:
     def close(self) -> None:
         """Publish everything acknowledged, then put the spare segments aside for the next
         receiver and remove this process's folder (only if nothing is left to publish)."""
+        self._closing.set()
         self._queue.put(None)
         self._publisher.join(timeout=CLOSE_GRACE)
         self._stop.set()  # a publisher still retrying gives up: the journal keeps the rest
         self._publisher.join()
         self._maker.join(timeout=10)
+        self._filesystem.close()
         with self._lock:
             left = [slot for slot in self._slots.values() if slot.pending]
         if left:
