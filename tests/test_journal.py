@@ -8,10 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mercli.receive import journaled
+from mercli.receive.journaled import Appender, Journal
 from mercli.spool import Spool, Worker, recover
 from mercli.spool.journal import (
     HEADER_SIZE,
@@ -299,35 +303,33 @@ def test_a_receiver_stopping_cleanly_publishes_everything_and_keeps_spares(
 # -- when the publisher publishes -----------------------------------------------------------------
 
 
-def _journal_in_process(spool: Spool) -> tuple[object, object, Worker]:
-    from mercli.receive.journaled import Appender, Journal
-
+def _journal_in_process(spool: Spool) -> tuple[Journal, Appender, Worker]:
     worker = Worker(spool, "receive").__enter__()
     return Journal(spool, worker), Appender(), worker
 
 
-def _ack(journal: object, appender: object, path: Path) -> None:
-    writer = journal.writer(appender)  # type: ignore[attr-defined]
+def _ack(journal: Journal, appender: Appender, path: Path) -> None:
+    writer = journal.writer(appender)
     writer.write(path.read_bytes())
     record = writer.commit(SERIES, path.stem, read_tags(path))
-    journal.committed(appender, record)  # type: ignore[attr-defined]
+    journal.committed(appender, record)
 
 
-def _wait_for(predicate: object, seconds: float) -> float:
+def _wait_for(predicate: Callable[[], bool], seconds: float) -> float:
     """Seconds until predicate() held; AssertionError after `seconds`."""
-    import time
-
     start = time.monotonic()
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() - start < seconds, f"not within {seconds} s"
         time.sleep(0.01)
     return time.monotonic() - start
 
 
+Policy = Callable[..., None]
+
+
 @pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch) -> object:
+def held(monkeypatch: pytest.MonkeyPatch) -> Policy:
     """The publishing policy's thresholds, set per test."""
-    from mercli.receive import journaled
 
     def set_policy(quiet: float, lag: float, backlog: int) -> None:
         monkeypatch.setattr(journaled, "QUIET", quiet)
@@ -338,11 +340,11 @@ def held(monkeypatch: pytest.MonkeyPatch) -> object:
 
 
 def test_a_burst_is_published_once_its_association_pauses(
-    tmp_path: Path, spool: Spool, held: object
+    tmp_path: Path, spool: Spool, held: Policy
 ) -> None:
     """Publishing waits while instances keep coming (its writes would queue ahead of each
     acknowledgement's fdatasync), then publishes all of them."""
-    held(quiet=1.5, lag=60.0, backlog=1000)  # type: ignore[operator]
+    held(quiet=1.5, lag=60.0, backlog=1000)
     files = instances(tmp_path / "src", 5)
     journal, appender, worker = _journal_in_process(spool)
     try:
@@ -353,18 +355,16 @@ def test_a_burst_is_published_once_its_association_pauses(
         assert waited > 0.5  # not before the pause
         assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
     finally:
-        journal.close()  # type: ignore[attr-defined]
+        journal.close()
         worker.__exit__(None, None, None)
 
 
 def test_a_steady_stream_is_published_no_later_than_max_lag(
-    tmp_path: Path, spool: Spool, held: object
+    tmp_path: Path, spool: Spool, held: Policy
 ) -> None:
     """An association that never pauses still sees its instances published: the oldest held
     record waits MAX_LAG at most."""
-    import time
-
-    held(quiet=30.0, lag=0.3, backlog=1000)  # type: ignore[operator]
+    held(quiet=30.0, lag=0.3, backlog=1000)
     files = instances(tmp_path / "src", 40)
     journal, appender, worker = _journal_in_process(spool)
     try:
@@ -375,15 +375,15 @@ def test_a_steady_stream_is_published_no_later_than_max_lag(
             published_while_streaming = len(incoming(spool))
         assert published_while_streaming >= 10, published_while_streaming
     finally:
-        journal.close()  # type: ignore[attr-defined]
+        journal.close()
         worker.__exit__(None, None, None)
     assert len(incoming(spool)) == 40
 
 
 def test_a_large_backlog_is_published_without_waiting(
-    tmp_path: Path, spool: Spool, held: object
+    tmp_path: Path, spool: Spool, held: Policy
 ) -> None:
-    held(quiet=30.0, lag=30.0, backlog=4)  # type: ignore[operator]
+    held(quiet=30.0, lag=30.0, backlog=4)
     files = instances(tmp_path / "src", 6)
     journal, appender, worker = _journal_in_process(spool)
     try:
@@ -391,47 +391,43 @@ def test_a_large_backlog_is_published_without_waiting(
             _ack(journal, appender, path)
         _wait_for(lambda: len(incoming(spool)) >= 4, 10)
     finally:
-        journal.close()  # type: ignore[attr-defined]
+        journal.close()
         worker.__exit__(None, None, None)
 
 
 def test_stopping_publishes_what_is_held_at_once(
-    tmp_path: Path, spool: Spool, held: object
+    tmp_path: Path, spool: Spool, held: Policy
 ) -> None:
-    import time
-
-    held(quiet=30.0, lag=30.0, backlog=1000)  # type: ignore[operator]
+    held(quiet=30.0, lag=30.0, backlog=1000)
     files = instances(tmp_path / "src", 3)
     journal, appender, worker = _journal_in_process(spool)
     for path in files:
         _ack(journal, appender, path)
     start = time.monotonic()
-    journal.close()  # type: ignore[attr-defined]
+    journal.close()
     worker.__exit__(None, None, None)
     assert time.monotonic() - start < 10
     assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
 
 
 def test_a_full_segment_waiting_to_be_published_counts_as_a_spare(
-    tmp_path: Path, spool: Spool, held: object
+    tmp_path: Path, spool: Spool, held: Policy
 ) -> None:
     """While its records are held, a sealed segment will be a spare again: no new segment is
     made for it (each costs 16 MiB of zeros written while instances arrive)."""
-    import time
-
-    held(quiet=30.0, lag=30.0, backlog=1000)  # type: ignore[operator]
+    held(quiet=30.0, lag=30.0, backlog=1000)
     files = instances(tmp_path / "src", 2)
     journal, appender, worker = _journal_in_process(spool)
     folder = spool.root / "journal" / worker.id
     try:
-        _wait_for(lambda: journal._spares.qsize() == 2, 30)  # type: ignore[attr-defined]
+        _wait_for(lambda: journal._spares.qsize() == 2, 30)
         _ack(journal, appender, files[0])
-        journal.roll(appender)  # type: ignore[attr-defined]  # full: sealed, its record held
+        journal.roll(appender)  # full: sealed, its record held
         _ack(journal, appender, files[1])  # the second spare
         time.sleep(1.0)  # the maker looks every 50 ms
         # two taken, one made for the first take; none for the sealed one coming back
         assert len(list(folder.glob("*.seg"))) == 3
     finally:
-        journal.close()  # type: ignore[attr-defined]
+        journal.close()
         worker.__exit__(None, None, None)
     assert len(incoming(spool)) == 2

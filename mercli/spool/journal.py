@@ -37,6 +37,13 @@ written (without a sync of its own) only after the sync of the files it covers, 
 claims more than is durable. A segment whose records are all published is reset (generation
 +1, checkpoint cleared) and reused.
 
+**Publishing** (the receiver's publisher thread): a round writes a batch of records out as new
+files, syncs them, renames them into their groups, syncs the groups, and only then moves the
+checkpoints. A receiver syncs each round with one `syncfs` of the spool's filesystem and one
+flush after it (`fsutil.FilesystemSync`); replay fsyncs each file and folder. The publisher
+holds a burst until its associations pause, for at most a couple of seconds: see
+mercli.receive.journaled.
+
 **Replay** (`replay`): at start-up of receive and when recovery takes a dead receiver's lease,
 every record of the dead owner's segments from its checkpoint on is published, synced, and the
 segment is then deleted. A record published but not yet checkpointed when its process died is
