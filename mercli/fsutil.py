@@ -72,19 +72,21 @@ class FilesystemSync:
     because ext4 without a journal writes its metadata blocks after the flush `syncfs` issues.
 
     The descriptor is opened once and kept: `syncfs` reports a writeback error only to
-    descriptors opened before it happened (Linux >= 5.8). Without `syncfs` (not Linux), `sync`
-    falls back to fsyncing the files and folders it is given.
+    descriptors opened before it happened, and only since Linux 5.8 (before, it returned 0
+    after a page failed to write). Without `syncfs` or on an older kernel, `sync` fsyncs the
+    files and folders it is given instead, one by one.
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.reports_errors = _syncfs is not None and _kernel_at_least(5, 8)
 
     def sync(
         self,
         files: Iterable[str | os.PathLike[str]] = (),
         dirs: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
-        if _syncfs is None:  # pragma: no cover - not Linux
+        if not self.reports_errors:  # pragma: no cover - not Linux, or Linux < 5.8
             fsync_all(files, dirs)
             return
         if _syncfs(self.fd) != 0:
@@ -96,6 +98,13 @@ class FilesystemSync:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    """Whether this is Linux `major.minor` or later."""
+    release = os.uname().release
+    numbers = [int(part) for part in release.split("-")[0].split(".")[:2] if part.isdigit()]
+    return os.uname().sysname == "Linux" and len(numbers) == 2 and tuple(numbers) >= (major, minor)
 
 
 def start_writeback(fd: int) -> None:

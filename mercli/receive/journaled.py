@@ -138,8 +138,9 @@ class Journal:
 
     def _make_spares(self) -> None:
         while not self._stop.is_set():
-            if self._spares.qsize() + self._returning() >= SPARES:
-                self._stop.wait(0.05)
+            ready = self._spares.qsize()
+            if ready >= SPARES or (ready >= 1 and ready + self._returning() >= SPARES):
+                self._stop.wait(0.05)  # one spare always ready: none is made on a sender's time
                 continue
             if time.monotonic() < self._unavailable_until:
                 self._stop.wait(0.5)
@@ -151,10 +152,12 @@ class Journal:
                 self._unavailable_until = time.monotonic() + UNAVAILABLE_FOR
 
     def _returning(self) -> int:
-        """Full segments whose records wait to be published: spares again once they are (made
-        anew instead, each would cost another 16 MiB of zeros written while instances arrive)."""
+        """Full segments whose records wait to be published (or that wait to be reset): spares
+        again soon. One of them stands in for a second spare (made anew instead, it would cost
+        another 16 MiB of zeros written while instances arrive); the publisher stops holding
+        once SPARES of them wait."""
         with self._lock:
-            return sum(1 for slot in self._slots.values() if slot.sealed and slot.pending)
+            return sum(1 for slot in self._slots.values() if slot.sealed)
 
     def take_slot(self) -> Slot:
         """A segment for an association: a spare, else one made now (OSError if the disk
@@ -235,7 +238,8 @@ class Journal:
 
     def _await_quiet(self, since: float) -> None:
         """Hold a burst's records until its associations pause (QUIET), the oldest has waited
-        MAX_LAG, or MAX_BACKLOG wait. Publishing writes new files and syncs them; beside an
+        MAX_LAG, MAX_BACKLOG wait, or SPARES full segments do. Publishing writes new files and
+        syncs them; beside an
         association's per-instance `fdatasync` on this disk that queue of writes made each
         acknowledgement wait behind it (2000 x 12 KB: 1.85 s with publishing alongside, 1.05 s
         with it held to the end). The records are durable already; only `incoming/` waits."""
@@ -245,6 +249,7 @@ class Journal:
                 now - self._last_commit >= QUIET
                 or now - since >= MAX_LAG
                 or self._queue.qsize() >= MAX_BACKLOG
+                or self._returning() >= SPARES  # instances of 100-256 KB fill a segment fast
             ):
                 return
             self._closing.wait(0.01)  # cheap, and only while records are held
@@ -266,7 +271,7 @@ class Journal:
                 return
             if first is not _NOTHING:
                 batch.append(first)
-                if drained:
+                if drained and isinstance(first, Record):  # an ending alone: nothing to hold
                     self._await_quiet(time.monotonic())
             stop = False
             while len(batch) < BATCH:
@@ -278,7 +283,7 @@ class Journal:
                     stop = True
                     break
                 batch.append(more)
-            drained = len(batch) < BATCH
+            drained = len(batch) < BATCH or self._queue.empty()
             if deferred and time.monotonic() >= retry_at:
                 batch = [*deferred, *batch]  # in order: a series' records stay in order
                 deferred = []
