@@ -9,7 +9,11 @@ notification rendered and appended to the router's notification log inside the r
 transaction (one `fdatasync` before the commit rename), and the subscriptions in both jobs'
 job.json. Collecting the log into notify/ items is `mercli notify`'s work, done after the
 timing (and checked: one item a series). The rows are instances per second, median of RUNS
-interleaved runs (who goes first alternates).
+interleaved runs (who goes first alternates); the ratio is of those medians. The note also
+gives the median of the RUNS paired ratios (each run of one subject against the other's run
+next to it): on this VM a run's speed drifts with how many inodes were freed nearby in the
+last minutes (ext4 without a journal skips them when creating files, README "Benchmarks"),
+which the pairs cancel and the medians of each subject do not.
 """
 
 from __future__ import annotations
@@ -89,13 +93,16 @@ def _case(scratch: Path, studies: int, per_series: int) -> list[Row]:
         order = (QUIET, TELLING) if run % 2 == 0 else (TELLING, QUIET)
         for subject in order:
             rates[subject].append(_route(scratch, received, subject, run, len(data.files), series))
+    paired = statistics.median(t / q for t, q in zip(rates[TELLING], rates[QUIET], strict=True))
     rows = [
         Row(
             "notify",
             data.label,
             subject,
             statistics.median(runs),
-            note="runs " + "/".join(f"{r:.0f}" for r in sorted(runs)),
+            note="runs "
+            + "/".join(f"{r:.0f}" for r in sorted(runs))
+            + (f"; paired ratio {paired:.3f}x" if subject == TELLING else ""),
         )
         for subject, runs in rates.items()
     ]
