@@ -71,9 +71,10 @@ class FilesystemSync:
     dirty on that filesystem. The folder's fsync after it flushes the disk's cache once more,
     because ext4 without a journal writes its metadata blocks after the flush `syncfs` issues.
 
-    The descriptor is opened once and kept: `syncfs` reports a writeback error only to
-    descriptors opened before it happened, and only since Linux 5.8 (before, it returned 0
-    after a page failed to write). Without `syncfs` or on an older kernel, `sync` fsyncs the
+    The descriptor is opened once and kept: `syncfs` reports a failed write of a page only to
+    descriptors opened before it happened, and only since Linux 5.8 (before, it returned 0).
+    An error of the filesystem's own commit it reports since 5.17; before that the fsync of the
+    folder after it reports such an error. Without `syncfs` or before 5.8, `sync` fsyncs the
     files and folders it is given instead, one by one.
     """
 

@@ -69,6 +69,7 @@ class Slot:
     segment: Segment
     pending: int = 0
     sealed: bool = False
+    full: bool = False  # sealed because no record fitted (not because its association ended)
     unpublished: dict[int, int] = field(default_factory=dict)  # record offset -> its end
     published_end: int = 0
 
@@ -159,6 +160,12 @@ class Journal:
         with self._lock:
             return sum(1 for slot in self._slots.values() if slot.sealed)
 
+    def _full_waiting(self) -> int:
+        """Full segments whose records wait: the hold ends at SPARES of them (a segment sealed
+        when its association ended, or one stuck behind a locked series, does not count)."""
+        with self._lock:
+            return sum(1 for slot in self._slots.values() if slot.full and slot.pending)
+
     def take_slot(self) -> Slot:
         """A segment for an association: a spare, else one made now (OSError if the disk
         has no room for one: the caller takes the direct path, and so do the next instances
@@ -179,18 +186,23 @@ class Journal:
         return slot
 
     def _retire(self, slot: Slot) -> None:
-        """All of a sealed slot's records are published: reset its segment for reuse."""
-        with self._lock:
-            self._slots.pop(id(slot.segment), None)
+        """All of a sealed slot's records are published: reset its segment for reuse. It stays
+        among the slots (counted as returning) until it is a spare, so the maker does not write
+        a segment for the moment in between."""
         try:
             slot.segment.reset()
         except OSError as exc:
             log.warning("cannot reset journal segment %s: %s", slot.segment.path, exc)
+            with self._lock:
+                self._slots.pop(id(slot.segment), None)
             slot.segment.close()
             return
-        if self._spares.qsize() < SPARES:
-            self._spares.put(slot.segment)
-        else:
+        with self._lock:
+            self._slots.pop(id(slot.segment), None)
+            keep = self._spares.qsize() < SPARES
+            if keep:
+                self._spares.put(slot.segment)
+        if not keep:
             slot.segment.close()
             unlink_quietly(slot.segment.path)
 
@@ -207,6 +219,7 @@ class Journal:
     def roll(self, appender: Appender) -> None:
         """The appender's segment is full: seal it, the next record goes to a new one."""
         if appender.slot is not None:
+            appender.slot.full = True
             self._seal(appender.slot)
         appender.slot = None
 
@@ -249,7 +262,7 @@ class Journal:
                 now - self._last_commit >= QUIET
                 or now - since >= MAX_LAG
                 or self._queue.qsize() >= MAX_BACKLOG
-                or self._returning() >= SPARES  # instances of 100-256 KB fill a segment fast
+                or self._full_waiting() >= SPARES  # instances of 100-256 KB fill one fast
             ):
                 return
             self._closing.wait(0.01)  # cheap, and only while records are held
@@ -365,6 +378,7 @@ class Journal:
             return
         spare = self.spool.root / JOURNAL_DIR / SPARE_DIR
         make_dir(spare, exist_ok=True)
+        kept = 0
         while True:
             try:
                 segment = self._spares.get_nowait()
@@ -372,7 +386,10 @@ class Journal:
                 break
             segment.close()
             try:
+                if kept >= SPARES:  # the next receiver adopts SPARES: no pile across restarts
+                    raise OSError("enough spares kept")
                 os.rename(segment.path, spare / f"{self.worker.id}.{segment.path.name}")
+                kept += 1
             except OSError:
                 unlink_quietly(segment.path)
         with self._lock:
