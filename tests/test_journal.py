@@ -501,3 +501,52 @@ def test_a_failed_syncfs_moves_no_checkpoint_and_is_retried(
     assert steps[0] == "syncfs failed"
     assert steps[1:4] == ["syncfs", "syncfs", "checkpoint"], steps
     assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+
+
+def test_a_locked_series_is_tried_once_a_round(
+    tmp_path: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series locked by another process (SPEC §3 step 6) defers all its records of the round
+    after one try of its lock: trying it for each record stalled the publisher LOCK_WAIT per
+    record, and every other series behind it."""
+    import fcntl
+
+    from mercli.spool.journal import publish
+
+    files = instances(tmp_path / "src", 5)
+    (tmp_path / "other").mkdir()
+    other = make_instance(tmp_path / "other", series="1.2.78", number=1)
+    segment = journal_of(spool, "receiver")
+    offset, records = HEADER_SIZE, []
+    for path in [*files, other]:
+        writer = RecordWriter(segment, offset)
+        writer.write(path.read_bytes())
+        sidecar = read_tags(path)
+        record = writer.commit(str(sidecar["SeriesInstanceUID"]), path.stem, sidecar)
+        records.append(record)
+        offset = record.end
+    group = spool.state_dir("incoming") / SERIES
+    group.mkdir(parents=True)
+    tries: list[str] = []
+    real = Spool.publish_to_group
+
+    def counting(self: Spool, state: str, name: str, *args: object, **kwargs: object) -> bool:
+        tries.append(name)
+        return real(self, state, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Spool, "publish_to_group", counting)
+    blocker = os.open(group, os.O_RDONLY)
+    fcntl.flock(blocker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    scratch = spool.tmp / "receiver"
+    scratch.mkdir(parents=True)
+    try:
+        deferred = publish(spool, records, scratch, wait=0.2)
+    finally:
+        os.close(blocker)
+    assert [r.name for r in deferred] == [p.stem for p in files]
+    assert tries.count(SERIES) == 1 and tries.count("1.2.78") == 1
+    assert incoming(spool) == {}
+    assert (spool.state_dir("incoming") / "1.2.78" / f"{other.stem}.dcm").exists()
+    assert publish(spool, deferred, scratch, wait=0.2) == []  # the lock is gone
+    assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
+    segment.close()

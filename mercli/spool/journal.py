@@ -409,7 +409,11 @@ def publish(
         elif made:
             filesystem.sync(made)
         groups = set()
+        locked: set[str] = set()  # groups whose lock timed out this round: not tried again
         for record, data, tags in prepared:
+            if record.group in locked:
+                deferred.append(record)
+                continue
             files = [] if data is None else [(data, f"{record.name}{INSTANCE_SUFFIX}")]
             files.append((tags, f"{record.name}{SIDECAR_SUFFIX}"))
             try:
@@ -418,6 +422,7 @@ def publish(
                 )
             except LockTimeout:
                 deferred.append(record)
+                locked.add(record.group)  # its other records wait with it, not `wait` each
                 continue
             groups.add(record.group)
             spool.log(
