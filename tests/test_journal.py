@@ -4,12 +4,13 @@ every acknowledged instance ends up whole in incoming/ after recovery, nothing e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -309,9 +310,15 @@ def test_a_receiver_stopping_cleanly_publishes_everything_and_keeps_spares(
 # -- when the publisher publishes -----------------------------------------------------------------
 
 
-def _journal_in_process(spool: Spool) -> tuple[Journal, Appender, Worker]:
-    worker = Worker(spool, "receive").__enter__()
-    return Journal(spool, worker), Appender(), worker
+@contextlib.contextmanager
+def _running_journal(spool: Spool) -> Iterator[tuple[Journal, Appender]]:
+    """A receiver's journal in this process, closed (publishing what it holds) on leaving."""
+    with Worker(spool, "receive") as worker:
+        journal = Journal(spool, worker)
+        try:
+            yield journal, Appender()
+        finally:
+            journal.close()
 
 
 def _ack(journal: Journal, appender: Appender, path: Path) -> None:
@@ -352,17 +359,13 @@ def test_a_burst_is_published_once_its_association_pauses(
     acknowledgement's fdatasync), then publishes all of them."""
     held(quiet=3.0, lag=60.0, backlog=1000)
     files = instances(tmp_path / "src", 5)
-    journal, appender, worker = _journal_in_process(spool)
-    try:
+    with _running_journal(spool) as (journal, appender):
         for path in files:
             _ack(journal, appender, path)
         assert incoming(spool) == {}  # held: the last record came a moment ago
         waited = _wait_for(lambda: len(incoming(spool)) == 5, 30)
         assert waited > 0.5  # not before the pause
         assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
 
 
 def test_a_steady_stream_is_published_no_later_than_max_lag(
@@ -372,17 +375,13 @@ def test_a_steady_stream_is_published_no_later_than_max_lag(
     record waits MAX_LAG at most."""
     held(quiet=30.0, lag=0.3, backlog=1000)
     files = instances(tmp_path / "src", 40)
-    journal, appender, worker = _journal_in_process(spool)
-    try:
+    with _running_journal(spool) as (journal, appender):
         published_while_streaming = 0
         for path in files:  # one every 50 ms: never quiet for 30 s
             _ack(journal, appender, path)
             time.sleep(0.05)
             published_while_streaming = len(incoming(spool))
         assert published_while_streaming >= 1, published_while_streaming
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
     assert len(incoming(spool)) == 40
 
 
@@ -391,14 +390,10 @@ def test_a_large_backlog_is_published_without_waiting(
 ) -> None:
     held(quiet=30.0, lag=30.0, backlog=4)
     files = instances(tmp_path / "src", 6)
-    journal, appender, worker = _journal_in_process(spool)
-    try:
+    with _running_journal(spool) as (journal, appender):
         for path in files:
             _ack(journal, appender, path)
         _wait_for(lambda: len(incoming(spool)) >= 4, 10)
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
 
 
 def test_stopping_publishes_what_is_held_at_once(
@@ -406,13 +401,11 @@ def test_stopping_publishes_what_is_held_at_once(
 ) -> None:
     held(quiet=30.0, lag=30.0, backlog=1000)
     files = instances(tmp_path / "src", 3)
-    journal, appender, worker = _journal_in_process(spool)
-    for path in files:
-        _ack(journal, appender, path)
-    start = time.monotonic()
-    journal.close()
-    worker.__exit__(None, None, None)
-    assert time.monotonic() - start < 10
+    with _running_journal(spool) as (journal, appender):
+        for path in files:
+            _ack(journal, appender, path)
+        start = time.monotonic()
+    assert time.monotonic() - start < 10  # leaving closes the journal
     assert incoming(spool) == {p.stem: p.read_bytes() for p in files}
 
 
@@ -423,9 +416,8 @@ def test_a_full_segment_waiting_to_be_published_counts_as_a_spare(
     made for it (each costs 16 MiB of zeros written while instances arrive)."""
     held(quiet=30.0, lag=30.0, backlog=1000)
     files = instances(tmp_path / "src", 2)
-    journal, appender, worker = _journal_in_process(spool)
-    folder = spool.root / "journal" / worker.id
-    try:
+    with _running_journal(spool) as (journal, appender):
+        folder = spool.root / "journal" / journal.worker.id
         _wait_for(lambda: journal._spares.qsize() == 2, 30)
         _ack(journal, appender, files[0])
         journal.roll(appender)  # full: sealed, its record held
@@ -435,9 +427,6 @@ def test_a_full_segment_waiting_to_be_published_counts_as_a_spare(
         # one spare ready, and the sealed one coming back stands in for the second
         assert len(list(folder.glob("*.seg"))) == 3
         assert incoming(spool) == {}  # one full segment held: not yet published
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
     assert len(incoming(spool)) == 2
 
 
@@ -446,15 +435,11 @@ def test_the_hold_ends_when_full_segments_wait(tmp_path: Path, spool: Spool, hel
     segments wait, they are published (and come back) without waiting for a pause."""
     held(quiet=30.0, lag=30.0, backlog=1000)
     files = instances(tmp_path / "src", 2)
-    journal, appender, worker = _journal_in_process(spool)
-    try:
+    with _running_journal(spool) as (journal, appender):
         for path in files:
             _ack(journal, appender, path)
             journal.roll(appender)  # full
         _wait_for(lambda: len(incoming(spool)) == 2, 30)
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
 
 
 @NEEDS_SYNCFS
@@ -490,14 +475,10 @@ def test_a_failed_syncfs_moves_no_checkpoint_and_is_retried(
     monkeypatch.setattr(fsutil, "_syncfs", syncfs)
     monkeypatch.setattr(journal_module.Segment, "set_checkpoint", set_checkpoint)
     files = instances(tmp_path / "src", 3)
-    journal, appender, worker = _journal_in_process(spool)
-    try:
+    with _running_journal(spool) as (journal, appender):
         for path in files:
             _ack(journal, appender, path)
         _wait_for(lambda: "checkpoint" in steps, 20)
-    finally:
-        journal.close()
-        worker.__exit__(None, None, None)
     assert steps[0] == "syncfs failed"
     assert steps[1:4] == ["syncfs", "syncfs", "checkpoint"], steps
     assert incoming(spool) == {p.stem: p.read_bytes() for p in files}

@@ -153,10 +153,9 @@ class Journal:
                 self._unavailable_until = time.monotonic() + UNAVAILABLE_FOR
 
     def _returning(self) -> int:
-        """Full segments whose records wait to be published (or that wait to be reset): spares
+        """Sealed segments whose records wait to be published (or that wait to be reset): spares
         again soon. One of them stands in for a second spare (made anew instead, it would cost
-        another 16 MiB of zeros written while instances arrive); the publisher stops holding
-        once SPARES of them wait."""
+        another 16 MiB of zeros written while instances arrive)."""
         with self._lock:
             return sum(1 for slot in self._slots.values() if slot.sealed)
 
@@ -252,10 +251,10 @@ class Journal:
     def _await_quiet(self, since: float) -> None:
         """Hold a burst's records until its associations pause (QUIET), the oldest has waited
         MAX_LAG, MAX_BACKLOG wait, or SPARES full segments do. Publishing writes new files and
-        syncs them; beside an
-        association's per-instance `fdatasync` on this disk that queue of writes made each
-        acknowledgement wait behind it (2000 x 12 KB: 1.85 s with publishing alongside, 1.05 s
-        with it held to the end). The records are durable already; only `incoming/` waits."""
+        syncs them; beside an association's per-instance `fdatasync` that queue of writes made
+        each acknowledgement wait behind it (2000 x 12 KB: 1.85 s with publishing alongside,
+        1.05 s with it held to the end). The records are durable already; only `incoming/`
+        waits."""
         while not self._closing.is_set():
             now = time.monotonic()
             if (
@@ -385,13 +384,14 @@ class Journal:
             except queue.Empty:
                 break
             segment.close()
-            try:
-                if kept >= SPARES:  # the next receiver adopts SPARES: no pile across restarts
-                    raise OSError("enough spares kept")
-                os.rename(segment.path, spare / f"{self.worker.id}.{segment.path.name}")
-                kept += 1
-            except OSError:
-                unlink_quietly(segment.path)
+            if kept < SPARES:  # the next receiver adopts SPARES: no pile across restarts
+                try:
+                    os.rename(segment.path, spare / f"{self.worker.id}.{segment.path.name}")
+                    kept += 1
+                    continue
+                except OSError:
+                    pass
+            unlink_quietly(segment.path)
         with self._lock:
             slots = list(self._slots.values())
         for slot in slots:
