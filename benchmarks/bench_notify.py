@@ -5,10 +5,11 @@ series), and 50 series of 100 instances, are received once (storescu into mercli
 each run routes a fresh copy of that spool in this process (`RouteService.run_once`, two
 folder targets) with rules that notify nobody and with the same rules plus a webhook channel
 that the rule asks for `routed`, `delivered` and `failed` (the usual set): per series one
-notification rendered and appended to the router's notification log inside the routing
-transaction (one `fdatasync` before the commit rename), and the subscriptions in both jobs'
-job.json. Collecting the log into notify/ items is `mercli notify`'s work, done after the
-timing (and checked: one item a series). The rows are instances per second, median of RUNS
+notification made and appended to the router's notification log inside the routing
+transaction (by the thread that writes and `fdatasync`s the line before the commit rename,
+while the routing thread's own fsyncs run), and the subscriptions in both jobs' job.json.
+Collecting the log into notify/ items is `mercli notify`'s work, done after the timing (and
+checked: one item a series). The rows are instances per second, median of RUNS
 interleaved runs (who goes first alternates); the ratio is of those medians. The note also
 gives the median of the RUNS paired ratios (each run of one subject against the other's run
 next to it): on this VM a run's speed drifts with how many inodes were freed nearby in the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -416,3 +417,86 @@ def test_large_variables_are_rendered_at_the_event(spool: Spool) -> None:
     kept, rendered_now = transaction.made
     assert kept["variables"] == small and "body" not in kept
     assert "variables" not in rendered_now and rendered_now["body"].startswith("processed {")
+
+
+def test_notifications_made_at_commit_count_only_if_it_commits(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """`Transaction.notify_later`: the notifications are made in the thread that writes
+    their line, while the commit's fsyncs run. A maker that fails commits nothing and writes
+    no line; makers that make nothing write none; the rest get `<txn>.<n>` as their id when
+    collected, the same id when collected again."""
+    from mercli.spool import INCOMING, OUTGOING, Claim
+    from tests.test_route import receive_file, series_files
+
+    with Worker(spool, "receive") as receiver:
+        for uid in ("1.2.35", "1.2.36"):
+            for path in series_files(tmp_path / "src" / uid, uid, 2):
+                receive_file(receiver, path)
+    first, second = (batch.name for batch in spool.items(INCOMING))
+    logs = spool.root / NOTICES_DIR
+
+    def broken() -> list[dict[str, Any]]:
+        raise RuntimeError("a bug while taking the variables")
+
+    def claimed(worker: Worker, name: str) -> Claim:
+        claim = worker.claim(INCOMING, name)
+        assert claim is not None
+        return claim
+
+    unnamed = {key: value for key, value in note("made").items() if key != "id"}
+    with Worker(spool, "route") as worker:
+        claim = claimed(worker, first)
+        transaction = claim.transaction()
+        transaction.new_item(OUTGOING, "job-a")
+        transaction.notify_later(broken)
+        with pytest.raises(RuntimeError, match="a bug"):
+            transaction.commit()
+        claim.release()
+        assert spool.items(OUTGOING) == [] and len(spool.items(INCOMING)) == 2
+        assert not logs.exists()  # no line, no marker, no segment
+
+        transaction = claimed(worker, first).transaction()
+        transaction.new_item(OUTGOING, "job-a")
+        transaction.notify_later(list)  # nothing to tell after all
+        transaction.commit()
+        assert [item.name for item in spool.items(OUTGOING)] == ["job-a"]
+        assert not logs.exists()
+
+        transaction = claimed(worker, second).transaction()
+        transaction.new_item(OUTGOING, "job-b")
+        transaction.notify_later(list)
+        transaction.notify_later(lambda: [unnamed])
+        transaction.commit()
+        assert collected(spool) == 1
+    (item,) = spool.items(NOTIFY)
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{12}\.0", item.name), item.name
+    assert json.loads((item.path / NOTIFICATION_FILE).read_text())["id"] == item.name
+    assert bodies(spool) == ["made"]
+    (owner,) = logs.iterdir()
+    (owner / CURSOR_FILE).unlink()  # the cursor lost: the line is read again
+    assert collected(spool) == 0 and [i.name for i in spool.items(NOTIFY)] == [item.name]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a" * 1300,  # small, though twelve bytes a character would not be
+        "a" * 17000,
+        "\U0001f600" * 1300,  # 12 bytes each: 15,600
+        "\U0001f600" * 1400,  # 16,800
+        "\x01" * 2800,  # 6 bytes each: 16,800
+        ["a" * 9000, "b" * 9000],
+    ],
+)
+def test_variables_are_kept_for_collection_exactly_when_they_fit(value: Any) -> None:
+    """The count that spares encoding the variables at every event says "small" only when
+    the exact JSON length would."""
+    from mercli.notify.channels import Channel, Subscription
+    from mercli.notify.enqueue import VARIABLES_LIMIT, notifications
+
+    channel = Channel(name="hook", type="webhook", url="http://x", body="{{ event }}")
+    variables = {"event": "routed", "item": value, "instances": 3, "rules": ["r"]}
+    (record,) = notifications([Subscription(channel, ("routed",))], "routed", variables, {})
+    fits = len(json.dumps(variables)) <= VARIABLES_LIMIT
+    assert ("variables" in record) == fits

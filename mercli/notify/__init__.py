@@ -13,13 +13,18 @@ A notification item is a folder holding `notification.json` (and, once tried,
 `progress.json`):
 
     {
-      "id": "<item id>", "created": "<ISO 8601 UTC>", "event": "delivered",
+      "id": "<txn>.<n>", "created": "<ISO 8601 UTC>", "event": "delivered",
       "subject": "<rendered subject: email only, else empty>",
       "body": "<rendered body>",
       "channel": { ...the [notify.NAME] definition: name, type and the settings that
                    differ from the defaults (Channel.record; older items hold them all)... },
       "source": {"item": "<job/series id>", "rule": "...", "target": "...", "module": "..."}
     }
+
+The id is the item's name: the id of the transaction that wrote the notification
+(time-sortable, unique) and its place in that transaction's line, given when it is
+collected, so a line collected twice yields the same id (and `Idempotency-Key`); lines of
+earlier versions carry an id of their own, which is kept.
 
 The event's variables are taken when the event happens and travel with the notification
 (in the worker's log); the templates are rendered with them (Jinja2's sandbox, bounded) when

@@ -115,7 +115,14 @@ class Channel:
         """The channel as notification items and job files carry it: its name, its type and
         what differs from the defaults (`from_json` fills those in again). A few keys instead
         of two dozen: every routed series writes it once per job and notification."""
-        return {key: _fresh(value) for key, value in _record(self).items()}
+        return {key: _fresh(value) for key, value in self.shared_record.items()}
+
+    @functools.cached_property
+    def shared_record(self) -> dict[str, Any]:
+        """`record`, worked out once per channel and the same dict every time: for records
+        that are only encoded (a notification log's line), never changed."""
+        data = self.to_json()
+        return {key: data[key] for key in _recorded_keys(self)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Channel:
@@ -148,13 +155,6 @@ def _fresh(value: Any) -> Any:
     if isinstance(value, dict):
         return dict(value)
     return list(value) if isinstance(value, list) else value
-
-
-@functools.lru_cache(maxsize=256)
-def _record(channel: Channel) -> dict[str, Any]:
-    """`Channel.record`, worked out once per channel (the caller gets a copy)."""
-    data = channel.to_json()
-    return {key: data[key] for key in _recorded_keys(channel)}
 
 
 @functools.lru_cache(maxsize=64)

@@ -139,7 +139,9 @@ class Collector:
         built: list[tuple[str, Path]] = []
         try:
             for txn, index, record in notifications:
-                name = str(record.get("id") or "")
+                name = str(record.get("id") or f"{txn}.{index}")
+                if name != record.get("id"):
+                    record["id"] = name  # the id, given here: the same on every collection
                 if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
                     digest = hashlib.sha256(f"{owner}/{txn}/{index}".encode()).hexdigest()
                     name = record["id"] = f"n{digest[:40]}"  # the same on every collection

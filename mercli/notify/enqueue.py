@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mercli.fsutil import link_tree
-from mercli.names import new_id
 from mercli.notify.channels import (
     PHI_VARIABLES,
     Channel,
@@ -48,6 +47,7 @@ _TAG_VARIABLES = {  # sidecar keyword -> template variable
 }
 _HOSTNAME = os.uname().nodename
 VARIABLES_LIMIT = 16 * 1024  # bytes of variables a log line carries; larger: rendered at once
+_ESCAPED = 12  # the most bytes one character of a string encodes to (ensure_ascii)
 
 
 def event_variables(
@@ -79,31 +79,70 @@ def add_notifications(
     variables: Mapping[str, Any],
     source: Mapping[str, Any],
 ) -> int:
-    """Prepare one notification item per subscription wanting `event`; how many."""
-    made = 0
+    """Add `notifications` to the caller's transaction; how many."""
+    made = notifications(subscriptions, event, variables, source)
+    for record in made:
+        transaction.notify(record)
+    return len(made)
+
+
+def notifications(
+    subscriptions: Iterable[Subscription],
+    event: str,
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """One notification per channel whose subscription wants `event`.
+
+    Per routed series this is on the routing path, so it does only what the event needs
+    now: the notification's id is given when it is collected (`<txn>.<n>`, the transaction's
+    id and its place in the line: time-sortable and the same on every collection), its
+    `created` is the event's `at`, and the variables are JSON-encoded to measure them only
+    when they may be over VARIABLES_LIMIT.
+    """
+    made: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for subscription in wanted(subscriptions, event):
+    created = str(variables.get("at") or now_iso())
+    origin = {key: value for key, value in source.items() if value is not None}
+    large = _maybe_large(variables) and (len(json.dumps(variables, default=str)) > VARIABLES_LIMIT)
+    for subscription in subscriptions:
         channel = subscription.channel
-        if channel.name in seen:  # two owners (a rule and its target) on one channel
-            continue
+        if event not in subscription.events or channel.name in seen:
+            continue  # not wanted, or a second owner (a rule and its target) on one channel
         seen.add(channel.name)
         values = dict(variables)
         if not channel.phi:
             for name in PHI_VARIABLES:
                 values.pop(name, None)
         record = {
-            "id": new_id(),
-            "created": now_iso(),
+            "created": created,
             "event": event,
-            "channel": channel.record(),
-            "source": {key: value for key, value in source.items() if value is not None},
+            "channel": channel.shared_record,  # encoded at commit, never changed
+            "source": dict(origin),
             "variables": values,  # rendered when collected: `rendered`
         }
-        if len(json.dumps(values, default=str)) > VARIABLES_LIMIT:
+        if large:
             record = rendered(record)  # a large result.json: only the (capped) text is kept
-        transaction.notify(record)
-        made += 1
+        made.append(record)
     return made
+
+
+def _maybe_large(variables: Mapping[str, Any]) -> bool:
+    """Whether the variables may encode to more than VARIABLES_LIMIT bytes. Strings, lists
+    of strings and numbers, counted as if every character were escaped (twelve bytes: a
+    surrogate pair), say no for sure; anything else (a module's result) is for the exact
+    count."""
+    size = 0
+    for key, value in variables.items():
+        if isinstance(value, str):
+            size += _ESCAPED * (len(key) + len(value) + 4)
+        elif isinstance(value, int | float) or value is None:
+            size += _ESCAPED * (len(key) + 4) + 32
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            size += _ESCAPED * (len(key) + 4 + sum(len(v) + 3 for v in value))
+        else:
+            return True
+    return size > VARIABLES_LIMIT
 
 
 def rendered(record: dict[str, Any]) -> dict[str, Any]:

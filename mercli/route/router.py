@@ -40,7 +40,7 @@ from typing import Any
 from mercli.audit.keys import trail_fields
 from mercli.jobs import input_hops, job_record
 from mercli.names import new_id, safe_name
-from mercli.notify.enqueue import add_notifications, event_variables, wanted
+from mercli.notify.enqueue import event_variables, notifications, wanted
 from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
 from mercli.rules.decide import Decision, RuleTimeout, decide
@@ -60,6 +60,8 @@ from mercli.spool import (
     write_json,
 )
 from mercli.tags import UnreadableDicom, read_tags
+
+ROUTING_EVENTS = frozenset({"received", "routed", "discarded"})  # told by routing
 
 log = logging.getLogger(__name__)
 
@@ -205,24 +207,35 @@ class Router:
                     record = self._record(item, claim.name, tags, decision, target_name)
                 transaction.write_json(folder / JOB_FILE, record)
                 made.append((state, item, target_name, decision))
-        if self.rules.notify:
-            self._notify(transaction, claim.name, instances, decisions)
+        if self.rules.notify and self._tells(decisions):
+            series = claim.name
+            transaction.notify_later(lambda: self._notifications(series, instances, decisions))
         transaction.commit()
         # study UID and keyed accession/patient hashes, for `mercli log` (mercli.audit)
         trail = trail_fields(self.spool.root, instances[0][1] if instances else {})
         self._account(claim.name, len(instances), made, summary, trail)
 
-    def _notify(
+    def _tells(self, decisions: list[Decision]) -> bool:
+        """Whether a rule of these decisions wants an event of routing on some channel."""
+        for decision in decisions:
+            for rule in self.rules.rules_named(decision.rules):
+                for subscription in self.rules.subscriptions(rule):
+                    if not ROUTING_EVENTS.isdisjoint(subscription.events):
+                        return True
+        return False
+
+    def _notifications(
         self,
-        transaction: Transaction,
         series: str,
         instances: list[tuple[str, Mapping[str, Any]]],
         decisions: list[Decision],
-    ) -> None:
-        """The notifications of this routing, in its transaction: `received` once per series
-        and rule, `routed` or `discarded` per decision and rule (SPEC §8)."""
+    ) -> list[dict[str, Any]]:
+        """The notifications of this routing, made while its transaction commits
+        (`Transaction.notify_later`): `received` once per series and rule, `routed` or
+        `discarded` per decision and rule (SPEC §8)."""
         first = instances[0][1] if instances else {}
         told: set[str] = set()
+        made: list[dict[str, Any]] = []
         for decision in decisions:
             outputs = [*decision.targets, *(f"process {rule}" for rule in decision.process)]
             outputs += [f"study {rule}" for rule, _ in decision.study]
@@ -244,9 +257,10 @@ class Router:
                     told.add(rule.name)
                     received = event_variables("received", first, **fields)
                     received["instances"] = len(instances)
-                    add_notifications(transaction, subscriptions, "received", received, source)
+                    made += notifications(subscriptions, "received", received, source)
                 variables = event_variables(event, first, **fields)
-                add_notifications(transaction, subscriptions, event, variables, source)
+                made += notifications(subscriptions, event, variables, source)
+        return made
 
     def _hold(
         self,

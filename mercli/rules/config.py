@@ -289,11 +289,17 @@ class RuleSet:
 
     def subscriptions(self, owner: Rule | Target | Module) -> tuple[Subscription, ...]:
         """What a rule, target or module asked to be notified of, per channel."""
-        return tuple(
-            Subscription(self.notify[name], owner.notify_on)
-            for name in owner.notify
-            if name in self.notify
-        )
+        key = (_SUBSCRIPTIONS, type(owner).__name__, owner.name)
+        made = self.cache.get(key)
+        if made is None:  # asked once per routed series and rule: worked out once
+            made = tuple(
+                Subscription(self.notify[name], owner.notify_on)
+                for name in owner.notify
+                if name in self.notify
+            )
+            if len(self.cache) < 4096:
+                self.cache[key] = made
+        return made
 
     def rules_named(self, names: Iterable[str]) -> list[Rule]:
         wanted = set(names)

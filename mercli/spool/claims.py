@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,7 @@ class Transaction:
         self._unsynced: list[Path] = []
         self._states: set[str] = set()  # state folders made in out.tmp/ so far
         self._notifications: list[dict[str, Any]] = []
+        self._deferred: list[Callable[[], Iterable[dict[str, Any]]]] = []
 
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
         """A JSON file of a prepared output (job.json, held.json): written now, fsync'ed
@@ -300,6 +302,13 @@ class Transaction:
         of the worker's notification log, synced before the commit rename (step 5b)."""
         self._notifications.append(notification)
 
+    def notify_later(self, make: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        """Notifications as `notify`'s, made by `make` at commit, in the thread that writes
+        their line while this thread's fsyncs run: taking an event's variables then costs
+        the committing stage no time of its own (`make` must read only what no longer
+        changes). If `make` raises, the transaction does not commit."""
+        self._deferred.append(make)
+
     def commit(self) -> list[Item]:
         """Make everything durable, then commit by one rename, then publish each output.
 
@@ -307,12 +316,11 @@ class Transaction:
         other fsyncs (a thread of the fsync pool: its flush overlaps theirs) and must be
         durable before the rename; the marker after it says how the transaction ended.
         """
-        txn = new_id() if self._notifications else ""
+        txn = new_id() if self._notifications or self._deferred else ""
         notices = self.claim.worker.notices if txn else None
         logged = None
         if notices is not None:
-            key = self.claim.key_dir.name
-            logged = sync_pool().submit(notices.open_transaction, txn, key, self._notifications)
+            logged = sync_pool().submit(self._log_notifications, notices, txn)
         try:
             for path in self._unsynced:
                 fsync_file(path)
@@ -335,6 +343,14 @@ class Transaction:
             if logged is not None:
                 self._mark(txn, COMMIT)
         return roll_forward(self.claim.spool, self.claim.key_dir)
+
+    def _log_notifications(self, notices: NoticeLog, txn: str) -> None:
+        """Make the deferred notifications, then write and sync the transaction's line (none
+        if nothing is to be told after all)."""
+        for make in self._deferred:
+            self._notifications.extend(make())
+        if self._notifications:
+            notices.open_transaction(txn, self.claim.key_dir.name, self._notifications)
 
     def _mark(self, txn: str, fate: str) -> None:
         """A marker never fails the transaction: it goes into room its line kept, so only

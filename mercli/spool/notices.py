@@ -19,8 +19,10 @@ prefix** ends at the first line that is not a whole JSON object (zeros: not writ
 torn line: its writer died). Three kinds of line:
 
     {"txn": T, "key": "<state>~<name>", "notifications": [...]}
-        written and fdatasync'ed before transaction T's commit rename (T is unique; key is
-        its claim's folder under claims/<owner>/)
+        written and fdatasync'ed before transaction T's commit rename (T is unique, a
+        `new_id`; key is its claim's folder under claims/<owner>/). A notification is
+        notification.json's record without its rendering (`variables` instead) and, as
+        written now, without `id`: the collector gives it `<T>.<n>`, n its index here
     {"commit": T}    written once the rename is durable (not synced itself: see below)
     {"abort": T}     written and synced when T failed before its rename, before the claim
                      is released
