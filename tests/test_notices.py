@@ -470,7 +470,7 @@ def test_notifications_made_at_commit_count_only_if_it_commits(
         transaction.commit()
         assert collected(spool) == 1
     (item,) = spool.items(NOTIFY)
-    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{12}\.0", item.name), item.name
+    assert re.fullmatch(r"\d{8}T\d{6}\.\d{6}-[0-9a-f]{12}\.0000", item.name), item.name
     assert json.loads((item.path / NOTIFICATION_FILE).read_text())["id"] == item.name
     assert bodies(spool) == ["made"]
     (owner,) = logs.iterdir()
@@ -481,22 +481,39 @@ def test_notifications_made_at_commit_count_only_if_it_commits(
 @pytest.mark.parametrize(
     "value",
     [
-        "a" * 1300,  # small, though twelve bytes a character would not be
+        "a" * 1300,
         "a" * 17000,
         "\U0001f600" * 1300,  # 12 bytes each: 15,600
         "\U0001f600" * 1400,  # 16,800
         "\x01" * 2800,  # 6 bytes each: 16,800
         ["a" * 9000, "b" * 9000],
+        [10**4000] * 5,  # 20,005 digits
+        float("nan"),
+        {1: "a" * 9000, 2: "b" * 9000},  # keys JSON makes strings
+        {f"n{n}": 10**4000 for n in range(5)},
     ],
 )
 def test_variables_are_kept_for_collection_exactly_when_they_fit(value: Any) -> None:
     """The count that spares encoding the variables at every event says "small" only when
-    the exact JSON length would."""
+    the exact JSON length would, for a channel with and one without patient data: a large
+    patient name makes only the `phi = true` channel's notification large."""
     from mercli.notify.channels import Channel, Subscription
     from mercli.notify.enqueue import VARIABLES_LIMIT, notifications
 
-    channel = Channel(name="hook", type="webhook", url="http://x", body="{{ event }}")
-    variables = {"event": "routed", "item": value, "instances": 3, "rules": ["r"]}
-    (record,) = notifications([Subscription(channel, ("routed",))], "routed", variables, {})
-    fits = len(json.dumps(variables)) <= VARIABLES_LIMIT
-    assert ("variables" in record) == fits
+    plain = Channel(name="hook", type="webhook", url="http://x", body="{{ event }}")
+    phi = Channel(name="phi", type="webhook", url="http://y", body="{{ event }}", phi=True)
+    if isinstance(value, list) and isinstance(value[0], int):
+        items: list[Any] = [*value]
+        variables: dict[Any, Any] = {"event": "routed", "item": "x", "counts": items}
+    elif isinstance(value, dict):
+        variables = {"event": "routed", **value}
+    else:
+        variables = {"event": "routed", "item": value, "instances": 3, "rules": ["r"]}
+    variables["patient_name"] = "P" * 17000
+    subscriptions = [Subscription(plain, ("routed",)), Subscription(phi, ("routed",))]
+    for_plain, for_phi = notifications(subscriptions, "routed", variables, {})
+    without_phi = {k: v for k, v in variables.items() if k != "patient_name"}
+    fits = len(json.dumps(without_phi, default=str)) <= VARIABLES_LIMIT
+    assert ("variables" in for_plain) == fits
+    assert "variables" not in for_phi  # 17,000 bytes of name alone
+    assert "PPPP" not in json.dumps(for_plain, default=str)

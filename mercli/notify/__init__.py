@@ -13,7 +13,7 @@ A notification item is a folder holding `notification.json` (and, once tried,
 `progress.json`):
 
     {
-      "id": "<txn>.<n>", "created": "<ISO 8601 UTC>", "event": "delivered",
+      "id": "<txn>.<nnnn>", "created": "<ISO 8601 UTC>", "event": "delivered",
       "subject": "<rendered subject: email only, else empty>",
       "body": "<rendered body>",
       "channel": { ...the [notify.NAME] definition: name, type and the settings that

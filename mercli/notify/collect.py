@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # notifications published together, then the cursor moved
 WINDOW = 20000  # log lines read at once
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what new_id makes; anything else is renamed
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # new_id and <txn>.<n>; else renamed
 
 
 class Collector:
@@ -139,7 +139,7 @@ class Collector:
         built: list[tuple[str, Path]] = []
         try:
             for txn, index, record in notifications:
-                name = str(record.get("id") or f"{txn}.{index}")
+                name = str(record.get("id") or f"{txn}.{index:04d}")  # sorts as the line does
                 if name != record.get("id"):
                     record["id"] = name  # the id, given here: the same on every collection
                 if not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):

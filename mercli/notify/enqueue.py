@@ -94,17 +94,17 @@ def notifications(
 ) -> list[dict[str, Any]]:
     """One notification per channel whose subscription wants `event`.
 
-    Per routed series this is on the routing path, so it does only what the event needs
-    now: the notification's id is given when it is collected (`<txn>.<n>`, the transaction's
-    id and its place in the line: time-sortable and the same on every collection), its
-    `created` is the event's `at`, and the variables are JSON-encoded to measure them only
-    when they may be over VARIABLES_LIMIT.
+    Route makes them while its transaction's fsyncs run (`Transaction.notify_later`);
+    dispatch and process as they settle a job. Either way this does only what the event
+    needs now: the notification's id is given when it is collected (`<txn>.<nnnn>`, the
+    transaction's id and its place in the line: time-sortable and the same on every
+    collection), its `created` is the event's `at`, and the variables are JSON-encoded to
+    measure them only when they may be over VARIABLES_LIMIT.
     """
     made: list[dict[str, Any]] = []
     seen: set[str] = set()
     created = str(variables.get("at") or now_iso())
     origin = {key: value for key, value in source.items() if value is not None}
-    large = _maybe_large(variables) and (len(json.dumps(variables, default=str)) > VARIABLES_LIMIT)
     for subscription in subscriptions:
         channel = subscription.channel
         if event not in subscription.events or channel.name in seen:
@@ -121,25 +121,35 @@ def notifications(
             "source": dict(origin),
             "variables": values,  # rendered when collected: `rendered`
         }
-        if large:
+        if _maybe_large(values) and len(json.dumps(values, default=str)) > VARIABLES_LIMIT:
             record = rendered(record)  # a large result.json: only the (capped) text is kept
         made.append(record)
     return made
 
 
 def _maybe_large(variables: Mapping[str, Any]) -> bool:
-    """Whether the variables may encode to more than VARIABLES_LIMIT bytes. Strings, lists
-    of strings and numbers, counted as if every character were escaped (twelve bytes: a
-    surrogate pair), say no for sure; anything else (a module's result) is for the exact
-    count."""
+    """Whether the variables may encode to more than VARIABLES_LIMIT bytes. String keys with
+    plain strings, lists of them, bools, None and numbers of at most 24 characters, counted
+    as if every character were escaped (twelve bytes: a surrogate pair), say no for sure;
+    anything else (a module's result, a subclass, a huge number) is for the exact count."""
     size = 0
     for key, value in variables.items():
-        if isinstance(value, str):
-            size += _ESCAPED * (len(key) + len(value) + 4)
-        elif isinstance(value, int | float) or value is None:
-            size += _ESCAPED * (len(key) + 4) + 32
-        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            size += _ESCAPED * (len(key) + 4 + sum(len(v) + 3 for v in value))
+        if type(key) is not str:
+            return True
+        size += _ESCAPED * (len(key) + 4)
+        kind = type(value)
+        if kind is str:
+            size += _ESCAPED * len(value)
+        elif kind is bool or value is None:
+            size += 8
+        elif kind is int or kind is float:
+            if not -(10**18) < value < 10**18:  # also NaN, which compares false
+                return True
+            size += 24
+        elif kind is list or kind is tuple:
+            if not all(type(item) is str for item in value):
+                return True
+            size += sum(_ESCAPED * len(item) + 4 for item in value)
         else:
             return True
     return size > VARIABLES_LIMIT

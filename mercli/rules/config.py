@@ -228,12 +228,10 @@ class Rule:
         return self.action == "discard"
 
 
-_SUBSCRIPTIONS = object()
-
-
 @dataclass(frozen=True)
 class RuleSet:
-    """A whole rules file. `keywords` are those any rule reads, sorted; `cache` is decide's."""
+    """A whole rules file. `keywords` are those any rule reads, sorted; `cache` is decide's;
+    `notify_cache` holds the subscriptions worked out for routing (a few entries per rule)."""
 
     settings: RouteSettings
     targets: Mapping[str, Target]
@@ -244,6 +242,9 @@ class RuleSet:
     notify: Mapping[str, Channel] = field(default_factory=dict)
     keywords: tuple[str, ...] = field(init=False)
     cache: dict[Any, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
+    notify_cache: dict[Any, Any] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         used = {kw for rule in self.rules if rule.when for kw in rule.when.keywords}
@@ -289,16 +290,15 @@ class RuleSet:
 
     def subscriptions(self, owner: Rule | Target | Module) -> tuple[Subscription, ...]:
         """What a rule, target or module asked to be notified of, per channel."""
-        key = (_SUBSCRIPTIONS, type(owner).__name__, owner.name)
-        made = self.cache.get(key)
+        key = (type(owner).__name__, owner.name)
+        made = self.notify_cache.get(key)
         if made is None:  # asked once per routed series and rule: worked out once
             made = tuple(
                 Subscription(self.notify[name], owner.notify_on)
                 for name in owner.notify
                 if name in self.notify
             )
-            if len(self.cache) < 4096:
-                self.cache[key] = made
+            self.notify_cache[key] = made  # one entry per rule, target and module
         return made
 
     def rules_named(self, names: Iterable[str]) -> list[Rule]:
@@ -308,17 +308,17 @@ class RuleSet:
     def job_subscriptions(self, target: str, rules: Iterable[str]) -> list[dict[str, Any]]:
         """job.json's `notify` for a job to `target`: the target's own subscriptions and
         those of the matched rules that name it (delivered and failed only)."""
-        key = (_SUBSCRIPTIONS, target, tuple(rules))  # never a key of decide's (tag values)
-        made = self.cache.get(key)
+        key = (target, tuple(rules))
+        made = self.notify_cache.get(key)
         if made is None:  # the same few answers for every series a rule set routes
             found = [*self.subscriptions(self.targets[target])]
-            for rule in self.rules_named(key[2]):
+            for rule in self.rules_named(key[1]):
                 if target in rule.targets:
                     found += self.subscriptions(rule)
             wanted = {"delivered", "failed"}
             made = [data for data in subscriptions_json(found) if set(data["on"]) & wanted]
-            if len(self.cache) < 4096:
-                self.cache[key] = made
+            if len(self.notify_cache) < 4096:
+                self.notify_cache[key] = made
         return list(made)  # shared records: written into job.json, never changed
 
     @property

@@ -22,7 +22,7 @@ torn line: its writer died). Three kinds of line:
         written and fdatasync'ed before transaction T's commit rename (T is unique, a
         `new_id`; key is its claim's folder under claims/<owner>/). A notification is
         notification.json's record without its rendering (`variables` instead) and, as
-        written now, without `id`: the collector gives it `<T>.<n>`, n its index here
+        written now, without `id`: the collector gives it `<T>.<nnnn>`, n its index here
     {"commit": T}    written once the rename is durable (not synced itself: see below)
     {"abort": T}     written and synced when T failed before its rename, before the claim
                      is released
