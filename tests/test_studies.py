@@ -337,6 +337,23 @@ def test_study_completion_survives_kill_at_every_step(tmp_path: Path) -> None:
 # -- dispatch -----------------------------------------------------------------------------------
 
 
+def test_series_whose_senders_ended_on_one_clock_tick_keep_receipt_order(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """Hints written in one go share an mtime (the file clock ticks every few ms): the series
+    are then in the order their first instance was received, not the order route held them."""
+    rules = load_rules(rules_file(tmp_path))
+    received = {"T1": "2026-12-01T09:00:00.100+00:00", "DWI": "2026-12-01T09:00:00.200+00:00"}
+    received["FLAIR"] = "2026-12-01T09:00:00.300+00:00"
+    for description in ("FLAIR", "DWI", "T1"):  # held last-received first
+        send_series(tmp_path, spool, rules, description, 1000, received[description])
+    assert len(complete_due(spool, rules, 1020)[0]) == 2
+    for job in study_jobs(spool):
+        assert [s["SeriesInstanceUID"] for s in job["series"]] == [
+            series_uid(d, 1000) for d in ("T1", "DWI", "FLAIR")
+        ]
+
+
 def study_to(tmp_path: Path, spool: Spool, port: int) -> list[str]:
     """Three series held and completed into study jobs for pacs (at `port`) and archive."""
     path = rules_file(tmp_path)

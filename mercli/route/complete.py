@@ -239,13 +239,13 @@ class Completer:
 def _union(study: Study, rules: Sequence[str]) -> list[HeldSeries]:
     """The batches held for any of `rules`, in arrival order, each once."""
     found = {batch.batch: batch for rule in rules for batch in study.holding(rule)}
-    return sorted(found.values(), key=lambda batch: (batch.arrived, batch.batch))
+    return sorted(found.values(), key=lambda batch: batch.order)
 
 
 def _by_series(held: Sequence[HeldSeries]) -> dict[str, list[HeldSeries]]:
     """Batches grouped by series, series in the arrival order of their first batch."""
     groups: dict[str, list[HeldSeries]] = {}
-    for batch in sorted(held, key=lambda b: (b.arrived, b.batch)):
+    for batch in sorted(held, key=lambda b: b.order):
         groups.setdefault(batch.series, []).append(batch)
     return groups
 

@@ -67,6 +67,16 @@ class HeldSeries:
             keys=dict(record.get("keys", {})),
         )
 
+    @property
+    def order(self) -> tuple[float, str, str]:
+        """Sort key of arrival order: when its sender ended, then its first ReceivedAt.
+
+        Two associations' hints can share an mtime (the kernel's file clock ticks every few
+        ms, and receive may publish a backlog in one go), so the first instance's receipt time
+        breaks the tie, not the batch id, which is when route got to the batch.
+        """
+        return (self.arrived, str(self.keys.get("first_received") or ""), self.batch)
+
 
 def held_record(
     series: str,
@@ -105,7 +115,7 @@ class Study:
     def holding(self, rule: str) -> list[HeldSeries]:
         """The batches held for `rule`, in arrival order."""
         found = [batch for batch in self.held if rule in batch.rules]
-        return sorted(found, key=lambda batch: (batch.arrived, batch.batch))
+        return sorted(found, key=lambda batch: batch.order)
 
     def missing(self, rule: Rule) -> list[str]:
         """The `require` texts of `rule` no held batch met."""
