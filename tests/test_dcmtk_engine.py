@@ -85,6 +85,39 @@ def test_tracker_hands_out_only_what_the_log_proves_finished(tmp_path: Path) -> 
     assert tracker.ended == (pid, "released", Sender("CT_SCANNER", "ROUTER", "10.1.2.3"))
 
 
+def test_tracker_lists_staging_once_per_read_however_deep_the_backlog(tmp_path: Path) -> None:
+    """Lines read together share one listing of staging/: with 600 files waiting, 301 store
+    requests of one child cost one listing, not 301 (which grew with the square of a
+    backlog), and hand out the child's first 300 files in order, none of the other child's."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    tracker = StagingTracker(staging, "MERCLI")
+    pid, other = 4_000_003, 4_000_004
+    for counter in range(300):
+        (staging / staged_name(pid, counter)).write_bytes(b"x")
+        (staging / staged_name(other, counter)).write_bytes(b"y")
+    listings = 0
+    real = tracker._staged
+
+    def counting() -> dict[str, tuple[int, int, int] | None]:
+        nonlocal listings
+        listings += 1
+        return real()
+
+    tracker._staged = counting  # type: ignore[method-assign]
+    handed: list[str] = []
+    with tracker.one_listing():
+        tracker.feed(f"{pid} Association Received: 10.0.0.9")
+        for _ in range(301):
+            handed += [path.name for path, _ in tracker.feed(f"{pid} Received Store Request")]
+    assert listings == 1
+    assert handed == [staged_name(pid, counter) for counter in range(300)]
+    (staging / staged_name(pid, 300)).write_bytes(b"z")  # a later read lists again
+    with tracker.one_listing():
+        ready = tracker.feed(f"{pid} Association Release")
+    assert listings == 2 and [path.name for path, _ in ready] == [staged_name(pid, 300)]
+
+
 def test_tracker_sweep_takes_files_of_dead_children_once(tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()

@@ -303,8 +303,9 @@ class _Engine:
                     stdout.close()
             return
         *lines, self.pipes[fd] = (self.pipes[fd] + data).split(b"\n")
-        for line in lines:
-            self._line(line.decode("utf-8", "replace"))
+        with self.tracker.one_listing():
+            for line in lines:
+                self._line(line.decode("utf-8", "replace"))
 
     def _line(self, line: str) -> None:
         pid, _, rest = line.partition(" ")

@@ -16,6 +16,13 @@ lines it needs, each prefixed with the child's pid) and feeds it line by line to
 - with `+uf` the file names carry the child's pid (`<MOD>.X.1.2.276.0.7230010.3.1.4.<host>.
   <pid>.<time>.<counter>`), and the counter orders the files of one child.
 
+Finding a child's files means listing staging/, which holds every file not yet published: under
+a backlog (a slow disk, a burst) a listing per log line made the tracker's cost grow with the
+square of the backlog, and the engine fell further behind the busier it was. The engine feeds
+all the lines of one read `with tracker.one_listing()`, so they share one listing, taken when
+first needed, after the lines were read: every file a line proves finished existed then, and a
+failed store's file is gone before its child logs anything else. Each name is parsed once.
+
 Files whose completion the log cannot prove (left by a crash, or by a child that died) are
 found by `StagingTracker.sweep` once their writer is gone, for the engine to check.
 """
@@ -25,6 +32,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +119,18 @@ class StagingTracker:
         self.handed: set[str] = set()  # names given to a publisher and not yet gone
         self.ended: tuple[int, str, Sender] | None = None  # set by feed()
         self.refused: tuple[str, str] | None = None  # set by feed()
+        self._orders: dict[str, tuple[int, int, int] | None] = {}  # staged_order, per name
+        self._sharing = False  # inside one_listing()
+        self._listing: dict[str, tuple[int, int, int] | None] | None = None
+
+    @contextmanager
+    def one_listing(self) -> Iterator[None]:
+        """Feed the lines of one read against one listing of staging/ (module docstring)."""
+        self._sharing, self._listing = True, None
+        try:
+            yield
+        finally:
+            self._sharing, self._listing = False, None
 
     def feed(self, line: str) -> list[tuple[Path, Sender]]:
         """One line of storescp's output; returns the files it proves complete.
@@ -152,9 +173,12 @@ class StagingTracker:
         """Hand out the child's files up to its `count`-th successful store (None: all)."""
         if count is not None and count <= child.given:
             return []
+        listing = self._listing if self._listing is not None else self._staged()
+        if self._sharing:
+            self._listing = listing
         files = sorted(
             (order, name)
-            for name, order in self._staged().items()
+            for name, order in listing.items()
             if order and order[0] == pid and name not in self.handed
         )
         chosen = [name for _, name in files]
@@ -164,9 +188,14 @@ class StagingTracker:
         return self._hand(chosen, child.sender(self.aet))
 
     def _staged(self) -> dict[str, tuple[int, int, int] | None]:
+        known, names = self._orders, {}
         with os.scandir(self.staging) as entries:
-            names = {entry.name: staged_order(entry.name) for entry in entries if entry.is_file()}
-        self.handed &= names.keys()  # published or quarantined since: forget them
+            for entry in entries:
+                if entry.is_file():
+                    name = entry.name
+                    names[name] = known[name] if name in known else staged_order(name)
+        self._orders = names  # published or quarantined since: forget them
+        self.handed &= names.keys()
         return names
 
     def _hand(self, names: list[str], sender: Sender) -> list[tuple[Path, Sender]]:
