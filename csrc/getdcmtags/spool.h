@@ -67,6 +67,7 @@ class Spool {
 
     // EventLog.append: one line, one write(2), O_APPEND; failures only warned about.
     void logEvent(const std::string &body);
+    void logEvents(const std::vector<std::string> &bodies);
 
     std::string root_;
     std::string owner_;
