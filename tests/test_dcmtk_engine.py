@@ -19,6 +19,7 @@ from mercli.receive.dcmtk import engine
 from mercli.receive.dcmtk.completeness import check_complete
 from mercli.receive.dcmtk.engine import STORESCP_ENV, find_storescp
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
+from mercli.receive.handler import ReceiveConfig
 from mercli.spool import Spool
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
 from tests.kit import CT
@@ -184,6 +185,29 @@ def test_storescu_series_land_with_sidecars_and_hints(tmp_path: Path) -> None:
     events = (spool / "events").glob("*.ndjson")
     lines = [json.loads(line) for file in events for line in file.read_text().splitlines()]
     assert sum(event["event"] == "received" for event in lines) == 20
+
+
+@pytest.mark.parametrize(("cpus", "publishers"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (96, 4)])
+def test_publishers_default_to_a_quarter_of_the_cpus(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, publishers: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert ReceiveConfig().publishers == publishers
+    assert ReceiveConfig().listeners == min(cpus, 8)  # the default engine's: unchanged
+    assert ReceiveConfig(processes=3).publishers == ReceiveConfig(processes=3).listeners == 3
+
+
+@pytest.mark.parametrize("args", [(), ("--processes", "3")])
+def test_engine_runs_as_many_getdcmtags_as_asked(tmp_path: Path, args: tuple[str, ...]) -> None:
+    spool = tmp_path / "spool"
+    wanted = int(args[1]) if args else ReceiveConfig().publishers
+
+    def publishers() -> int:
+        return sum(p.name.startswith("getdcmtags.") for p in (spool / "leases").iterdir())
+
+    with receiver(spool, *DCMTK, *args, host=None):
+        wait_until(lambda: publishers() >= wanted, what="getdcmtags leases")
+        assert publishers() == wanted
 
 
 def test_spool_equals_the_default_engines_for_the_corpus(tmp_path: Path) -> None:

@@ -50,9 +50,10 @@ def _positive(ctx: click.Context, param: click.Parameter, value: str) -> float:
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),
-    default=_DEFAULTS.processes,
-    show_default="number of CPUs, at most 8",
-    help="Listening processes sharing the port (SO_REUSEPORT); 1 = a single process.",
+    default=None,
+    show_default="number of CPUs, at most 8; with --engine dcmtk a quarter of them, 1 to 4",
+    help="Listening processes sharing the port (SO_REUSEPORT); 1 = a single process. With "
+    "--engine dcmtk: getdcmtags processes publishing what storescp received.",
 )
 @click.option(
     "--extra-tag",
@@ -129,7 +130,7 @@ def receive(
     allow_aets: tuple[str, ...],
     any_called_aet: bool,
     max_associations: int,
-    processes: int,
+    processes: int | None,
     extra_tags: tuple[str, ...],
     acse_timeout: float,
     network_timeout: float,

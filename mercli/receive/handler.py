@@ -70,7 +70,7 @@ class ReceiveConfig:
     allow_aets: tuple[str, ...] = ()  # calling AE titles accepted; empty = any
     any_called_aet: bool = False  # accept whatever AE title the sender calls us by
     max_associations: int = 32
-    processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
+    processes: int | None = None  # --processes; None: `listeners` / `publishers` choose
     extra_tags: tuple[str, ...] = ()
     network_timeout: float = NETWORK_TIMEOUT  # idle between PDUs, and the most one PDU may take
     acse_timeout: float = ACSE_TIMEOUT  # for the whole association request, from connecting
@@ -83,6 +83,19 @@ class ReceiveConfig:
     tls_require_client_cert: bool = False
     tls_port: int | None = None
     journal: bool = True  # durable receipt through the write-ahead journal (mercli.spool.journal)
+
+    @property
+    def listeners(self) -> int:
+        """Listening processes of the default engine: --processes, else the CPUs, at most 8."""
+        return self.processes or min(os.cpu_count() or 1, 8)
+
+    @property
+    def publishers(self) -> int:
+        """getdcmtags publishers of `--engine dcmtk`: --processes, else a quarter of the CPUs,
+        1 to 4. One publisher makes bigger batches with fewer syncfs, and leaves the CPU to
+        storescp and the sender: on 2 cores, 12 KB instances reached 0.69x of `storescp -od`
+        with one against 0.58x with two (0.88x against 0.80x with 4 associations)."""
+        return self.processes or max(1, min(4, (os.cpu_count() or 1) // 4))
 
     @property
     def tls_listen_port(self) -> int | None:

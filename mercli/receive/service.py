@@ -43,7 +43,7 @@ def serve(spool_root: Path, config: ReceiveConfig) -> None:
         serve_dcmtk(spool_root, config)
         return
     Spool.open(spool_root)  # an unusable spool is reported before anything listens
-    if config.processes <= 1:
+    if config.listeners <= 1:
         serve_one(spool_root, config)
     else:
         _supervise(spool_root, config)
@@ -119,7 +119,7 @@ def _child_main(spool_root: Path, config: ReceiveConfig) -> None:
 
 def _supervise(spool_root: Path, config: ReceiveConfig) -> None:
     per_process = replace(
-        config, max_associations=math.ceil(config.max_associations / config.processes)
+        config, max_associations=math.ceil(config.max_associations / config.listeners)
     )
     context = multiprocessing.get_context("fork")
     stop = threading.Event()
@@ -130,7 +130,7 @@ def _supervise(spool_root: Path, config: ReceiveConfig) -> None:
         process.start()
         return process, time.monotonic()
 
-    children = [start() for _ in range(config.processes)]
+    children = [start() for _ in range(config.listeners)]
     try:
         while not stop.wait(0.2):
             for index, (process, started) in enumerate(children):

@@ -200,7 +200,7 @@ class _Engine:
         self.storescps: dict[int, _Storescp] = {}  # port -> the storescp listening there
         self.pipes: dict[int, bytes] = {}  # fd of a storescp output still open -> unended line
         self.hints = HintBook(spool, worker)
-        self.publisher = Publisher(binary, spool, config.processes, self.retries, self.hints)
+        self.publisher = Publisher(binary, spool, config.publishers, self.retries, self.hints)
         self.seen_association = False
         self.last_problem = ""
 
