@@ -86,17 +86,14 @@ bool Spool::publishBatch(std::vector<Entry> &batch) {
         if (prepare(entry)) ready.push_back(&entry);
     crashPoint(1);
     if (!ready.empty() && syncfs(rootFd_) != 0) failAll(ready, "syncfs (" + root_ + ")");
-    for (Entry *entry : ready) {
-        try {
-            crashPoint(2);
-            bool replaced = publishToGroup(entry->series, {{entry->path, entry->instance + ".dcm"},
-                                                           {entry->tags, entry->instance + ".tags"}});
-            entry->line = replaced ? "replaced" : "new";
-            entry->ok = true;
-        } catch (const SysError &error) {
-            unlink(entry->tags.c_str());
-            entry->line = std::string("fail ") + error.what();
-        }
+    // Consecutive entries of one series (the rule: a batch is mostly one association) share
+    // one open and shared lock of their group, not one each.
+    for (size_t first = 0; first < ready.size();) {
+        size_t end = first;
+        while (end < ready.size() && ready[end]->series == ready[first]->series) ++end;
+        std::vector<Entry *> run(ready.begin() + first, ready.begin() + end);
+        publishToGroup(ready[first]->series, run);
+        first = end;
     }
     crashPoint(4);
     bool published = false;
@@ -235,37 +232,59 @@ void Spool::logEvents(const std::vector<std::string> &bodies) {
     if (fd >= 0) ::close(fd);
 }
 
-bool Spool::publishToGroup(const std::string &group,
-                    const std::vector<std::pair<std::string, std::string>> &files) {
+void Spool::publishToGroup(const std::string &group, std::vector<Entry *> &entries) {
     std::string incoming = root_ + "/incoming";
     std::string directory = incoming + "/" + group;
-    for (const auto &file : files) {  // storescp made the dataset file, with its own mode
-        struct stat info;
-        if (lstat(file.first.c_str(), &info) != 0) fail(file.first);
-        if ((info.st_mode & 07777) != kFileMode && chmod(file.first.c_str(), kFileMode) != 0)
-            fail(file.first);
+    auto failed = [](Entry *entry, const std::string &why) {
+        unlink(entry->tags.c_str());
+        entry->line = "fail " + why;
+    };
+    std::vector<Entry *> movable;
+    for (Entry *entry : entries) {
+        try {  // storescp made the dataset file, with its own mode
+            struct stat info;
+            if (lstat(entry->path.c_str(), &info) != 0) fail(entry->path);
+            if ((info.st_mode & 07777) != kFileMode && chmod(entry->path.c_str(), kFileMode) != 0)
+                fail(entry->path);
+            movable.push_back(entry);
+        } catch (const SysError &error) {
+            failed(entry, error.what());
+        }
     }
-    for (;;) {
-        if (makeDir(directory)) {
-            fsyncPath(incoming, true);
-        } else if (errno != EEXIST) {
-            fail(directory);
-        }
-        int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd < 0) {
-            if (errno == ENOENT || errno == ENOTDIR) continue;
-            fail(directory);
-        }
-        try {
+    if (movable.empty()) return;
+    crashPoint(2);
+    int fd = -1;
+    try {
+        for (;;) {
+            if (makeDir(directory)) {
+                fsyncPath(incoming, true);
+            } else if (errno != EEXIST) {
+                fail(directory);
+            }
+            fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (fd < 0) {
+                if (errno == ENOENT || errno == ENOTDIR) continue;
+                fail(directory);
+            }
             flockWithDeadline(fd, LOCK_SH, kLockDeadline, directory);
             struct stat current, mine;
-            if (lstat(directory.c_str(), &current) != 0 || fstat(fd, &mine) != 0 ||
-                current.st_ino != mine.st_ino || current.st_dev != mine.st_dev) {
-                ::close(fd);
-                continue;  // claimed away between mkdir and lock: make a new group
-            }
-            bool replaced = false;
-            for (size_t i = 0; i < files.size(); ++i) {
+            if (lstat(directory.c_str(), &current) == 0 && fstat(fd, &mine) == 0 &&
+                current.st_ino == mine.st_ino && current.st_dev == mine.st_dev)
+                break;
+            ::close(fd);  // claimed away between mkdir and lock: make a new group
+            fd = -1;
+        }
+    } catch (const SysError &error) {
+        if (fd >= 0) ::close(fd);
+        for (Entry *entry : movable) failed(entry, error.what());
+        return;
+    }
+    for (Entry *entry : movable) {
+        const std::pair<std::string, std::string> files[] = {
+            {entry->path, entry->instance + ".dcm"}, {entry->tags, entry->instance + ".tags"}};
+        bool replaced = false;
+        try {
+            for (size_t i = 0; i < 2; ++i) {
                 if (i == 1) crashPoint(3);
                 // New names are the rule: try without replacing, and replace (a resent
                 // instance) only when the name is taken; no lookup of its own per file.
@@ -275,13 +294,13 @@ bool Spool::publishToGroup(const std::string &group,
                     fail(directory + "/" + files[i].second);
                 replaced = true;
             }
-            ::close(fd);
-            return replaced;
-        } catch (...) {
-            ::close(fd);
-            throw;
+            entry->line = replaced ? "replaced" : "new";
+            entry->ok = true;
+        } catch (const SysError &error) {
+            failed(entry, error.what());
         }
     }
+    ::close(fd);
 }
 
 std::string Spool::quarantine(const std::string &path, const std::string &reason, int status,

@@ -57,9 +57,10 @@ class Spool {
 
     std::string metadataJson(const Sender &info);
 
-    // Spool.publish_to_group (protocol step 2).
-    bool publishToGroup(const std::string &group,
-                        const std::vector<std::pair<std::string, std::string>> &files);
+    // Spool.publish_to_group (protocol step 2) for entries of one series: their .dcm and
+    // .tags renamed into incoming/<group> under one shared lock of it. Sets each entry's
+    // line ("new"/"replaced", or "fail ..." with its sidecar removed) and ok.
+    void publishToGroup(const std::string &group, std::vector<Entry *> &entries);
 
     // receiver._quarantine: error/<id>/instance.dcm + error.json, built in scratch.
     std::string quarantine(const std::string &path, const std::string &reason, int status,

@@ -70,6 +70,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0  # seconds between looks for files of children that are gone
+# storescp's files are born with the spool's mode (0640, FILE_MODE): no one else reads a
+# staged instance, and getdcmtags has no chmod to make when it publishes one.
+STAGED_UMASK = 0o027
 
 
 def check_config(config: ReceiveConfig) -> None:
@@ -256,6 +259,7 @@ class _Engine:
             env={**os.environ, "TCP_NODELAY": "1"},
             start_new_session=True,  # Ctrl-C must not cut the children's associations
             preexec_fn=_die_with_parent,
+            umask=STAGED_UMASK,
         )
         assert process.stdout is not None
         self.storescps[port] = _Storescp(process, time.monotonic())
