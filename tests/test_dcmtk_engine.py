@@ -180,6 +180,8 @@ def test_storescu_series_land_with_sidecars_and_hints(tmp_path: Path) -> None:
         sidecar = json.loads((group / path.name).with_suffix(".tags").read_text())
         assert sidecar["SenderAET"] == "CT_SCANNER" and sidecar["ReceiverAET"] == "MERCLI"
         assert sidecar["SenderAddress"] == "127.0.0.1"
+        for published in (group / path.name, (group / path.name).with_suffix(".tags")):
+            assert published.stat().st_mode & 0o777 == 0o640
     assert Spool(spool).read_hint("1.2.3.4")["ended"] == "released"  # type: ignore[index]
     assert list((spool / "staging").iterdir()) == []
     events = (spool / "events").glob("*.ndjson")

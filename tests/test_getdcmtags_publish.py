@@ -322,6 +322,46 @@ def test_batch_over_stdin(getdcmtags: Path, spool: Spool, staging: Path) -> None
     assert_spool_clean(spool)
 
 
+def test_one_batch_of_interleaved_series_lands_in_order(
+    getdcmtags: Path, spool: Spool, staging: Path
+) -> None:
+    """A batch's runs of one series share their group's lock: series A, A, B, A, a missing
+    file in A's run, and a resent instance all get their own answer, in input order, with
+    their events in that order and every file 0640 whatever the umask it was staged with."""
+    first = make_instance(staging, series="1.2.3.10", number=1, filename="a1.dcm")
+    resent = staging / "again.dcm"
+    resent.write_bytes(first.read_bytes())
+    old = os.umask(0o002)
+    try:
+        files = [
+            first,
+            make_instance(staging, series="1.2.3.10", number=2, filename="a2.dcm"),
+            staging / "gone.dcm",
+            make_instance(staging, series="1.2.3.20", number=1, filename="b1.dcm"),
+            make_instance(staging, series="1.2.3.10", number=3, filename="a3.dcm"),
+            resent,
+        ]
+    finally:
+        os.umask(old)
+    expected = {p: expected_sidecar(p) for p in files if p.exists()}
+    originals = {p: p.read_bytes() for p in files if p.exists()}
+    result = publish(spool, *files)
+    assert result.returncode == 1  # the missing file
+    answers = result.stdout.splitlines()
+    assert [line.split(" ")[0] for line in answers] == ["ok", "ok", "fail", "ok", "ok", "ok"]
+    series = [line.split(" ")[1].partition("/")[0] for line in answers if line.startswith("ok")]
+    assert series == ["1.2.3.10", "1.2.3.10", "1.2.3.20", "1.2.3.10", "1.2.3.10"]
+    for path in files[:2] + files[3:5]:
+        tags = check_published(spool, path, originals[path], expected[path])
+        for published in (tags, tags.with_suffix(".dcm")):
+            assert published.stat().st_mode & 0o777 == 0o640
+    got = [(e["series"], e["replaced"]) for e in events(spool)]
+    assert got == [("1.2.3.10", False)] * 2 + [("1.2.3.20", False), ("1.2.3.10", False)] + [
+        ("1.2.3.10", True)
+    ]
+    assert_spool_clean(spool)
+
+
 def visible_state_is_whole(spool: Spool) -> None:
     """No sidecar without its instance, no stray file in incoming/; error items complete."""
     for series in (spool.root / "incoming").iterdir():
