@@ -188,15 +188,17 @@ class StagingTracker:
         return self._hand(chosen, child.sender(self.aet))
 
     def _staged(self) -> dict[str, tuple[int, int, int] | None]:
-        known, names = self._orders, {}
+        """Every file in staging/ with its staged_order (the last listing, brought up to date:
+        set operations rather than a dict built anew, as most names are the same each time)."""
         with os.scandir(self.staging) as entries:
-            for entry in entries:
-                if entry.is_file():
-                    name = entry.name
-                    names[name] = known[name] if name in known else staged_order(name)
-        self._orders = names  # published or quarantined since: forget them
-        self.handed &= names.keys()
-        return names
+            names = {entry.name for entry in entries if entry.is_file()}
+        known = self._orders
+        for name in known.keys() - names:  # published or quarantined since: forget them
+            del known[name]
+        for name in names - known.keys():
+            known[name] = staged_order(name)
+        self.handed &= names
+        return known
 
     def _hand(self, names: list[str], sender: Sender) -> list[tuple[Path, Sender]]:
         fresh = [name for name in names if name not in self.handed]
