@@ -337,16 +337,18 @@ def test_study_completion_survives_kill_at_every_step(tmp_path: Path) -> None:
 # -- dispatch -----------------------------------------------------------------------------------
 
 
-def test_series_whose_senders_ended_on_one_clock_tick_keep_receipt_order(
-    tmp_path: Path, spool: Spool
+@pytest.mark.parametrize("ended", [(1000, 1000, 1000), (1000.0, 1000.1, 1000.2)])
+def test_series_are_in_receipt_order_whenever_their_senders_ended(
+    tmp_path: Path, spool: Spool, ended: tuple[float, float, float]
 ) -> None:
-    """Hints written in one go share an mtime (the file clock ticks every few ms): the series
-    are then in the order their first instance was received, not the order route held them."""
+    """Series held last-received first, their senders' ends equal (hints written on one tick
+    of the file clock) or reversed (one association's hints written in series-UID order):
+    the study job lists them in the order their first instance was received."""
     rules = load_rules(rules_file(tmp_path))
     received = {"T1": "2026-12-01T09:00:00.100+00:00", "DWI": "2026-12-01T09:00:00.200+00:00"}
     received["FLAIR"] = "2026-12-01T09:00:00.300+00:00"
-    for description in ("FLAIR", "DWI", "T1"):  # held last-received first
-        send_series(tmp_path, spool, rules, description, 1000, received[description])
+    for description, at in zip(("FLAIR", "DWI", "T1"), ended, strict=True):
+        send_series(tmp_path, spool, rules, description, at, received[description])
     assert len(complete_due(spool, rules, 1020)[0]) == 2
     for job in study_jobs(spool):
         assert [s["SeriesInstanceUID"] for s in job["series"]] == [

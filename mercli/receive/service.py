@@ -1,10 +1,11 @@
 """Running receivers: one listener per process, SIGINT/SIGTERM handling, clean shutdown.
 
 pynetdicom serves each association in a thread, so one process is bound to one core by the
-GIL. With `processes > 1` a supervisor forks that many listener processes, all bound to the
-same port with SO_REUSEPORT (the kernel spreads connections over them) and each with its own
-Worker, so their scratch files and leases never mix. A listener that dies is restarted; one
-that cannot even start (port in use) stops the whole receiver with its error.
+GIL. With `config.listeners > 1` (--processes) a supervisor forks that many listener
+processes, all bound to the same port with SO_REUSEPORT (the kernel spreads connections over
+them) and each with its own Worker, so their scratch files and leases never mix. A listener
+that dies is restarted; one that cannot even start (port in use) stops the whole receiver
+with its error.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ an exclusive lock, and a series held after that starts a new group: a follow-up 
 
 **Completing** claims the group and, in one transaction, makes one study job per target of
 the rules complete now (`mercli.jobs.study_record`; each series in a sub-folder, in arrival
-order; a target named by several of those rules gets each series once), or, for a rule with
+order, that of their first instances' ReceivedAt, `HeldSeries.order`; a target named by
+several of those rules gets each series once), or, for a rule with
 `on_timeout = "discard"` whose `require` is not met, a `discard/` item with the reason
 `study incomplete: missing <expr>`; the batches still held for rules not complete yet go back
 into the group with only those rules. Killed at any point, the transaction is rolled back
@@ -33,6 +34,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +70,19 @@ class HeldSeries:
         )
 
     @property
-    def order(self) -> tuple[float, str, str]:
-        """Sort key of arrival order: when its sender ended, then its first ReceivedAt.
+    def order(self) -> tuple[str, float, str]:
+        """Sort key of arrival order: when its first instance was received (ReceivedAt, an
+        ISO time), else when its sender ended; then the batch id.
 
-        Two associations' hints can share an mtime (the kernel's file clock ticks every few
-        ms, and receive may publish a backlog in one go), so the first instance's receipt time
-        breaks the tie, not the batch id, which is when route got to the batch.
+        Not the sender's end first: one association's hints are written one after another
+        in series-UID order, and several associations' hints can share an mtime (the file
+        clock ticks every few ms, and receive may publish a backlog in one go), so neither
+        says which series came first.
         """
-        return (self.arrived, str(self.keys.get("first_received") or ""), self.batch)
+        received = self.keys.get("first_received")
+        if not isinstance(received, str) or not received:
+            received = datetime.fromtimestamp(self.arrived, UTC).isoformat(timespec="milliseconds")
+        return (received, self.arrived, self.batch)
 
 
 def held_record(
