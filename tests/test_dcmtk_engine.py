@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -18,9 +19,16 @@ from mercli.names import safe_name
 from mercli.receive.dcmtk import engine
 from mercli.receive.dcmtk.completeness import check_complete
 from mercli.receive.dcmtk.engine import STORESCP_ENV, find_storescp
+from mercli.receive.dcmtk.publisher import (
+    PIPE_ROOM,
+    HintBook,
+    Publisher,
+    RetryQueue,
+    find_getdcmtags,
+)
 from mercli.receive.dcmtk.staging import StagingTracker, log_config, staged_order
 from mercli.receive.handler import ReceiveConfig
-from mercli.spool import Spool
+from mercli.spool import Spool, Worker
 from tests.dicomfiles import CORPUS, dataset_bytes, make_instance
 from tests.kit import CT
 from tests.netkit import DCMTK_ENV, Receiver, dcmtk, free_port, receiver, storescu, wait_until
@@ -210,6 +218,22 @@ def test_engine_runs_as_many_getdcmtags_as_asked(tmp_path: Path, args: tuple[str
     with receiver(spool, *DCMTK, *args, host=None):
         wait_until(lambda: publishers() >= wanted, what="getdcmtags leases")
         assert publishers() == wanted
+
+
+def test_publisher_pipes_hold_thousands_of_lines(tmp_path: Path) -> None:
+    """While getdcmtags waits in a long syncfs, the lines for it wait in its stdin pipe, not
+    in mercli's loop (which must keep reading storescp's log)."""
+    spool = Spool.open(tmp_path / "spool")
+    most = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    with Worker(spool, "receive") as worker:
+        publisher = Publisher(find_getdcmtags(), spool, 1, RetryQueue(), HintBook(spool, worker))
+        try:
+            [running] = publisher.workers
+            assert running.process.stdin is not None
+            size = fcntl.fcntl(running.process.stdin.fileno(), fcntl.F_GETPIPE_SZ)
+            assert size >= min(PIPE_ROOM, most) > 64 * 1024
+        finally:
+            publisher.close()
 
 
 def test_spool_equals_the_default_engines_for_the_corpus(tmp_path: Path) -> None:

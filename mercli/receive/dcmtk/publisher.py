@@ -9,6 +9,8 @@ sent has been published, as the default engine does.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -26,6 +28,10 @@ from mercli.spool import Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
+# Bytes of lines (about 150 each) that may wait for getdcmtags. While it is in a long syncfs
+# (a slow disk), a full pipe would block mercli's loop, and with it the reading of storescp's
+# log, and storescp's answers: 1 MiB (Linux's default fs.pipe-max-size) holds ~7000 files.
+PIPE_ROOM = 1 << 20
 RETRY_DELAY = 5.0  # seconds before a file getdcmtags could not publish is tried again
 
 
@@ -141,6 +147,11 @@ class _PublishWorker:
             bufsize=1,
             start_new_session=True,  # a Ctrl-C at the terminal is ours to handle, not theirs
         )
+        assert process.stdin is not None
+        # Room for thousands of lines while getdcmtags waits in a syncfs (PIPE_ROOM); with a
+        # lower fs.pipe-max-size the pipe keeps its 64 KiB and blocks sooner.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_ROOM)
         threading.Thread(target=self._read, args=(process,), daemon=True).start()
         return process
 
