@@ -60,6 +60,7 @@ from mercli.fsutil import remove_tree
 from mercli.jobs import CANCEL_FILE, PRIORITIES, CancelRequest, JobInfo, Progress, Target
 from mercli.notify.enqueue import event_variables, quarantine, settle, subscriptions_from
 from mercli.spool import (
+    INSTANCE_SUFFIX,
     OUTGOING,
     SIDECAR_SUFFIX,
     SUCCESS,
@@ -329,8 +330,10 @@ class Dispatcher:
             progress.save(self.worker, claim.path)
             subscriptions = subscriptions_from({"notify": info.notify})
             variables = _variables("failed", claim, info, error=result.error)
+            if variables:  # someone listens: say how many instances were not delivered
+                variables["instances"] = _instances(claim, info)
             source = _source(claim, info)
-            detail = {"target": target, "attempts": progress.attempts}
+            detail: dict[str, Any] = {"target": target, "attempts": progress.attempts}
             quarantine(claim, result.error, subscriptions, variables, source, **detail)
             self.spool.log("failed", **fields, reason=result.error)
             log.error(
@@ -392,6 +395,17 @@ def _variables(event: str, claim: Claim, info: JobInfo, **fields: Any) -> dict[s
         item=claim.name,
         **fields,
     )
+
+
+def _instances(claim: Claim, info: JobInfo) -> int:
+    """How many instances a job holds (its series' sub-folders for a study job): what a
+    `failed` notification says was not delivered."""
+    folders = [claim.path / series for series in info.series] or [claim.path]
+    count = 0
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            count += sum(1 for name in os.listdir(folder) if name.endswith(INSTANCE_SUFFIX))
+    return count
 
 
 def _source(claim: Claim, info: JobInfo) -> dict[str, Any]:

@@ -210,15 +210,17 @@ def quarantine(
     subscriptions: Sequence[Subscription],
     variables: Mapping[str, Any],
     source: Mapping[str, Any],
+    name: str | None = None,
     **detail: Any,
 ) -> None:
-    """`Claim.quarantine` (error.json, then error/) with the `failed` notifications."""
+    """`Claim.quarantine` (error.json, then error/, as `name`) with the `failed`
+    notifications."""
     if not wanted(subscriptions, "failed"):
-        claim.quarantine(reason, **detail)
+        claim.quarantine(reason, name=name, **detail)
         return
     record = error_record(reason, claim.state, detail)
     claim.worker.replace_file(claim.path / ERROR_FILE, json_bytes(record))
-    settle(claim, ERROR, subscriptions, "failed", variables, source)
+    settle(claim, ERROR, subscriptions, "failed", variables, source, name)
 
 
 def subscriptions_from(record: Mapping[str, Any], key: str = "notify") -> list[Subscription]:

@@ -40,7 +40,7 @@ from typing import Any
 from mercli.audit.keys import trail_fields
 from mercli.jobs import input_hops, job_record
 from mercli.names import new_id, safe_name
-from mercli.notify.enqueue import event_variables, notifications, wanted
+from mercli.notify.enqueue import event_variables, notifications, quarantine, wanted
 from mercli.route.studies import HELD_FILE, held_record
 from mercli.rules.config import RouteSettings, RuleSet
 from mercli.rules.decide import Decision, RuleTimeout, decide
@@ -179,7 +179,7 @@ class Router:
         try:
             decisions = decide(self.rules, instances, series_label=claim.name) if instances else []
         except RuleTimeout as exc:
-            self._quarantine(claim, exc, len(instances), summary)
+            self._quarantine(claim, exc, instances, summary)
             return
         transaction = claim.transaction()
         made: list[tuple[str, str, str, Decision]] = []  # state, item, target, decision
@@ -314,15 +314,34 @@ class Router:
         return record
 
     def _quarantine(
-        self, claim: Claim, exc: RuleTimeout, count: int, summary: RouteSummary
+        self,
+        claim: Claim,
+        exc: RuleTimeout,
+        instances: list[tuple[str, Mapping[str, Any]]],
+        summary: RouteSummary,
     ) -> None:
-        """Move the whole batch to error/ with the rule that ran out of time as the reason."""
+        """Move the whole batch to error/ with the rule that ran out of time as the reason,
+        together with that rule's `failed` notifications (the series reached no target)."""
+        count = len(instances)
         detail: dict[str, Any] = {"series": claim.name, "rule": exc.rule, "instances": count}
-        item = claim.quarantine(exc.reason, name=new_id(), limit=exc.limit, **detail)
+        name = new_id()
+        subscriptions = [
+            subscription
+            for rule in self.rules.rules_named([exc.rule])
+            for subscription in self.rules.subscriptions(rule)
+        ]
+        first = instances[0][1] if instances else {}
+        variables = event_variables(
+            "failed", first, rule=exc.rule, rules=[exc.rule], item=claim.name, target="",
+            instances=count, error=exc.reason,
+        )  # fmt: skip
+        source = {"item": claim.name, "rule": exc.rule}
+        quarantine(claim, exc.reason, subscriptions, variables, source, name=name,
+                   limit=exc.limit, **detail)  # fmt: skip
         summary.failed += 1
-        summary.errors.append(item.name)
-        self.spool.log("quarantined", item=item.name, **detail, reason=exc.reason)
-        log.error("series %s: %s; moved to error/%s", claim.name, exc.reason, item.name)
+        summary.errors.append(name)
+        self.spool.log("quarantined", item=name, **detail, reason=exc.reason)
+        log.error("series %s: %s; moved to error/%s", claim.name, exc.reason, name)
 
     def _fill(self, folder: Path, source: Path, members: Sequence[str]) -> None:
         """Hard-link the members' .dcm and .tags; rebuild a sidecar that is missing.
