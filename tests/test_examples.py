@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,23 @@ def test_systemd_units_run_mercli_commands() -> None:
         assert "ExecStart=/opt/mercli/.venv/bin/mercli " in unit.read_text()
     process = (EXAMPLES / "systemd" / "mercli-process.service").read_text()
     assert "\nKillMode=mixed\n" in process  # mercli finishes its modules, SIGKILL for the rest
+
+
+def test_crontab_lines_are_valid_mercli_commands() -> None:
+    """Every example line of examples/crontab parses: its command and options exist."""
+    import click
+
+    from mercli.cli import cli
+
+    lines = [
+        line.removeprefix("# ").split("mercli ", 1)[1]
+        for line in (EXAMPLES / "crontab").read_text().splitlines()
+        if re.match(r"# (\S+\s+){5}mercli ", line)
+    ]
+    assert {line.split()[0] for line in lines} >= {"purge", "notify", "metrics"}
+    for line in lines:
+        name, *args = shlex.split(line.split(">")[0])
+        command = cli.get_command(click.Context(cli), name)
+        assert command is not None, line
+        with command.make_context(name, list(args)) as context:
+            assert context.params, line

@@ -25,13 +25,16 @@ from mercli.notify.service import NotifyService
     help="Notifications sent at the same time (threads).",
 )
 def notify(spool: Path, once: bool, workers: int) -> None:
-    """Send the notifications in spool/notify/ to their webhooks and mailboxes.
+    """Send the notifications of route, process and dispatch to webhooks and mailboxes.
 
     \b
-    Route, process and dispatch write a notification into spool/notify/ for each event a
-    [notify.NAME] channel of the rules asked for (received, routed, discarded, processed,
-    delivered, failed), already rendered, with the channel's definition inside: this command
-    needs no rules file. Secrets stay references (password_file, "${VAR}") read when sending.
+    Route, process and dispatch write a notification for each event a [notify.NAME]
+    channel of the rules asked for (received, routed, discarded, processed, delivered,
+    failed) into their notification logs (spool/notices/), in the transaction of the event;
+    this command collects those of committed transactions into spool/notify/ (every 0.2 s;
+    --once: first), renders the channel's templates and sends them. Each carries its
+    channel's definition: no rules file is needed. Secrets stay references (password_file,
+    "${VAR}"), read when sending.
 
     \b
     Webhooks: one HTTP(S) request with the rendered body; 2xx is sent. 408, 425, 429 and
