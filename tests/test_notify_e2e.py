@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -82,6 +83,7 @@ body = '{{{{ event }}}}|{{{{ rule }}}}|{{{{ series_uid }}}}|{{{{ instances }}}}'
 retry_delay = "1s"
 retry_backoff = 1.5
 retry_max_delay = "2s"
+max_attempts = 1000
 
 [targets.folder]
 type = "folder"
@@ -132,7 +134,10 @@ def test_webhook_down_for_10_s_under_mercli_run_delays_no_series_and_loses_no_no
     once it is up, every notification (received, routed, delivered per CT series, discarded
     for the scouts) arrives exactly once, and the metrics count what was sent."""
     files, counts = _study(tmp_path / "study")
-    spool, folder, hook_port = tmp_path / "spool", tmp_path / "delivered", free_port()
+    spool, folder = tmp_path / "spool", tmp_path / "delivered"
+    reserved = socket.socket()  # bound, never listening: connections are refused, and no
+    reserved.bind(("127.0.0.1", 0))  # other socket takes the port while the webhook is down
+    hook_port = reserved.getsockname()[1]
     rules = tmp_path / "rules.toml"
     rules.write_text(RUN_RULES.format(hook_port=hook_port, folder=folder))
     hook: Hook | None = None
@@ -150,10 +155,12 @@ def test_webhook_down_for_10_s_under_mercli_run_delays_no_series_and_loses_no_no
             )
             wait_until(lambda: len(_events(spool, "dispatched")) == SERIES, what="settled")
             latency = time.monotonic() - sent_at
-            assert hook is None  # everything above happened with the webhook down
+            assert names(Spool.open(spool), NOTIFY_SENT) == []  # all of it with the hook down
             time.sleep(max(0.0, first_failure + DOWN - time.monotonic()))
             down_for = time.monotonic() - first_failure
             retried = len(_events(spool, "notify_retry"))
+            assert names(Spool.open(spool), NOTIFY_FAILED) == []  # still being tried
+            reserved.close()
             hook = Hook(hook_port)
             expected = 3 * SERIES + 1
             wait_until(
@@ -163,6 +170,7 @@ def test_webhook_down_for_10_s_under_mercli_run_delays_no_series_and_loses_no_no
             )
             time.sleep(2.5)  # a duplicate send would come by now (retry_max_delay 2 s)
     finally:
+        reserved.close()
         if hook is not None:
             hook.close()
     print(
@@ -194,7 +202,8 @@ def test_webhook_down_for_10_s_under_mercli_run_delays_no_series_and_loses_no_no
         samples = scrape(metrics_port)
     finally:
         exporter.terminate()
-        assert exporter.wait(timeout=30) == 0
+        code = exporter.wait(timeout=30)
+    assert code == 0
     assert value(samples, "mercli_received_instances_total") == len(files)
     assert value(samples, "mercli_dispatched_total", target="folder") == SERIES
     assert value(samples, "mercli_dispatched_instances_total", target="folder") == delivered
@@ -218,7 +227,7 @@ HOOK_CHANNEL = (
     '[notify.hook]\ntype = "webhook"\nurl = "{url}"\nbody = \''
     + "|".join(
         f"{{{{{{{{ {name} }}}}}}}}"
-        for name in ("event", "rule", "module", "series_uid", "notification", "error")
+        for name in ("event", "rule", "module", "series_uid", "notification", "error", "target")
     )
     + "'\n"
 )
@@ -256,9 +265,10 @@ def test_a_modules_processed_and_failed_reach_a_webhook(
     finally:
         hook.close()
     if outcome == "processed":
-        expected = ["processed", "ai", "copy", PROCESS_SERIES, "found nothing", ""]
+        expected = ["processed", "ai", "copy", PROCESS_SERIES, "found nothing", "", ""]
     else:
-        expected = ["failed", "ai", "copy", PROCESS_SERIES, "", 'module "copy": exit status 3']
+        failure = 'module "copy": exit status 3'
+        expected = ["failed", "ai", "copy", PROCESS_SERIES, "", failure, ""]
     assert _sent(hook) == [expected]
 
 
@@ -270,18 +280,22 @@ rule_timeout = "0.5s"
 type = "folder"
 path = "pacs"
 
+{target_notify}
 [[rules]]
 name = "ct-to-pacs"
 when = 'Modality == "CT" and re("(a|aa)+$", StudyDescription)'
 targets = ["pacs"]
-notify = ["hook"]
-notify_on = ["routed", "failed"]
+{rule_notify}
 """
 
 
-def test_a_rule_that_ran_out_of_time_tells_failed(tmp_path: Path, spool: Spool) -> None:
+@pytest.mark.parametrize("subscriber", ["rule", "target"])
+def test_a_rule_that_ran_out_of_time_tells_failed(
+    tmp_path: Path, spool: Spool, subscriber: str
+) -> None:
     """A crafted StudyDescription makes the rule's regex backtrack past `rule_timeout`: the
-    series goes whole to error/ and the rule's subscribers hear `failed`, with the reason."""
+    series goes whole to error/, and the rule's subscribers and its targets' (whose default
+    is `failed`) hear `failed`, with the reason."""
     hostile = series_files(tmp_path / "a", "1.2.666", 2, StudyDescription="a" * 60 + "!")
     with Worker(spool, "receive") as worker:
         for path in hostile:
@@ -289,7 +303,16 @@ def test_a_rule_that_ran_out_of_time_tells_failed(tmp_path: Path, spool: Spool) 
     hook = Hook()
     try:
         rules = tmp_path / "rules.toml"
-        rules.write_text(HOOK_CHANNEL.format(url=hook.url()) + RUNAWAY_RULES)
+        notify = 'notify = ["hook"]'
+        rules.write_text(
+            HOOK_CHANNEL.format(url=hook.url())
+            + RUNAWAY_RULES.format(
+                target_notify=notify if subscriber == "target" else "",
+                rule_notify=f'{notify}\nnotify_on = ["routed", "failed"]'
+                if subscriber == "rule"
+                else "",
+            )
+        )
         command = [sys.executable, "-m", "mercli", "route", "--spool", str(spool.root)]
         routed = subprocess.run(
             [*command, "--rules", str(rules), "--once", "--all"],
@@ -302,7 +325,7 @@ def test_a_rule_that_ran_out_of_time_tells_failed(tmp_path: Path, spool: Spool) 
     finally:
         hook.close()
     reason = 'rule "ct-to-pacs" exceeded the 0.5 s evaluation limit'
-    assert _sent(hook) == [["failed", "ct-to-pacs", "", "1.2.666", "", reason]]
+    assert _sent(hook) == [["failed", "ct-to-pacs", "", "1.2.666", "", reason, "pacs"]]
     assert json.loads((error.path / ERROR_FILE).read_text())["reason"] == reason
 
 

@@ -248,6 +248,45 @@ def test_kill_9_mid_routing_never_separates_event_and_notification(tmp_path: Pat
     assert steps > 10
 
 
+def test_kill_9_mid_quarantine_never_separates_the_error_and_its_failed(tmp_path: Path) -> None:
+    """A rule runs past `rule_timeout`: at every step of moving the series to error/, after
+    recovery either it is back in incoming/ and nobody was told, or it is in error/ with its
+    error.json and exactly one `failed` notification (the rule's and its target's, one
+    channel)."""
+    root = tmp_path / "spool"
+    source = tmp_path / "src"
+    series_files(source, SERIES, 2, StudyDescription="a" * 60 + "!")
+    path = rules_file(tmp_path, events='["routed", "failed"]', target_notify='notify = ["hook"]')
+    text = path.read_text().replace(
+        """when = 'Modality == "CT"'""",
+        """when = 'Modality == "CT" and re("(a|aa)+$", StudyDescription)'""",
+    )
+    path.write_text('[route]\nrule_timeout = "0.05s"\n' + text)
+    rules = load_rules(path)
+
+    def scenario() -> None:
+        spool = Spool(root)
+        with Worker(spool, "route") as worker:
+            router = Router(spool, worker, rules)
+            for state in router.due(float("inf"))[0]:
+                router.route(state, RouteSummary())
+
+    def check(step: int) -> None:
+        spool = Spool(root)
+        recover(spool, tmp_grace=0)
+        pending, errors, told = spool.items(INCOMING), spool.items(ERROR), notifications(spool)
+        if pending:
+            assert (errors, told) == ([], []), step
+            assert len(list(pending[0].path.glob("*.dcm"))) == 2, step  # nothing lost
+        else:
+            (error,) = errors
+            assert json.loads((error.path / "error.json").read_text())["rule"] == "ct", step
+            assert [(n["event"], n["source"]["rule"]) for n in told] == [("failed", "ct")], step
+
+    steps = run_until_done(scenario, check, setup=lambda: _fresh(root, source))
+    assert steps > 10
+
+
 def test_processed_tells_the_modules_notification_text(tmp_path: Path, spool: Spool) -> None:
     from tests.test_process import (
         COPY_MODULE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -62,16 +63,13 @@ def notify(spool: Path, once: bool, workers: int) -> None:
       ls spool/notify_failed/*/error.json         # why a notification was given up
     """
     summary = NotifyService(spool, workers).run(once=once)
-    click.echo(
-        f"sent {summary.sent} notification(s), {summary.retried} to retry, "
-        f"{summary.failed} failed"
-        + (
-            f"; unreachable: {', '.join(sorted(summary.unreachable))}"
-            if summary.unreachable
-            else ""
-        ),
-        err=True,
-    )
+    if logging.getLogger("mercli").isEnabledFor(logging.INFO):  # -q: what failed is logged
+        unreachable = ", ".join(sorted(summary.unreachable))
+        click.echo(
+            f"sent {summary.sent} notification(s), {summary.retried} to retry, "
+            f"{summary.failed} failed" + (f"; unreachable: {unreachable}" if unreachable else ""),
+            err=True,
+        )
     if not once:
         return  # a service stopped by a signal exits 0; its problems are in the log
     if summary.unreachable:

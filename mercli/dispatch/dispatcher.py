@@ -306,7 +306,9 @@ class Dispatcher:
             progress.last_error, progress.next_attempt = "", 0.0
             progress.save(self.worker, claim.path)
             subscriptions = subscriptions_from({"notify": info.notify})
-            variables = _variables("delivered", claim, info, instances=result.delivered)
+            variables = _variables("delivered", claim, info)
+            if variables:  # someone listens: every instance of the job went, over its attempts
+                variables["instances"] = _instances(claim, info)
             settle(claim, SUCCESS, subscriptions, "delivered", variables, _source(claim, info))
             self.spool.log("dispatched", **fields, instances=result.delivered)
             log.info(
@@ -330,8 +332,9 @@ class Dispatcher:
             progress.save(self.worker, claim.path)
             subscriptions = subscriptions_from({"notify": info.notify})
             variables = _variables("failed", claim, info, error=result.error)
-            if variables:  # someone listens: say how many instances were not delivered
-                variables["instances"] = _instances(claim, info)
+            if variables:  # someone listens: the instances the target did not confirm
+                confirmed = len(set(progress.delivered))
+                variables["instances"] = max(0, _instances(claim, info) - confirmed)
             source = _source(claim, info)
             detail: dict[str, Any] = {"target": target, "attempts": progress.attempts}
             quarantine(claim, result.error, subscriptions, variables, source, **detail)
@@ -398,8 +401,7 @@ def _variables(event: str, claim: Claim, info: JobInfo, **fields: Any) -> dict[s
 
 
 def _instances(claim: Claim, info: JobInfo) -> int:
-    """How many instances a job holds (its series' sub-folders for a study job): what a
-    `failed` notification says was not delivered."""
+    """How many instances a job holds (in its series' sub-folders for a study job)."""
     folders = [claim.path / series for series in info.series] or [claim.path]
     count = 0
     for folder in folders:

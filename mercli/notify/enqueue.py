@@ -210,6 +210,7 @@ def quarantine(
     subscriptions: Sequence[Subscription],
     variables: Mapping[str, Any],
     source: Mapping[str, Any],
+    *,
     name: str | None = None,
     **detail: Any,
 ) -> None:

@@ -321,19 +321,22 @@ class Router:
         summary: RouteSummary,
     ) -> None:
         """Move the whole batch to error/ with the rule that ran out of time as the reason,
-        together with that rule's `failed` notifications (the series reached no target)."""
+        together with the `failed` notifications of that rule and of its targets: the series
+        reached none of them. (Rules evaluated before it are not told: whether they matched
+        is unknown once the series stopped being evaluated, and they route nothing of it.)
+        Rare, so it may cost more than a plain move: the batch is linked into a transaction
+        and synced when anyone is to be told."""
         count = len(instances)
         detail: dict[str, Any] = {"series": claim.name, "rule": exc.rule, "instances": count}
         name = new_id()
-        subscriptions = [
-            subscription
-            for rule in self.rules.rules_named([exc.rule])
-            for subscription in self.rules.subscriptions(rule)
-        ]
+        owners: list[Any] = self.rules.rules_named([exc.rule])
+        targets = [t for rule in owners for t in rule.targets if t in self.rules.targets]
+        owners += [self.rules.targets[t] for t in targets]
+        subscriptions = [s for owner in owners for s in self.rules.subscriptions(owner)]
         first = instances[0][1] if instances else {}
         variables = event_variables(
-            "failed", first, rule=exc.rule, rules=[exc.rule], item=claim.name, target="",
-            instances=count, error=exc.reason,
+            "failed", first, rule=exc.rule, rules=[exc.rule], item=claim.name,
+            target=", ".join(targets), instances=count, error=exc.reason,
         )  # fmt: skip
         source = {"item": claim.name, "rule": exc.rule}
         quarantine(claim, exc.reason, subscriptions, variables, source, name=name,
