@@ -41,7 +41,8 @@ from tests.certs import Pki, make_pki
 from tests.crashkit import run_until_done
 from tests.dicomfiles import make_instance
 from tests.netkit import free_port, storescu, wait_until
-from tests.test_dispatch import dispatch_once
+from tests.test_dispatch import Scp, dicom_target, dispatch_once, rules_for
+from tests.test_dispatch import routed as dispatch_routed
 from tests.test_e2e import mercli_run
 from tests.test_metrics import scrape, value
 from tests.test_notify_send import (
@@ -483,3 +484,33 @@ def test_kill_9_at_every_step_of_sending_then_each_notification_is_sent(tmp_path
     finally:
         hook.close()
     assert steps > 10
+
+
+@pytest.fixture
+def refusing_pacs() -> Iterator[Scp]:
+    """A pynetdicom SCP that refuses instances 1 and 3 with 0xA700 and stores the others."""
+    server = Scp(status=lambda ds: 0xA700 if int(ds.InstanceNumber) in (1, 3) else 0)
+    yield server
+    server.close()
+
+
+def test_failed_counts_the_instances_the_pacs_did_not_store(
+    tmp_path: Path, spool: Spool, refusing_pacs: Scp
+) -> None:
+    """A PACS stores three instances of five and refuses two (0xA700, out of resources): the
+    job fails for good after its one attempt, and `failed` says two were not delivered."""
+    hook = Hook()
+    try:
+        server = refusing_pacs
+        target = dicom_target("pacs", server.port, max_attempts=1) + 'notify = ["hook"]\n'
+        body = "{{ event }}|{{ target }}|{{ instances }}"
+        channel = HOOK_CHANNEL.format(url=hook.url()).split("body =")[0] + f"body = '{body}'\n"
+        rules = rules_for(tmp_path, channel + target, '"pacs"')
+        dispatch_routed(tmp_path, spool, rules, {"1.2.445": 5})
+        assert dispatch_once(spool).returncode == 1
+        assert len(server.received) == 3
+        result = notify_once(spool)
+        assert result.returncode == 0, result.stderr
+    finally:
+        hook.close()
+    assert [request["body"].decode() for request in hook.requests] == ["failed|pacs|2"]
