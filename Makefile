@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 # dicom3tools: dciodvfy, DICOM's own validator, checks de-identified output.
 # slurm-wlm, munge: the one-node Slurm cluster the tests start (tests/slurmkit.py) for runner = "slurm".
 # rsync: tests/test_watch.py copies into a drop folder with it, as sites do.
-DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools slurm-wlm munge g++ pkg-config rsync
+# prometheus: the server (and promtool) that tests/test_prometheus.py runs the example alerts and
+# dashboard queries on; the tests start their own (on a host with systemd the package's own
+# service also starts, on :9090: `systemctl disable --now prometheus` if unwanted).
+DEB_PACKAGES := dcmtk libdcmtk-dev libsndfile1-dev orthanc orthanc-dicomweb openssh-server dicom3tools slurm-wlm munge g++ pkg-config rsync prometheus
 CXXFLAGS ?= -O2 -std=c++17 -Wall -Wextra
 CSRC := $(wildcard csrc/*.cpp)
 BINARIES := $(patsubst csrc/%.cpp,build/%,$(CSRC))
