@@ -484,6 +484,13 @@ def test_status_shows_the_outbox_per_channel(spool: Spool, hooks: list[Hook]) ->
     }
     [failure] = document["notify"]["recent_failures"]
     assert "404" in failure["reason"]
+    command = [sys.executable, "-m", "mercli", "status", "--spool", str(spool.root)]
+    wide = {**os.environ, "COLUMNS": "300"}  # a reason on one line
+    table = subprocess.run(command, capture_output=True, text=True, timeout=60, env=wide).stderr
+    lines = [" ".join(line.replace("│", " ").split()) for line in table.splitlines()]
+    assert "~> mail 1" in lines and "~> teams (1 failed) 1" in lines, table
+    given_up = lines.index("Recent notifications given up")
+    assert lines[given_up + 1].startswith(failure["id"]) and "404" in lines[given_up + 1]
 
 
 def test_run_supervises_notify_only_when_channels_exist(tmp_path: Path) -> None:

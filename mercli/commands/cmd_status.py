@@ -16,7 +16,7 @@ from mercli.commands.options import common_options
 from mercli.durations import format_duration
 from mercli.errors import SpoolError
 from mercli.names import printable
-from mercli.spool import INCOMING, OUTGOING, Spool
+from mercli.spool import INCOMING, NOTIFY, OUTGOING, Spool
 from mercli.status import collect_status
 
 
@@ -34,7 +34,9 @@ def status(spool: Path, as_json: bool) -> None:
     Outgoing jobs are also counted per priority (urgent, normal, offpeak), in total and
     per target; --json has them under "priorities" and "targets.NAME.priorities".
     Processing modules running right now get a line each ("running" in --json), with the
-    Slurm job id and state for modules run by Slurm.
+    Slurm job id and state for modules run by Slurm. Notifications are counted per channel
+    under the notify row ("~> NAME": waiting to be sent, also those still in the stages'
+    notification logs; how many were given up), with the latest given up and why.
 
     \b
     Examples:
@@ -59,6 +61,11 @@ def status(spool: Path, as_json: bool) -> None:
         console.print(Text("Recent errors", style="bold"))
         for error in document["recent_errors"]:
             console.print(Text(f"  {printable(error['id'])}: {printable(error['reason'], 300)}"))
+    if document["notify"]["recent_failures"]:
+        console.print(Text("Recent notifications given up", style="bold"))
+        for failure in document["notify"]["recent_failures"]:
+            reason = printable(str(failure["reason"]), 300)
+            console.print(Text(f"  {printable(failure['id'])}: {reason}"))
 
 
 def _table(document: dict[str, Any]) -> Table:
@@ -74,6 +81,11 @@ def _table(document: dict[str, Any]) -> Table:
             str(counts["claimed"]),
             format_duration(counts["oldest_age_s"]),
         )
+        if state == NOTIFY:  # per channel: waiting (collected or not yet) and given up
+            for channel, counts in document["notify"]["channels"].items():
+                failed = f" ({counts['failed']} failed)" if counts["failed"] else ""
+                name = Text(f"  ~> {printable(channel)}{failed}")
+                table.add_row(name, str(counts["waiting"]), "", "", "", "", style="dim")
         if state == OUTGOING:  # the backlog per priority, when there is one
             for priority, jobs in document["priorities"][OUTGOING].items():
                 if jobs:
