@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -49,10 +48,10 @@ from tests.test_notify_send import (
     PASSWORD,
     Hook,
     Mailbox,
-    authenticate,
     enqueue,
     names,
     notify_once,
+    smtp_controller,
     webhook,
 )
 from tests.test_process import (
@@ -375,25 +374,10 @@ class TlsMailbox(Mailbox):
 
 @pytest.fixture
 def smtps_server(tmp_path: Path) -> Iterator[tuple[Controller, TlsMailbox, Pki]]:
-    """aiosmtpd speaking implicit TLS (SMTPS, as on port 465) with AUTH required.
-
-    aiosmtpd counts only STARTTLS as TLS when it decides whether to offer AUTH, so it is told
-    not to require TLS for AUTH: the connection is TLS from its first byte, which the mailbox
-    checks for each message."""
+    """aiosmtpd speaking implicit TLS (SMTPS, as on port 465) with AUTH required."""
     pki = make_pki(tmp_path / "smtps-pki")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki.server_cert, pki.server_key)
     mailbox = TlsMailbox()
-    controller = Controller(
-        mailbox,
-        hostname="127.0.0.1",
-        port=free_port(),
-        ssl_context=context,
-        authenticator=authenticate,
-        auth_required=True,
-        auth_require_tls=False,
-    )
-    controller.start()
+    controller = smtp_controller(pki, mailbox, implicit_tls=True)
     yield controller, mailbox, pki
     controller.stop()
 

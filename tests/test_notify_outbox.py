@@ -18,7 +18,7 @@ import pytest
 from mercli.errors import ConfigError
 from mercli.notify.collect import collect
 from mercli.route.router import Router, RouteSummary
-from mercli.rules.config import load_rules
+from mercli.rules.config import RuleSet, load_rules
 from mercli.spool import (
     ERROR,
     INCOMING,
@@ -219,6 +219,14 @@ def _fresh(root: Path, source: Path) -> None:
             receive_file(worker, path)
 
 
+def _route_everything(root: Path, rules: RuleSet) -> None:
+    spool = Spool(root)
+    with Worker(spool, "route") as worker:
+        router = Router(spool, worker, rules)
+        for state in router.due(float("inf"))[0]:
+            router.route(state, RouteSummary())
+
+
 def test_kill_9_mid_routing_never_separates_event_and_notification(tmp_path: Path) -> None:
     """At every step of routing a series: either the series is still in incoming/ and no
     notification exists, or its job and both notifications exist (after recovery)."""
@@ -228,11 +236,7 @@ def test_kill_9_mid_routing_never_separates_event_and_notification(tmp_path: Pat
     rules = load_rules(rules_file(tmp_path, events='["received", "routed"]'))
 
     def scenario() -> None:
-        spool = Spool(root)
-        with Worker(spool, "route") as worker:
-            router = Router(spool, worker, rules)
-            for state in router.due(float("inf"))[0]:
-                router.route(state, RouteSummary())
+        _route_everything(root, rules)
 
     def check(step: int) -> None:
         spool = Spool(root)
@@ -265,11 +269,7 @@ def test_kill_9_mid_quarantine_never_separates_the_error_and_its_failed(tmp_path
     rules = load_rules(path)
 
     def scenario() -> None:
-        spool = Spool(root)
-        with Worker(spool, "route") as worker:
-            router = Router(spool, worker, rules)
-            for state in router.due(float("inf"))[0]:
-                router.route(state, RouteSummary())
+        _route_everything(root, rules)
 
     def check(step: int) -> None:
         spool = Spool(root)

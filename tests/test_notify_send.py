@@ -364,22 +364,35 @@ def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data:
     return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 535 itself
 
 
-@pytest.fixture
-def smtp_server(tmp_path: Path) -> Iterator[tuple[Controller, Mailbox, Pki]]:
-    pki = make_pki(tmp_path / "smtp-pki")
+def smtp_controller(pki: Pki, mailbox: Mailbox, *, implicit_tls: bool = False) -> Controller:
+    """aiosmtpd on a free loopback port with AUTH required: STARTTLS required, or implicit
+    TLS (SMTPS). aiosmtpd counts only STARTTLS as TLS when it decides whether to offer AUTH,
+    so with implicit TLS it is told not to require TLS for AUTH (the connection is TLS from
+    its first byte)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pki.server_cert, pki.server_key)
-    mailbox = Mailbox()
+    tls: dict[str, Any] = (
+        {"ssl_context": context, "auth_require_tls": False}
+        if implicit_tls
+        else {"tls_context": context, "require_starttls": True}
+    )
     controller = Controller(
         mailbox,
         hostname="127.0.0.1",
         port=free_port(),
-        tls_context=context,
-        require_starttls=True,
         authenticator=authenticate,
         auth_required=True,
+        **tls,
     )
     controller.start()
+    return controller
+
+
+@pytest.fixture
+def smtp_server(tmp_path: Path) -> Iterator[tuple[Controller, Mailbox, Pki]]:
+    pki = make_pki(tmp_path / "smtp-pki")
+    mailbox = Mailbox()
+    controller = smtp_controller(pki, mailbox)
     yield controller, mailbox, pki
     controller.stop()
 
