@@ -37,6 +37,7 @@ error/ with error.json `reason` "cancelled: <reason>". resend never copies it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import re
@@ -48,6 +49,8 @@ from typing import Any, ClassVar, Self
 
 from mercli.dicom import DEFAULT_AET, NETWORK_TIMEOUT
 from mercli.spool import JOB_FILE, NotRegularFile, Worker, read_regular
+
+log = logging.getLogger(__name__)
 
 DISPATCH_FILE = "dispatch.json"
 PROCESS_FILE = "process.json"
@@ -508,6 +511,21 @@ def _window(record: Mapping[str, Any]) -> OffpeakWindow | None:
         return None
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a saved progress value has the type of its field (judged by its default)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return default is None and (value is None or isinstance(value, str))
+
+
 @dataclass
 class Progress:
     """dispatch.json: how far a job has got."""
@@ -522,12 +540,24 @@ class Progress:
 
     @classmethod
     def load(cls, folder: Path) -> Self:
+        """The progress saved in `folder`; fresh progress if there is none, or if the file
+        cannot be read as what it should be (cut short, edited by hand, a value of the wrong
+        type): the worst that costs is attempts counted anew and instances sent again, never
+        an item that no worker can take any more."""
         try:
             record = json.loads(read_regular(folder / cls.FILE))
         except (FileNotFoundError, NotRegularFile):  # dispatch fails a job holding a symlink
             return cls()
-        known = {key: record[key] for key in asdict(cls()) if key in record}
-        return cls(**known)
+        except (OSError, ValueError) as exc:
+            log.warning("%s in %s unreadable (%s): starting afresh", cls.FILE, folder.name, exc)
+            return cls()
+        fresh = asdict(cls())
+        if not isinstance(record, dict) or not all(
+            _same_kind(record[key], fresh[key]) for key in fresh if key in record
+        ):
+            log.warning("%s in %s is not what mercli wrote: starting afresh", cls.FILE, folder.name)
+            return cls()
+        return cls(**{key: record[key] for key in fresh if key in record})
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

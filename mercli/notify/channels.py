@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -30,6 +32,8 @@ from typing import Any
 from mercli.notify import EVENTS
 
 RENDER_LIMIT = 64 * 1024  # characters of a rendered subject or body
+RENDER_SECONDS = 2.0  # of template code per rendering, when collected (as `rules check` allows)
+TRACE_EVERY = 64  # template lines between two looks at the clock
 CHECK_SECONDS = 2.0  # what a template may take with the sample values at `rules check`
 PHI_VARIABLES = ("patient_name", "patient_id", "patient_birth_date", "accession_number")
 VARIABLES = (
@@ -199,24 +203,61 @@ def _compiled(template: str) -> Any:
     return _environment(strict=False).from_string(template)
 
 
-def render(template: str, variables: Mapping[str, Any]) -> str:
+def render(template: str, variables: Mapping[str, Any], seconds: float = RENDER_SECONDS) -> str:
     """A template rendered with `variables` (unknown names render empty), at most
-    RENDER_LIMIT characters. Raises TemplateProblem (the caller writes a notification saying
-    the template failed rather than none)."""
+    RENDER_LIMIT characters and `seconds` of the template's own work (a loop over a large
+    value from a module's result.json that `rules check`'s sample values did not show).
+    Raises TemplateProblem (the caller writes a notification saying the template failed
+    rather than none)."""
     from jinja2 import TemplateError
 
     try:
         compiled = _compiled(template)
         out: list[str] = []
         size = 0
-        for chunk in compiled.generate(**variables):
-            out.append(chunk)
-            size += len(chunk)
-            if size > RENDER_LIMIT:
-                break
+        with _time_budget(seconds):
+            for chunk in compiled.generate(**variables):
+                out.append(chunk)
+                size += len(chunk)
+                if size > RENDER_LIMIT:
+                    break
         return "".join(out)[:RENDER_LIMIT]
+    except _OutOfTime:
+        raise TemplateProblem(f"template failed: took over {seconds:g} s") from None
     except (TemplateError, ArithmeticError, TypeError, ValueError, RecursionError) as exc:
         raise TemplateProblem(f"template failed: {exc}") from None
+
+
+class _OutOfTime(Exception):
+    """Raised inside a template's code when its time budget is spent."""
+
+
+@contextmanager
+def _time_budget(seconds: float) -> Iterator[None]:
+    """Stop template code that runs past `seconds`, in any thread (SIGALRM serves only the
+    main one): a trace function on the templates' own frames (Jinja2 compiles them with the
+    file name "<template>") checks the clock every TRACE_EVERY lines and raises in them.
+    Filters run as Python outside the budget; what they work on is bounded in size."""
+    deadline = time.monotonic() + seconds
+    lines = 0
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines % TRACE_EVERY == 0 and time.monotonic() > deadline:
+                raise _OutOfTime
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def sample_variables(phi: bool) -> dict[str, Any]:

@@ -78,6 +78,8 @@ class Collector:
                 made += self._collect_owner(owner, folder)
             except OSError as exc:  # the next pass tries again; the log keeps everything
                 log.error("notification log %s cannot be collected yet: %s", owner, exc)
+            except Exception as exc:  # a bug: the other logs are collected all the same
+                log.error("notification log %s: unexpected %s", owner, type(exc).__name__)
         return made
 
     def _owner_exists(self, owner: str) -> bool:

@@ -173,13 +173,14 @@ def rendered(record: dict[str, Any]) -> dict[str, Any]:
         body = render(channel.body_template(), values)
         subject_template = channel.subject_template()
         subject = render(subject_template, values) if subject_template else ""
-    except (TemplateProblem, KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # TemplateProblem, or what a filter raised on odd data
         name = (
             record.get("channel", {}).get("name")
             if isinstance(record.get("channel"), dict)
             else "?"
         )
-        body = f"mercli {event}: the {name} template failed at run time: {exc}"
+        reason = str(exc) if isinstance(exc, TemplateProblem) else type(exc).__name__
+        body = f"mercli {event}: the {name} template failed at run time: {reason}"
         subject = f"mercli {event}"
     return {**item, "subject": subject, "body": body}
 

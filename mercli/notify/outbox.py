@@ -99,8 +99,9 @@ class Outcome:
     """Sending one notification once. `error` empty: sent.
 
     `permanent`: retrying cannot help (a 4xx, a refused recipient): notify_failed/ now.
-    `unreachable`: no connection could be made, so the channel's other notifications wait
-    for this one's next attempt instead of each timing out in turn.
+    `unreachable`: no connection could be made, or the peer stopped answering (a timeout),
+    so the channel's other notifications wait for this one's next attempt instead of each
+    timing out in turn.
     `retry_after`: seconds the peer asked us to wait (HTTP Retry-After), if it said.
     `detail`: words for the log (never a secret, never the body).
     """

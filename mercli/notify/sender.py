@@ -9,12 +9,20 @@ attempt: claim the item, send it through its channel (`webhook` or `email`), the
 - otherwise back to `notify/`, its next attempt `retry_delay * retry_backoff^(n-1)` seconds
   later (or when the webhook's Retry-After says), at most `retry_max_delay` (event
   `notify_retry`).
-A channel that cannot be reached is left alone until that notification's next attempt, so
-its other notifications do not each wait out a timeout, and other channels go on. A sender
+A channel that cannot be reached, or that stops answering (a timeout), is left alone until
+that notification's next attempt, so its other notifications do not each wait out a
+timeout; a channel whose last attempt failed is then tried by one worker at a time until
+one succeeds, so the other channels keep the other workers. A sender
 killed mid-send leaves the claim to recovery: the notification is sent again (at-least-once;
 the webhook's Idempotency-Key and the email's Message-ID stay the same), never lost.
 
-A notification item whose notification.json cannot be read goes to notify_failed/ at once.
+A notification item whose notification.json cannot be read goes to notify_failed/ at once;
+one whose progress.json cannot be read starts its attempts afresh. Anything else that goes
+wrong with one item (the spool refusing a claim or a save: a full disk) sets that item
+aside for TROUBLE_BACKOFF seconds, in memory, and the workers go on with the others: no
+error ends a worker thread, and none makes a worker try the same item again at once.
+Retry times are wall-clock times in progress.json; one further away than the channel's
+retry_max_delay (the clock was set back since it was written) counts as due.
 Events carry ids, channel names and reasons: never the rendered body, never a secret.
 """
 
@@ -43,6 +51,7 @@ from mercli.spool import NOTIFY, NOTIFY_FAILED, NOTIFY_SENT, Claim, Spool, Worke
 
 log = logging.getLogger(__name__)
 
+TROUBLE_BACKOFF = 5.0  # seconds an item is set aside after an error that is not its channel's
 SendFunction = Callable[[Notification], Outcome]
 SEND: Mapping[str, SendFunction] = {"webhook": send_webhook, "email": send_email}
 
@@ -68,6 +77,10 @@ class Sender:
         self.notes: dict[str, Notification] = {}  # notification.json never changes
         self.progress: dict[str, tuple[int, NotifyProgress]] = {}  # by folder mtime
         self.down_until: dict[str, float] = {}  # channel name -> wall time
+        self.set_aside: dict[str, float] = {}  # item -> monotonic time it may be tried again
+        self.troubled: set[str] = set()  # channels whose last attempt failed
+        self.in_flight: dict[str, int] = {}  # channel name -> attempts running now
+        self.unsettled: set[str] = set()  # --once: items set aside, counted as to retry
         self.summary = NotifySummary()
 
     # -- choosing --------------------------------------------------------------------------
@@ -75,37 +88,67 @@ class Sender:
     def pick(self) -> tuple[Claim, Notification] | None:
         """Claim the oldest notification that may be tried now, or None."""
         with self.lock:
-            now = time.time()
+            now, ticks = time.time(), time.monotonic()
             for name in self._waiting():
                 if name in self.busy or name in self.tried:
                     continue
-                note = self._note(name)
-                if note is None:
+                if self.set_aside.get(name, 0.0) > ticks:
                     continue
-                if self.down_until.get(note.channel.name, 0.0) > now:
+                try:
+                    picked = self._pick(name, now)
+                except Exception as exc:  # this item's trouble, not the others'
+                    self._trouble(name, exc)
                     continue
-                if self._progress(name).next_attempt > now:
-                    continue
-                claim = self.worker.claim(NOTIFY, name)
-                if claim is not None:
-                    self.busy.add(name)
-                    if self.once:
-                        self.tried.add(name)
-                    return claim, note
+                if picked is not None:
+                    return picked
         return None
+
+    def _pick(self, name: str, now: float) -> tuple[Claim, Notification] | None:
+        note = self._note(name)
+        if note is None:
+            return None
+        channel = note.channel
+        if self.down_until.get(channel.name, 0.0) > now:
+            return None
+        if channel.name in self.troubled and self.in_flight.get(channel.name, 0):
+            return None  # one worker probes a failing channel; the others serve the rest
+        due = self._progress(name).next_attempt
+        if now < due <= now + channel.retry_max_delay:
+            return None  # further away than any retry: the clock went back; due now
+        claim = self.worker.claim(NOTIFY, name)
+        if claim is None:
+            return None
+        self.busy.add(name)
+        self.in_flight[channel.name] = self.in_flight.get(channel.name, 0) + 1
+        if self.once:
+            self.tried.add(name)
+        return claim, note
+
+    def _trouble(self, name: str, exc: Exception) -> None:
+        """Set an item aside after an error of the spool or a bug (lock held)."""
+        until = time.monotonic() + TROUBLE_BACKOFF
+        self.set_aside[name] = max(until, self.set_aside.get(name, 0.0))
+        if self.once and name not in self.unsettled:
+            self.tried.add(name)
+            self.unsettled.add(name)
+            self.summary.retried += 1  # --once must not exit 0 with it unsent
+        log.error("notification %s set aside for %.0f s: %s", name, TROUBLE_BACKOFF,
+                  exc if isinstance(exc, OSError) else type(exc).__name__)  # fmt: skip
 
     def next_due(self) -> float | None:
         """Wall time of the earliest retry or channel coming back, if any."""
         with self.lock:
             times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
             times += list(self.down_until.values())
+        now, ticks = time.time(), time.monotonic()
+        times += [now + until - ticks for until in self.set_aside.values() if until > ticks]
         return min(times, default=None)
 
     def _waiting(self) -> list[str]:
         """Names in notify/, oldest first (item ids sort by time); caches of gone ones dropped."""
         with os.scandir(self.spool.state_dir(NOTIFY)) as entries:
             names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-        for cache in (self.notes, self.progress):
+        for cache in (self.notes, self.progress, self.set_aside):
             for stale in set(cache) - set(names) - self.busy:
                 del cache[stale]
         return names
@@ -128,7 +171,12 @@ class Sender:
         claim = self.worker.claim(NOTIFY, name)
         if claim is None:
             return
-        claim.quarantine(reason, state=NOTIFY_FAILED)
+        try:
+            claim.quarantine(reason, state=NOTIFY_FAILED)
+        except BaseException:
+            if claim.path.exists():
+                claim.release()
+            raise
         self.spool.log("notify_failed", item=name, reason=reason)
         log.error("notification %s is unusable: %s", name, reason)
         self.summary.failed += 1
@@ -155,13 +203,21 @@ class Sender:
             outcome = self._send(note)
             self._settle(claim, note, progress, outcome, time.monotonic() - started)
             return outcome
-        except BaseException:
+        except BaseException as exc:
             if claim.path.exists():
                 claim.release()
+            if isinstance(exc, Exception):
+                with self.lock:
+                    self._trouble(claim.name, exc)
             raise
         finally:
             with self.lock:
                 self.busy.discard(claim.name)
+                left = self.in_flight.get(note.channel.name, 1) - 1
+                if left > 0:
+                    self.in_flight[note.channel.name] = left
+                else:
+                    self.in_flight.pop(note.channel.name, None)
 
     def _send(self, note: Notification) -> Outcome:
         """Send through the channel's type. A bug there must not kill the worker thread nor
@@ -188,10 +244,20 @@ class Sender:
             "on": note.event,  # "event" is the record's own key (notified, ...)
             "attempt": progress.attempts,
         }
+        with self.lock:
+            if outcome.ok:
+                self.troubled.discard(channel.name)
+            elif not outcome.permanent:
+                self.troubled.add(channel.name)
         if outcome.ok:
             progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
             progress.last_error, progress.next_attempt = "", 0.0
-            progress.save(self.worker, claim.path)
+            try:  # a record for people: the move below is what says "sent"
+                progress.save(self.worker, claim.path)
+            except OSError as exc:
+                log.warning(
+                    "notification %s sent; its progress.json not saved: %s", claim.name, exc
+                )
             claim.move_to(NOTIFY_SENT)
             self.spool.log("notified", **fields)
             log.info(
@@ -245,11 +311,12 @@ class Sender:
     ) -> None:
         delay = retry_delay(note.channel, progress.attempts, outcome.retry_after)
         progress.next_attempt = now + delay
+        with self.lock:  # kept in memory too: a save that fails must not mean "retry now"
+            self.set_aside[claim.name] = time.monotonic() + delay
+            if outcome.unreachable:
+                self.down_until[note.channel.name] = progress.next_attempt
         progress.save(self.worker, claim.path)
         claim.release()
-        if outcome.unreachable:
-            with self.lock:
-                self.down_until[note.channel.name] = progress.next_attempt
         self.spool.log("notify_retry", **fields, error=outcome.error, delay=round(delay, 1))
         log.warning(
             "notification %s to %s: %s; retry %d in %.0f s",

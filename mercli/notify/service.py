@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mercli.notify.collect import Collector
+from mercli.notify.outbox import Notification
 from mercli.notify.sender import NotifySummary, Sender
 from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
-from mercli.spool import NOTIFY, Spool, Worker, recover
+from mercli.spool import NOTIFY, Claim, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,21 @@ class NotifyService:
                 thread.join(SIGNAL_POLL)
 
     def _drain(self, sender: Sender) -> None:
-        """--once: attempt every notification due now, each at most once."""
+        """--once: attempt every notification due now, each at most once (one that meets an
+        error is set aside by the sender and counted as to retry)."""
         while not self.stop.is_set() and (picked := sender.pick()) is not None:
-            sender.attempt(*picked)
+            self._attempt(sender, *picked)
+
+    @staticmethod
+    def _attempt(sender: Sender, claim: Claim, note: Notification) -> None:
+        """One attempt; an error of the spool (or a bug) is logged, never the end of the
+        worker thread: the sender has released the claim and set the item aside."""
+        try:
+            sender.attempt(claim, note)
+        except OSError as exc:
+            log.error("notification %s: %s", claim.name, exc)
+        except Exception as exc:  # the type only: a message could quote anything
+            log.error("notification %s: unexpected %s", claim.name, type(exc).__name__)
 
     def _serve(self, sender: Sender, collector: Collector) -> None:
         stop_on_signals(self.stop, "finishing the notifications in hand", self.wake)
@@ -78,10 +91,7 @@ class NotifyService:
         while not self.stop.is_set():
             picked = sender.pick()
             if picked is not None:
-                try:
-                    sender.attempt(*picked)
-                except OSError as exc:  # the spool, not the channel: log and go on
-                    log.error("notification %s: %s", picked[0].name, exc)
+                self._attempt(sender, *picked)
                 continue
             due = sender.next_due()
             timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))

@@ -140,8 +140,10 @@ def converse(channel: Channel, message: EmailMessage, password: str | None) -> d
                 _connect(smtp, channel, where)
                 return _transact(smtp, channel, message, password, context, where)
             except SmtpProblem:
-                if deadline.expired:
-                    raise SmtpProblem(f"{where}: no answer within {limit:g} s") from None
+                if deadline.expired:  # a server that stops answering is as good as down
+                    raise SmtpProblem(
+                        f"{where}: no answer within {limit:g} s", unreachable=True
+                    ) from None
                 raise
     finally:
         smtp.close()
@@ -202,8 +204,9 @@ def _transact(
             permanent=exc.smtp_code >= 500 and step == "sending",
         ) from None
     except (OSError, smtplib.SMTPException) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else _words(exc)
-        raise SmtpProblem(f"{where}: {reason} ({step})") from None
+        stalled = isinstance(exc, TimeoutError)  # connected, then silence: treated as down
+        reason = "timed out" if stalled else _words(exc)
+        raise SmtpProblem(f"{where}: {reason} ({step})", unreachable=stalled) from None
     _quit(smtp)
     return dict(refused)
 

@@ -150,9 +150,10 @@ def exchange(request: Request, body: bytes, timeout: float, ca: str | None) -> A
                 connect(conn, request.where)
                 return ask(conn, request, body)
             except WebhookError:
-                if deadline.expired:
+                if deadline.expired:  # a peer that stops answering is as good as down
                     raise WebhookError(
-                        f"{request.where}: no answer within {timeout * DEADLINE_FACTOR:g} s"
+                        f"{request.where}: no answer within {timeout * DEADLINE_FACTOR:g} s",
+                        unreachable=True,
                     ) from None
                 raise
     finally:
@@ -184,8 +185,9 @@ def ask(conn: http.client.HTTPConnection, request: Request, body: bytes) -> Answ
     except ValueError as exc:  # a header name or value http.client refuses (a line break)
         raise WebhookError(f"{request.where}: request refused locally: {exc}") from None
     except (OSError, http.client.HTTPException) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-        raise WebhookError(f"{request.where}: no answer: {reason}") from None
+        stalled = isinstance(exc, TimeoutError)  # connected, then silence: treated as down
+        reason = "timed out" if stalled else str(exc) or type(exc).__name__
+        raise WebhookError(f"{request.where}: no answer: {reason}", unreachable=stalled) from None
     retry_after = parse_retry_after(response.getheader("Retry-After"))
     return Answer(response.status, response.reason, data, retry_after)
 
