@@ -208,3 +208,56 @@ def test_rendering_stops_at_its_time_budget_in_any_thread() -> None:
     thread.join(timeout=60)
     assert outcome == ["template failed: took over 0.3 s"]
     assert render("{{ a }}-{{ b }}", {"a": 1, "b": 2}) == "1-2"  # and tracing is off again
+
+
+class Trickler:
+    """A server that starts a TLS record (handshake, 16 KiB long) and then sends one byte of
+    it every 0.2 s: each read of the client succeeds well within its timeout, for an hour."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.sendall(b"\x16\x03\x03\x40\x00")
+                while not self.stop.wait(0.2):
+                    conn.sendall(b"\x02")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_an_smtps_server_that_trickles_its_handshake_is_cut_at_the_timeout(
+    tmp_path: Path, spool: Spool
+) -> None:
+    """Implicit TLS: smtplib keeps the socket to itself until the handshake is over, out of
+    reach of the attempt's deadline; Python's ssl bounds the whole handshake by the socket's
+    timeout instead (not each read), so the attempt ends after `timeout`, as unreachable."""
+    trickler = Trickler()
+    secret = tmp_path / "smtp.pass"
+    secret.write_text("x")
+    channel = {
+        "name": "oncall", "type": "email", "smtp_host": "127.0.0.1", "smtp_port": trickler.port,
+        "tls": True, "from": "router@example.org", "to": ["a@example.org"], "timeout": 0.5,
+    }  # fmt: skip
+    try:
+        name = enqueue(spool, channel)
+        result = notify_once(spool)
+    finally:
+        trickler.close()
+    assert result.returncode == 5, result.stderr
+    progress = json.loads(_progress(spool, name).read_text())
+    assert progress["last_error"].endswith(f"127.0.0.1:{trickler.port}: timed out"), progress
