@@ -16,7 +16,10 @@ One attempt: claim the job, send what the target does not have yet, then one of
 A target that cannot be reached is left alone until that job's next attempt, so one target
 that is down costs the others nothing. A dispatcher killed mid-job leaves the claim to
 recovery; the job is tried again, and instances it had sent may be sent twice (at-least-once),
-none is skipped.
+none is skipped. A job the spool cannot claim or whose dispatch.json cannot be saved (a full
+disk) is set aside in memory (`mercli.setaside`) while the workers go on with the others; a
+job delivered whole goes to `success/` even if its dispatch.json could not be saved, so it is
+never sent again for that; a dispatch.json that cannot be read starts the attempts afresh.
 
 **Cancelling** (`mercli cancel`): a job being sent has a `cancel.json` (`CancelRequest`) put
 into its claimed folder. It is looked for before the attempt, between the instances of a dicom
@@ -59,6 +62,7 @@ from mercli.dispatch.targets import Attempt, deliver
 from mercli.fsutil import remove_tree
 from mercli.jobs import CANCEL_FILE, PRIORITIES, CancelRequest, JobInfo, Progress, Target
 from mercli.notify.enqueue import event_variables, quarantine, settle, subscriptions_from
+from mercli.setaside import SetAside
 from mercli.spool import (
     INSTANCE_SUFFIX,
     OUTGOING,
@@ -123,6 +127,8 @@ class Dispatcher:
         self.progress: dict[str, tuple[int, Progress]] = {}  # by job dir mtime
         self.busy: set[str] = set()
         self.down_until: dict[str, float] = {}  # target name -> wall time
+        self.set_aside = SetAside()  # jobs that met an error that is not their target's
+        self.unsettled: set[str] = set()  # --once: jobs set aside, counted as to retry
         self.summary = DispatchSummary()
 
     # -- choosing --------------------------------------------------------------------------
@@ -133,13 +139,13 @@ class Dispatcher:
             now = time.time()
             names = self._outgoing()
             for priority, info in self._by_priority(names):
-                if self.down_until.get(info.target.name, 0.0) > now:
+                if self.set_aside.waits(info.name):
                     continue
-                if self._progress(info.name).next_attempt > now:
+                try:
+                    claim = self._pick(info, names, now)
+                except Exception as exc:  # this job's trouble (a full disk, a bug), not the others'
+                    self._trouble(info.name, exc)
                     continue
-                if info.target.ordered and not self._first_of_study(info, names):
-                    continue
-                claim = self.worker.claim(OUTGOING, info.name)
                 if claim is not None:
                     self.busy.add(info.name)
                     if self.once:
@@ -147,6 +153,26 @@ class Dispatcher:
                     self.urgent_streak = self.urgent_streak + 1 if priority == "urgent" else 0
                     return claim, info
         return None
+
+    def _pick(self, info: JobInfo, names: Sequence[str], now: float) -> Claim | None:
+        if self.down_until.get(info.target.name, 0.0) > now:
+            return None
+        if self._progress(info.name).next_attempt > now:
+            return None
+        if info.target.ordered and not self._first_of_study(info, names):
+            return None
+        return self.worker.claim(OUTGOING, info.name)
+
+    def _trouble(self, name: str, exc: Exception) -> None:
+        """Set a job aside after an error of the spool or a bug (lock held): the workers go on
+        with the others, and it is not tried (nor sent) again at once (`mercli.setaside`)."""
+        seconds = self.set_aside.hold(name)
+        if self.once and name not in self.unsettled:
+            self.tried.add(name)
+            self.unsettled.add(name)
+            self.summary.retried += 1  # --once must not exit 0 with it unsent
+        shown = exc if isinstance(exc, OSError) else type(exc).__name__
+        log.error("job %s set aside for %.0f s: %s", name, seconds, shown)
 
     def _by_priority(self, names: Sequence[str]) -> list[tuple[str, JobInfo]]:
         """The jobs not in hand, with their effective priority, in the order to try them;
@@ -182,7 +208,8 @@ class Dispatcher:
         with self.lock:
             times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
             times += list(self.down_until.values())
-        return min(times, default=None)
+            aside = self.set_aside.next_wall_time()
+        return min([*times, aside] if aside is not None else times, default=None)
 
     def _outgoing(self) -> list[str]:
         with os.scandir(self.spool.state_dir(OUTGOING)) as entries:
@@ -191,6 +218,7 @@ class Dispatcher:
             del self.progress[stale]
         for stale in set(self.infos) - set(names) - self.busy:
             del self.infos[stale]
+        self.set_aside.keep_only([*names, *self.busy])
         return names
 
     def _info(self, name: str, folder: Path) -> JobInfo | None:
@@ -273,9 +301,12 @@ class Dispatcher:
                 return Attempt(result.delivered, request.error, permanent=True)
             self._settle(claim, info, progress, result, time.monotonic() - started)
             return result
-        except BaseException:
+        except BaseException as exc:
             if claim.path.exists():
                 claim.release()
+            if isinstance(exc, Exception):
+                with self.lock:
+                    self._trouble(claim.name, exc)
             raise
         finally:
             with self.lock:
@@ -301,10 +332,15 @@ class Dispatcher:
     ) -> None:
         target, now = info.target.name, time.time()
         fields = {"item": claim.name, "target": target, "attempt": progress.attempts}
+        with self.lock:
+            self.set_aside.settled(claim.name)
         if result.ok:
             progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
             progress.last_error, progress.next_attempt = "", 0.0
-            progress.save(self.worker, claim.path)
+            try:  # a record for people: moving the job to success/ is what says "delivered"
+                progress.save(self.worker, claim.path)
+            except OSError as exc:
+                log.warning("job %s delivered; its dispatch.json not saved: %s", claim.name, exc)
             subscriptions = subscriptions_from({"notify": info.notify})
             variables = _variables("delivered", claim, info)
             if variables:  # someone listens: every instance of the job went, over its attempts
@@ -346,11 +382,12 @@ class Dispatcher:
             return
         delay = retry_delay(info.target, progress.attempts)
         progress.next_attempt = now + delay
+        with self.lock:  # kept in memory too: a save that fails must not mean "retry now"
+            self.set_aside.hold(claim.name, delay)
+            if result.unreachable:
+                self.down_until[target] = progress.next_attempt
         progress.save(self.worker, claim.path)
         claim.release()
-        if result.unreachable:
-            with self.lock:
-                self.down_until[target] = progress.next_attempt
         self.spool.log("retry", **fields, error=result.error, delay=round(delay, 1))
         log.warning(
             "job %s to %s: %s; retry %d in %.0f s",

@@ -17,8 +17,9 @@ from pathlib import Path
 from mercli.dicom import import_pydicom
 from mercli.dispatch import helpers
 from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
+from mercli.jobs import JobInfo
 from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
-from mercli.spool import OUTGOING, Spool, Worker, recover
+from mercli.spool import OUTGOING, Claim, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,21 @@ class DispatchService:
                 thread.join(SIGNAL_POLL)
 
     def _drain(self, dispatcher: Dispatcher) -> None:
-        """--once: attempt every job eligible now, each at most once."""
+        """--once: attempt every job eligible now, each at most once (one that meets an
+        error is set aside by the dispatcher and counted as to retry)."""
         while not self.stop.is_set() and (picked := dispatcher.pick()) is not None:
-            dispatcher.attempt(*picked)
+            self._attempt(dispatcher, *picked)
+
+    @staticmethod
+    def _attempt(dispatcher: Dispatcher, claim: Claim, info: JobInfo) -> None:
+        """One attempt; an error of the spool (or a bug) is logged, never the end of the
+        worker thread: the dispatcher has released the claim and set the job aside."""
+        try:
+            dispatcher.attempt(claim, info)
+        except OSError as exc:  # the spool, not the target
+            log.error("dispatch of %s failed: %s", claim.name, exc)
+        except Exception as exc:  # the type only: a message could quote anything
+            log.error("dispatch of %s failed: unexpected %s", claim.name, type(exc).__name__)
 
     def _serve(self, dispatcher: Dispatcher) -> None:
         stop_on_signals(self.stop, "finishing the jobs in hand", self.wake)
@@ -89,10 +102,7 @@ class DispatchService:
         while not self.stop.is_set():
             picked = dispatcher.pick()
             if picked is not None:
-                try:
-                    dispatcher.attempt(*picked)
-                except OSError as exc:  # the spool, not the target: log and go on
-                    log.error("dispatch of %s failed: %s", picked[0].name, exc)
+                self._attempt(dispatcher, *picked)
                 continue
             due = dispatcher.next_due()
             timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))

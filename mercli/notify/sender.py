@@ -19,8 +19,8 @@ the webhook's Idempotency-Key and the email's Message-ID stay the same), never l
 A notification item whose notification.json cannot be read goes to notify_failed/ at once;
 one whose progress.json cannot be read starts its attempts afresh. Anything else that goes
 wrong with one item (the spool refusing a claim or a save: a full disk) sets that item
-aside for TROUBLE_BACKOFF seconds, in memory, and the workers go on with the others: no
-error ends a worker thread, and none makes a worker try the same item again at once.
+aside in memory (`mercli.setaside`), and the workers go on with the others: no error ends
+a worker thread, and none makes a worker try the same item again at once.
 Retry times are wall-clock times in progress.json; one further away than the channel's
 retry_max_delay (the clock was set back since it was written) counts as due.
 Events carry ids, channel names and reasons: never the rendered body, never a secret.
@@ -47,11 +47,11 @@ from mercli.notify.outbox import (
 )
 from mercli.notify.smtp import send_email
 from mercli.notify.webhook import send_webhook
+from mercli.setaside import SetAside
 from mercli.spool import NOTIFY, NOTIFY_FAILED, NOTIFY_SENT, Claim, Spool, Worker
 
 log = logging.getLogger(__name__)
 
-TROUBLE_BACKOFF = 5.0  # seconds an item is set aside after an error that is not its channel's
 SendFunction = Callable[[Notification], Outcome]
 SEND: Mapping[str, SendFunction] = {"webhook": send_webhook, "email": send_email}
 
@@ -77,7 +77,7 @@ class Sender:
         self.notes: dict[str, Notification] = {}  # notification.json never changes
         self.progress: dict[str, tuple[int, NotifyProgress]] = {}  # by folder mtime
         self.down_until: dict[str, float] = {}  # channel name -> wall time
-        self.set_aside: dict[str, float] = {}  # item -> monotonic time it may be tried again
+        self.set_aside = SetAside()  # items that met an error that is not their channel's
         self.troubled: set[str] = set()  # channels whose last attempt failed
         self.in_flight: dict[str, int] = {}  # channel name -> attempts running now
         self.unsettled: set[str] = set()  # --once: items set aside, counted as to retry
@@ -88,11 +88,9 @@ class Sender:
     def pick(self) -> tuple[Claim, Notification] | None:
         """Claim the oldest notification that may be tried now, or None."""
         with self.lock:
-            now, ticks = time.time(), time.monotonic()
+            now = time.time()
             for name in self._waiting():
-                if name in self.busy or name in self.tried:
-                    continue
-                if self.set_aside.get(name, 0.0) > ticks:
+                if name in self.busy or name in self.tried or self.set_aside.waits(name):
                     continue
                 try:
                     picked = self._pick(name, now)
@@ -126,13 +124,12 @@ class Sender:
 
     def _trouble(self, name: str, exc: Exception) -> None:
         """Set an item aside after an error of the spool or a bug (lock held)."""
-        until = time.monotonic() + TROUBLE_BACKOFF
-        self.set_aside[name] = max(until, self.set_aside.get(name, 0.0))
+        seconds = self.set_aside.hold(name)
         if self.once and name not in self.unsettled:
             self.tried.add(name)
             self.unsettled.add(name)
             self.summary.retried += 1  # --once must not exit 0 with it unsent
-        log.error("notification %s set aside for %.0f s: %s", name, TROUBLE_BACKOFF,
+        log.error("notification %s set aside for %.0f s: %s", name, seconds,
                   exc if isinstance(exc, OSError) else type(exc).__name__)  # fmt: skip
 
     def next_due(self) -> float | None:
@@ -140,17 +137,17 @@ class Sender:
         with self.lock:
             times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
             times += list(self.down_until.values())
-        now, ticks = time.time(), time.monotonic()
-        times += [now + until - ticks for until in self.set_aside.values() if until > ticks]
-        return min(times, default=None)
+            aside = self.set_aside.next_wall_time()
+        return min([*times, aside] if aside is not None else times, default=None)
 
     def _waiting(self) -> list[str]:
         """Names in notify/, oldest first (item ids sort by time); caches of gone ones dropped."""
         with os.scandir(self.spool.state_dir(NOTIFY)) as entries:
             names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-        for cache in (self.notes, self.progress, self.set_aside):
+        for cache in (self.notes, self.progress):
             for stale in set(cache) - set(names) - self.busy:
                 del cache[stale]
+        self.set_aside.keep_only([*names, *self.busy])
         return names
 
     def _note(self, name: str) -> Notification | None:
@@ -245,6 +242,7 @@ class Sender:
             "attempt": progress.attempts,
         }
         with self.lock:
+            self.set_aside.settled(claim.name)
             if outcome.ok:
                 self.troubled.discard(channel.name)
             elif not outcome.permanent:
@@ -312,7 +310,7 @@ class Sender:
         delay = retry_delay(note.channel, progress.attempts, outcome.retry_after)
         progress.next_attempt = now + delay
         with self.lock:  # kept in memory too: a save that fails must not mean "retry now"
-            self.set_aside[claim.name] = time.monotonic() + delay
+            self.set_aside.hold(claim.name, delay)
             if outcome.unreachable:
                 self.down_until[note.channel.name] = progress.next_attempt
         progress.save(self.worker, claim.path)
