@@ -548,7 +548,7 @@ class Progress:
             record = json.loads(read_regular(folder / cls.FILE))
         except (FileNotFoundError, NotRegularFile):  # dispatch fails a job holding a symlink
             return cls()
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # an OSError (a read that failed) is raised: tried later
             log.warning("%s in %s unreadable (%s): starting afresh", cls.FILE, folder.name, exc)
             return cls()
         fresh = asdict(cls())

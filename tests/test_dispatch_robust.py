@@ -7,6 +7,7 @@ injected where they would come from (`Worker.claim`, `Progress.save`)."""
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from mercli.dispatch.dispatcher import Dispatcher
 from mercli.dispatch.service import DispatchService
 from mercli.jobs import Progress
+from mercli.setaside import SetAside
 from mercli.spool import OUTGOING, SUCCESS, Spool, Worker
 from tests.test_dispatch import Scp, dicom_target, routed, rules_for
 
@@ -87,3 +89,43 @@ def test_a_retry_whose_progress_cannot_be_saved_waits_its_delay_in_memory(
     finally:
         refusing.close()
     assert len(asked) == 2  # one attempt: each instance offered once
+
+
+def test_set_aside_doubles_with_errors_in_a_row_and_starts_again_once_settled() -> None:
+    aside = SetAside()
+    assert aside.hold("a") == pytest.approx(5, abs=0.1)
+    assert aside.waits("a") and not aside.waits("b")
+    aside.until["a"] = 0.0  # its time has come
+    assert aside.hold("a") == pytest.approx(10, abs=0.1)
+    for _ in range(10):
+        aside.until["a"] = 0.0
+        seconds = aside.hold("a")
+    assert seconds == pytest.approx(300, abs=0.1)
+    aside.settled("a")
+    aside.until["a"] = 0.0
+    assert aside.hold("a") == pytest.approx(5, abs=0.1)
+    assert aside.hold("b", 30) == pytest.approx(30, abs=0.1)  # a retry delay, no error
+    aside.keep_only(["b"])
+    assert not aside.waits("a") and aside.waits("b")
+
+
+def test_a_job_that_cannot_be_settled_waits_longer_each_time(
+    tmp_path: Path, spool: Spool, pacs: Scp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivered, but moving it to success/ fails (a full disk): each failure in a row sets it
+    aside twice as long, so a PACS is not sent the same series every few seconds."""
+    (job,) = _jobs(tmp_path, spool, pacs.port, **{"705": 2})
+    monkeypatch.setattr(Progress, "save", _full)
+    monkeypatch.setattr("mercli.spool.claims.Claim.move_to", _full)
+    with Worker(spool, "dispatch") as worker:
+        dispatcher = Dispatcher(spool, worker)
+        waits = []
+        for _ in range(3):
+            dispatcher.set_aside.until[job] = 0.0  # its time has come
+            picked = dispatcher.pick()
+            assert picked is not None
+            with pytest.raises(OSError):
+                dispatcher.attempt(*picked)
+            waits.append(round(dispatcher.set_aside.until[job] - time.monotonic()))
+    assert waits == [5, 10, 20]
+    assert len(pacs.received) == 2 * 3  # sent each time it was let through, never more

@@ -206,7 +206,8 @@ class Dispatcher:
     def next_due(self) -> float | None:
         """Wall time of the earliest retry or target coming back, if any."""
         with self.lock:
-            times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
+            now = time.time()  # past ones: not picked for another reason, with its own time
+            times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt > now]
             times += list(self.down_until.values())
             aside = self.set_aside.next_wall_time()
         return min([*times, aside] if aside is not None else times, default=None)
@@ -300,6 +301,8 @@ class Dispatcher:
                 self._cancel(claim, info, progress, request)
                 return Attempt(result.delivered, request.error, permanent=True)
             self._settle(claim, info, progress, result, time.monotonic() - started)
+            with self.lock:  # settled as its schedule says: errors in a row start again
+                self.set_aside.settled(claim.name)
             return result
         except BaseException as exc:
             if claim.path.exists():
@@ -332,8 +335,6 @@ class Dispatcher:
     ) -> None:
         target, now = info.target.name, time.time()
         fields = {"item": claim.name, "target": target, "attempt": progress.attempts}
-        with self.lock:
-            self.set_aside.settled(claim.name)
         if result.ok:
             progress.finished = datetime.now(UTC).isoformat(timespec="milliseconds")
             progress.last_error, progress.next_attempt = "", 0.0

@@ -76,7 +76,16 @@ class DispatchService:
     def _drain(self, dispatcher: Dispatcher) -> None:
         """--once: attempt every job eligible now, each at most once (one that meets an
         error is set aside by the dispatcher and counted as to retry)."""
-        while not self.stop.is_set() and (picked := dispatcher.pick()) is not None:
+        while not self.stop.is_set():
+            try:
+                picked = dispatcher.pick()
+            except Exception as exc:  # outgoing/ cannot be listed: this run cannot finish
+                log.error("cannot look for jobs: %s", exc)
+                with dispatcher.lock:
+                    dispatcher.summary.retried += 1  # exit 1: not everything was tried
+                return
+            if picked is None:
+                return
             self._attempt(dispatcher, *picked)
 
     @staticmethod
@@ -100,7 +109,12 @@ class DispatchService:
 
     def _work(self, dispatcher: Dispatcher) -> None:
         while not self.stop.is_set():
-            picked = dispatcher.pick()
+            try:
+                picked = dispatcher.pick()
+            except Exception as exc:  # outgoing/ cannot be listed now: try again later
+                log.error("cannot look for jobs: %s", exc)
+                self.stop.wait(FULL_SCAN)
+                continue
             if picked is not None:
                 self._attempt(dispatcher, *picked)
                 continue

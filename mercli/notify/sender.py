@@ -135,7 +135,8 @@ class Sender:
     def next_due(self) -> float | None:
         """Wall time of the earliest retry or channel coming back, if any."""
         with self.lock:
-            times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt]
+            now = time.time()  # past ones: not picked for another reason, with its own time
+            times = [p.next_attempt for _, p in self.progress.values() if p.next_attempt > now]
             times += list(self.down_until.values())
             aside = self.set_aside.next_wall_time()
         return min([*times, aside] if aside is not None else times, default=None)
@@ -199,6 +200,8 @@ class Sender:
             started = time.monotonic()
             outcome = self._send(note)
             self._settle(claim, note, progress, outcome, time.monotonic() - started)
+            with self.lock:  # settled as its schedule says: errors in a row start again
+                self.set_aside.settled(claim.name)
             return outcome
         except BaseException as exc:
             if claim.path.exists():
@@ -242,7 +245,6 @@ class Sender:
             "attempt": progress.attempts,
         }
         with self.lock:
-            self.set_aside.settled(claim.name)
             if outcome.ok:
                 self.troubled.discard(channel.name)
             elif not outcome.permanent:

@@ -63,7 +63,16 @@ class NotifyService:
     def _drain(self, sender: Sender) -> None:
         """--once: attempt every notification due now, each at most once (one that meets an
         error is set aside by the sender and counted as to retry)."""
-        while not self.stop.is_set() and (picked := sender.pick()) is not None:
+        while not self.stop.is_set():
+            try:
+                picked = sender.pick()
+            except Exception as exc:  # notify/ cannot be listed: this run cannot finish
+                log.error("cannot look for notifications: %s", exc)
+                with sender.lock:
+                    sender.summary.retried += 1  # exit 1: not everything was tried
+                return
+            if picked is None:
+                return
             self._attempt(sender, *picked)
 
     @staticmethod
@@ -89,7 +98,12 @@ class NotifyService:
 
     def _work(self, sender: Sender) -> None:
         while not self.stop.is_set():
-            picked = sender.pick()
+            try:
+                picked = sender.pick()
+            except Exception as exc:  # notify/ cannot be listed now: try again later
+                log.error("cannot look for notifications: %s", exc)
+                self.stop.wait(FULL_SCAN)
+                continue
             if picked is not None:
                 self._attempt(sender, *picked)
                 continue
