@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import warnings
 from pathlib import Path
 
+from mercli import pickloop
 from mercli.dicom import import_pydicom
 from mercli.dispatch import helpers
 from mercli.dispatch.dispatcher import Dispatcher, DispatchSummary
-from mercli.jobs import JobInfo
-from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
-from mercli.spool import OUTGOING, Claim, Spool, Worker, recover
+from mercli.service import RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
+from mercli.spool import OUTGOING, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +73,8 @@ class DispatchService:
                 thread.join(SIGNAL_POLL)
 
     def _drain(self, dispatcher: Dispatcher) -> None:
-        """--once: attempt every job eligible now, each at most once (one that meets an
-        error is set aside by the dispatcher and counted as to retry)."""
-        while not self.stop.is_set():
-            try:
-                picked = dispatcher.pick()
-            except Exception as exc:  # outgoing/ cannot be listed: this run cannot finish
-                log.error("cannot look for jobs: %s", exc)
-                with dispatcher.lock:
-                    dispatcher.summary.retried += 1  # exit 1: not everything was tried
-                return
-            if picked is None:
-                return
-            self._attempt(dispatcher, *picked)
-
-    @staticmethod
-    def _attempt(dispatcher: Dispatcher, claim: Claim, info: JobInfo) -> None:
-        """One attempt; an error of the spool (or a bug) is logged, never the end of the
-        worker thread: the dispatcher has released the claim and set the job aside."""
-        try:
-            dispatcher.attempt(claim, info)
-        except OSError as exc:  # the spool, not the target
-            log.error("dispatch of %s failed: %s", claim.name, exc)
-        except Exception as exc:  # the type only: a message could quote anything
-            log.error("dispatch of %s failed: unexpected %s", claim.name, type(exc).__name__)
+        """--once: attempt every job eligible now, each at most once."""
+        pickloop.drain(dispatcher, self.stop, "job")
 
     def _serve(self, dispatcher: Dispatcher) -> None:
         stop_on_signals(self.stop, "finishing the jobs in hand", self.wake)
@@ -108,20 +85,7 @@ class DispatchService:
             self._threads(dispatcher, self._work)
 
     def _work(self, dispatcher: Dispatcher) -> None:
-        while not self.stop.is_set():
-            try:
-                picked = dispatcher.pick()
-            except Exception as exc:  # outgoing/ cannot be listed now: try again later
-                log.error("cannot look for jobs: %s", exc)
-                self.stop.wait(FULL_SCAN)
-                continue
-            if picked is not None:
-                self._attempt(dispatcher, *picked)
-                continue
-            due = dispatcher.next_due()
-            timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))
-            self.wake.wait(timeout)
-            self.wake.clear()
+        pickloop.serve(dispatcher, self.stop, self.wake, "job")
 
     def _recover_periodically(self) -> None:
         while not self.stop.wait(RECOVER_EVERY):

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mercli import pickloop
 from mercli.notify.collect import Collector
-from mercli.notify.outbox import Notification
 from mercli.notify.sender import NotifySummary, Sender
-from mercli.service import FULL_SCAN, RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
-from mercli.spool import NOTIFY, Claim, Spool, Worker, recover
+from mercli.service import RECOVER_EVERY, SIGNAL_POLL, stop_on_signals, wake_on_changes
+from mercli.spool import NOTIFY, Spool, Worker, recover
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +60,8 @@ class NotifyService:
                 thread.join(SIGNAL_POLL)
 
     def _drain(self, sender: Sender) -> None:
-        """--once: attempt every notification due now, each at most once (one that meets an
-        error is set aside by the sender and counted as to retry)."""
-        while not self.stop.is_set():
-            try:
-                picked = sender.pick()
-            except Exception as exc:  # notify/ cannot be listed: this run cannot finish
-                log.error("cannot look for notifications: %s", exc)
-                with sender.lock:
-                    sender.summary.retried += 1  # exit 1: not everything was tried
-                return
-            if picked is None:
-                return
-            self._attempt(sender, *picked)
-
-    @staticmethod
-    def _attempt(sender: Sender, claim: Claim, note: Notification) -> None:
-        """One attempt; an error of the spool (or a bug) is logged, never the end of the
-        worker thread: the sender has released the claim and set the item aside."""
-        try:
-            sender.attempt(claim, note)
-        except OSError as exc:
-            log.error("notification %s: %s", claim.name, exc)
-        except Exception as exc:  # the type only: a message could quote anything
-            log.error("notification %s: unexpected %s", claim.name, type(exc).__name__)
+        """--once: attempt every notification due now, each at most once."""
+        pickloop.drain(sender, self.stop, "notification")
 
     def _serve(self, sender: Sender, collector: Collector) -> None:
         stop_on_signals(self.stop, "finishing the notifications in hand", self.wake)
@@ -97,20 +74,7 @@ class NotifyService:
             self._threads(sender, self._work)
 
     def _work(self, sender: Sender) -> None:
-        while not self.stop.is_set():
-            try:
-                picked = sender.pick()
-            except Exception as exc:  # notify/ cannot be listed now: try again later
-                log.error("cannot look for notifications: %s", exc)
-                self.stop.wait(FULL_SCAN)
-                continue
-            if picked is not None:
-                self._attempt(sender, *picked)
-                continue
-            due = sender.next_due()
-            timeout = FULL_SCAN if due is None else max(0.05, min(FULL_SCAN, due - time.time()))
-            self.wake.wait(timeout)
-            self.wake.clear()
+        pickloop.serve(sender, self.stop, self.wake, "notification")
 
     def _collect(self, collector: Collector) -> None:
         """The notification logs polled into notify/ (a pass with nothing new is a listing
